@@ -1,0 +1,653 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"database/sql"
+	"database/sql/driver"
+	_ "embed"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+var (
+	errNotFound = errors.New("not found")
+	errConflict = errors.New("conflict")
+)
+
+// store is agentapp's access to PostgreSQL.
+type store struct {
+	db *sql.DB
+}
+
+// openDB opens a pool for dsn (already checked by loadConfig) with at most maxConns
+// connections. It does not connect: the first query does.
+func openDB(dsn string, maxConns int) (*sql.DB, error) {
+	dsn, err := dsnWithDefaults(dsn)
+	if err != nil {
+		return nil, err
+	}
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxOpenConns(maxConns)
+	db.SetMaxIdleConns(maxConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	return db, nil
+}
+
+// applySchema applies schema.sql in one transaction under an advisory lock, so that
+// processes starting together do not race on CREATE … IF NOT EXISTS.
+func (s *store) applySchema(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7346298105)`); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	return tx.Commit()
+}
+
+// isUnavailable reports whether err means the database cannot be reached right now
+// (as opposed to a query it rejected).
+func isUnavailable(err error) bool {
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) {
+		code := string(pqErr.Code)
+		// 08: connection exception; 57P0x: shutdown, cannot connect now; 53: out of resources.
+		return strings.HasPrefix(code, "08") || strings.HasPrefix(code, "57P") || strings.HasPrefix(code, "53")
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, sql.ErrConnDone)
+}
+
+// isUniqueViolation reports whether err is PostgreSQL's unique_violation.
+func isUniqueViolation(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "23505"
+}
+
+// isForeignKeyViolation reports whether err is PostgreSQL's foreign_key_violation.
+func isForeignKeyViolation(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "23503"
+}
+
+// workspace is a tenant; APIKey is set only in the answer to its creation.
+type workspace struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	APIKey    string    `json:"api_key,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// hashKey is how API keys are stored and compared.
+func hashKey(key string) []byte {
+	h := sha256.Sum256([]byte(key))
+	return h[:]
+}
+
+// createWorkspace creates a workspace with a new random API key.
+func (s *store) createWorkspace(ctx context.Context, name string) (workspace, error) {
+	b := make([]byte, 24)
+	rand.Read(b)
+	key := "ak_" + base64.RawURLEncoding.EncodeToString(b)
+	w := workspace{Name: name, APIKey: key}
+	err := s.db.QueryRowContext(ctx,
+		`INSERT INTO workspaces (name, api_key_hash) VALUES ($1, $2) RETURNING id, created_at`,
+		name, hashKey(key)).Scan(&w.ID, &w.CreatedAt)
+	w.CreatedAt = w.CreatedAt.UTC()
+	return w, err
+}
+
+// getWorkspace returns a workspace and the hash of its API key.
+func (s *store) getWorkspace(ctx context.Context, id string) (workspace, []byte, error) {
+	var w workspace
+	var hash []byte
+	err := s.db.QueryRowContext(ctx,
+		`SELECT id, name, created_at, api_key_hash FROM workspaces WHERE id = $1`, id).
+		Scan(&w.ID, &w.Name, &w.CreatedAt, &hash)
+	if errors.Is(err, sql.ErrNoRows) {
+		return w, nil, errNotFound
+	}
+	w.CreatedAt = w.CreatedAt.UTC()
+	return w, hash, err
+}
+
+// workspaceByKey returns the id of the workspace whose API key hashes to hash.
+func (s *store) workspaceByKey(ctx context.Context, hash []byte) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `SELECT id FROM workspaces WHERE api_key_hash = $1`, hash).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", errNotFound
+	}
+	return id, err
+}
+
+// agent is a named, configured agent of a workspace.
+type agent struct {
+	ID          string          `json:"id"`
+	WorkspaceID string          `json:"workspace_id"`
+	Name        string          `json:"name"`
+	Kind        string          `json:"kind"`
+	Config      json.RawMessage `json:"config"`
+	CreatedAt   time.Time       `json:"created_at"`
+}
+
+// createAgent inserts an agent; a taken name is errConflict.
+func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
+	err := s.db.QueryRowContext(ctx,
+		`INSERT INTO agents (workspace_id, name, kind, config) VALUES ($1, $2, $3, $4)
+		 RETURNING id, created_at`,
+		a.WorkspaceID, a.Name, a.Kind, string(a.Config)).Scan(&a.ID, &a.CreatedAt)
+	if isUniqueViolation(err) {
+		return a, errConflict
+	}
+	a.CreatedAt = a.CreatedAt.UTC()
+	return a, err
+}
+
+// listAgents returns a workspace's agents by name.
+func (s *store) listAgents(ctx context.Context, ws string) ([]agent, error) {
+	rows, err := s.db.QueryContext(ctx,
+		`SELECT id, workspace_id, name, kind, config, created_at FROM agents
+		 WHERE workspace_id = $1 ORDER BY name`, ws)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	agents := []agent{}
+	for rows.Next() {
+		var a agent
+		if err := rows.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &a.CreatedAt); err != nil {
+			return nil, err
+		}
+		a.CreatedAt = a.CreatedAt.UTC()
+		agents = append(agents, a)
+	}
+	return agents, rows.Err()
+}
+
+// runRecord is a run as the API shows it.
+type runRecord struct {
+	ID          string          `json:"id"`
+	WorkspaceID string          `json:"workspace_id"`
+	Agent       string          `json:"agent"`
+	Status      string          `json:"status"`
+	Input       json.RawMessage `json:"input"`
+	Output      json.RawMessage `json:"output"`
+	Error       *string         `json:"error"`
+	Errors      json.RawMessage `json:"errors"`
+	Attempt     int             `json:"attempt"`
+	MaxAttempts int             `json:"max_attempts"`
+	CreatedAt   time.Time       `json:"created_at"`
+	StartedAt   *time.Time      `json:"started_at"`
+	FinishedAt  *time.Time      `json:"finished_at"`
+	UpdatedAt   time.Time       `json:"updated_at"`
+	seq         int64
+}
+
+// final reports whether the run's status can no longer change.
+func (r runRecord) final() bool {
+	return r.Status == "succeeded" || r.Status == "failed" || r.Status == "canceled"
+}
+
+// runColumns is what scanRun reads, from runs r joined with agents a.
+const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
+	r.attempt, r.max_attempts, r.created_at, r.started_at, r.finished_at, r.updated_at, r.seq`
+
+func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
+	var r runRecord
+	var output []byte
+	var started, finished sql.NullTime
+	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
+		&r.Attempt, &r.MaxAttempts, &r.CreatedAt, &started, &finished, &r.UpdatedAt, &r.seq)
+	if err != nil {
+		return r, err
+	}
+	if output != nil {
+		r.Output = output
+	}
+	r.CreatedAt = r.CreatedAt.UTC()
+	r.UpdatedAt = r.UpdatedAt.UTC()
+	if started.Valid {
+		t := started.Time.UTC()
+		r.StartedAt = &t
+	}
+	if finished.Valid {
+		t := finished.Time.UTC()
+		r.FinishedAt = &t
+	}
+	return r, nil
+}
+
+// newRun is a validated request to create a run.
+type newRun struct {
+	Agent          string
+	Input          json.RawMessage
+	MaxAttempts    int
+	IdempotencyKey string // optional
+	RequestHash    []byte // with IdempotencyKey: tells a repeat from a different request
+}
+
+// createRun inserts one queued run. With an idempotency key already used in the
+// workspace it returns the first run and created=false, or errConflict when that run was
+// created from a different request.
+func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord, created bool, err error) {
+	var key any
+	if n.IdempotencyKey != "" {
+		key = n.IdempotencyKey
+	}
+	row := s.db.QueryRowContext(ctx, `
+		WITH ins AS (
+			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash)
+			SELECT $1, a.id, $3, $4, $5, $6 FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
+			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`,
+		ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash)
+	r, err = scanRun(row)
+	if err == nil {
+		return r, true, nil
+	}
+	if !errors.Is(err, sql.ErrNoRows) {
+		return r, false, err
+	}
+	// Nothing inserted: either the key was used before or the agent is unknown.
+	if key != nil {
+		var id string
+		var hash []byte
+		err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
+			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&id, &hash)
+		switch {
+		case err == nil && string(hash) != string(n.RequestHash):
+			return runRecord{}, false, errConflict
+		case err == nil:
+			r, err = s.getRun(ctx, ws, id)
+			return r, false, err
+		case !errors.Is(err, sql.ErrNoRows):
+			return runRecord{}, false, err
+		}
+	}
+	return runRecord{}, false, unknownAgentError{n.Agent}
+}
+
+// unknownAgentError is a run request naming an agent its workspace does not have.
+type unknownAgentError struct{ name string }
+
+func (e unknownAgentError) Error() string { return fmt.Sprintf("unknown agent %q", e.name) }
+
+// createRuns inserts all the runs or none: an unknown agent name is an unknownAgentError.
+func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRecord, error) {
+	names := make([]string, len(ns))
+	for i, n := range ns {
+		names[i] = n.Agent
+	}
+	rows, err := s.db.QueryContext(ctx,
+		`SELECT name, id FROM agents WHERE workspace_id = $1 AND name = ANY($2)`, ws, pq.StringArray(names))
+	if err != nil {
+		return nil, err
+	}
+	agentIDs := map[string]string{}
+	for rows.Next() {
+		var name, id string
+		if err := rows.Scan(&name, &id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		agentIDs[name] = id
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
+	for i, n := range ns {
+		id, ok := agentIDs[n.Agent]
+		if !ok {
+			return nil, unknownAgentError{n.Agent}
+		}
+		ids[i], inputs[i], maxes[i] = id, string(n.Input), int64(n.MaxAttempts)
+	}
+	rows, err = s.db.QueryContext(ctx, `
+		WITH ins AS (
+			INSERT INTO runs (workspace_id, agent_id, input, max_attempts)
+			SELECT $1, w.agent_id, w.input, w.max_attempts
+			FROM unnest($2::uuid[], $3::jsonb[], $4::int[]) WITH ORDINALITY AS w(agent_id, input, max_attempts, ord)
+			ORDER BY w.ord
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id ORDER BY r.seq`,
+		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	runs := make([]runRecord, 0, len(ns))
+	for rows.Next() {
+		r, err := scanRun(rows)
+		if err != nil {
+			return nil, err
+		}
+		runs = append(runs, r)
+	}
+	return runs, rows.Err()
+}
+
+// getRun returns a run of workspace ws.
+func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, `SELECT `+runColumns+`
+		FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = $1 AND r.workspace_id = $2`, id, ws))
+	if errors.Is(err, sql.ErrNoRows) {
+		return r, errNotFound
+	}
+	return r, err
+}
+
+// listRuns returns up to limit runs of ws, newest first, older than the cursor (a seq;
+// 0 for the first page), optionally only those with the given status. next is the cursor
+// of the following page, or 0 when there is none.
+func (s *store) listRuns(ctx context.Context, ws, status string, limit int, cursor int64) (runs []runRecord, next int64, err error) {
+	if cursor <= 0 {
+		cursor = 1<<63 - 1
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+runColumns+`
+		FROM runs r JOIN agents a ON a.id = r.agent_id
+		WHERE r.workspace_id = $1 AND r.seq < $2 AND ($3 = '' OR r.status = $3)
+		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, status, limit+1)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer rows.Close()
+	runs = []runRecord{}
+	for rows.Next() {
+		r, err := scanRun(rows)
+		if err != nil {
+			return nil, 0, err
+		}
+		runs = append(runs, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, err
+	}
+	if len(runs) > limit {
+		runs = runs[:limit]
+		next = runs[limit-1].seq
+	}
+	return runs, next, nil
+}
+
+// cancelRun cancels a queued run at once, or asks for a running run to be canceled where
+// it executes (the trigger notifies every process). A final run is errConflict.
+func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
+	res, err := s.db.ExecContext(ctx, `
+		UPDATE runs SET
+			cancel_requested = true,
+			status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
+			error = CASE WHEN status = 'queued' THEN 'canceled by request' ELSE error END,
+			finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+			updated_at = now()
+		WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running')`, id, ws)
+	if err != nil {
+		return runRecord{}, err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return runRecord{}, err
+	}
+	r, err := s.getRun(ctx, ws, id)
+	if err == nil && n == 0 {
+		err = errConflict
+	}
+	return r, err
+}
+
+// runStats counts runs by status.
+type runStats struct {
+	Queued    int64 `json:"queued"`
+	Running   int64 `json:"running"`
+	Succeeded int64 `json:"succeeded"`
+	Failed    int64 `json:"failed"`
+	Canceled  int64 `json:"canceled"`
+}
+
+// stats counts the runs of ws by status; ws "" counts every workspace's.
+func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
+	var st runStats
+	rows, err := s.db.QueryContext(ctx,
+		`SELECT status, count(*) FROM runs WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid GROUP BY status`, ws)
+	if err != nil {
+		return st, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var status string
+		var n int64
+		if err := rows.Scan(&status, &n); err != nil {
+			return st, err
+		}
+		switch status {
+		case "queued":
+			st.Queued = n
+		case "running":
+			st.Running = n
+		case "succeeded":
+			st.Succeeded = n
+		case "failed":
+			st.Failed = n
+		case "canceled":
+			st.Canceled = n
+		}
+	}
+	return st, rows.Err()
+}
+
+// oldestQueuedAge is how long the oldest claimable run has waited; 0 when none waits.
+func (s *store) oldestQueuedAge(ctx context.Context) (time.Duration, error) {
+	var secs float64
+	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)
+		FROM runs WHERE status = 'queued'`).Scan(&secs)
+	return time.Duration(secs * float64(time.Second)), err
+}
+
+// claimedRun is a run a worker claimed, with what it needs to execute it.
+type claimedRun struct {
+	ID          string
+	WorkspaceID string
+	Attempt     int
+	Input       json.RawMessage
+	AgentName   string
+	AgentKind   string
+	AgentConfig json.RawMessage
+}
+
+// claim recovers expired leases and claims up to limit queued runs (oldest first, limit
+// may be 0) in one statement, so an idle worker costs one transaction a cycle. ws "" means
+// every workspace. It returns the claimed runs and how many expired runs went back to
+// queued and how many failed for good.
+func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration) (claimed []claimedRun, requeued, failed int, err error) {
+	rows, err := s.db.QueryContext(ctx, `
+		WITH recovered AS (
+			UPDATE runs r SET
+				status = CASE WHEN r.cancel_requested THEN 'canceled'
+				              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+				error = CASE WHEN r.cancel_requested THEN 'canceled by request'
+				             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
+				errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', now(),
+					'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
+				finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
+				worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
+			WHERE r.id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()
+			               ORDER BY lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+			RETURNING r.id, r.status
+		), picked AS (
+			SELECT id FROM runs
+			WHERE status = 'queued' AND run_after <= now() AND ($3 = '' OR workspace_id = NULLIF($3, '')::uuid)
+			ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
+		), claimed AS (
+			UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
+				lease_expires_at = now() + $4 * interval '1 millisecond', started_at = now(), updated_at = now()
+			FROM picked p, agents a
+			WHERE r.id = p.id AND a.id = r.agent_id
+			RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config
+		)
+		SELECT id, workspace_id, attempt, input, name, kind, config, NULL FROM claimed
+		UNION ALL
+		SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, status FROM recovered`,
+		workerID, limit, ws, lease.Milliseconds())
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		var wsID, name, kind, status sql.NullString
+		var attempt sql.NullInt64
+		var input, config []byte
+		if err := rows.Scan(&id, &wsID, &attempt, &input, &name, &kind, &config, &status); err != nil {
+			return nil, 0, 0, err
+		}
+		switch status.String {
+		case "":
+			claimed = append(claimed, claimedRun{ID: id, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
+				Input: input, AgentName: name.String, AgentKind: kind.String, AgentConfig: config})
+		case "queued":
+			requeued++
+		default:
+			failed++
+		}
+	}
+	return claimed, requeued, failed, rows.Err()
+}
+
+// attemptRef names one attempt of a run: the fence of every write that renews or ends it.
+type attemptRef struct {
+	ID      string
+	Attempt int
+}
+
+// renew extends the leases of the given attempts held by workerID. It returns the ones
+// still held, and for each whether a cancel was requested; an attempt missing from the
+// answer was lost (recovered by another worker, or final).
+func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, lease time.Duration) (map[attemptRef]bool, error) {
+	ids, attempts := make([]string, len(refs)), make([]int64, len(refs))
+	for i, r := range refs {
+		ids[i], attempts[i] = r.ID, int64(r.Attempt)
+	}
+	rows, err := s.db.QueryContext(ctx, `
+		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
+		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
+		RETURNING r.id, r.attempt, r.cancel_requested`,
+		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	held := make(map[attemptRef]bool, len(refs))
+	for rows.Next() {
+		var ref attemptRef
+		var cancel bool
+		if err := rows.Scan(&ref.ID, &ref.Attempt, &cancel); err != nil {
+			return nil, err
+		}
+		held[ref] = cancel
+	}
+	return held, rows.Err()
+}
+
+// outcome is how one attempt ended.
+type outcome struct {
+	attemptRef
+	Kind    string          // "succeeded", "failed", "canceled" or "requeue" (shutdown: attempt refunded)
+	Output  json.RawMessage // for "succeeded"
+	Message string          // for "failed"
+}
+
+// finish records outcomes in one statement, each fenced on its attempt and worker, and
+// returns the status each run ended in. A run missing from the answer was no longer this
+// worker's attempt, and nothing was written for it. A failed attempt goes back to queued
+// after a backoff while attempts remain; a cancel requested meanwhile wins over the outcome.
+func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]string, error) {
+	ids, attempts, kinds := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
+	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
+	for i, o := range outs {
+		ids[i], attempts[i], kinds[i], messages[i] = o.ID, int64(o.Attempt), o.Kind, o.Message
+		outputs[i] = "null"
+		if o.Output != nil {
+			outputs[i] = string(o.Output)
+		}
+	}
+	rows, err := s.db.QueryContext(ctx, `
+		UPDATE runs r SET
+			status = CASE WHEN o.kind = 'requeue' THEN 'queued'
+			              WHEN o.kind = 'canceled' OR r.cancel_requested THEN 'canceled'
+			              WHEN o.kind = 'succeeded' THEN 'succeeded'
+			              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+			output = CASE WHEN o.kind = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
+			error = CASE WHEN o.kind = 'requeue' THEN r.error
+			             WHEN o.kind = 'canceled' OR r.cancel_requested THEN 'canceled by request'
+			             WHEN o.kind = 'failed' THEN o.message END,
+			errors = CASE WHEN o.kind = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
+			                  'attempt', r.attempt, 'at', now(), 'message', o.message))
+			              ELSE r.errors END,
+			attempt = CASE WHEN o.kind = 'requeue' THEN r.attempt - 1 ELSE r.attempt END,
+			run_after = CASE WHEN o.kind = 'failed'
+			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
+			                 ELSE now() END,
+			finished_at = CASE WHEN o.kind = 'requeue' THEN NULL
+			                   WHEN o.kind = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts THEN NULL
+			                   ELSE now() END,
+			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, kind, output, message)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
+		RETURNING r.id, r.status`,
+		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(kinds),
+		pq.StringArray(outputs), pq.StringArray(messages))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	statuses := make(map[string]string, len(outs))
+	for rows.Next() {
+		var id, status string
+		if err := rows.Scan(&id, &status); err != nil {
+			return nil, err
+		}
+		statuses[id] = status
+	}
+	return statuses, rows.Err()
+}
+
+// parseCursor reads a list cursor; it is the seq of the last run of the previous page.
+func parseCursor(s string) (int64, bool) {
+	if s == "" {
+		return 0, true
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil && n > 0
+}
