@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -187,6 +186,14 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// The schema comes first: once /healthz answers, the whole API works.
+	st := &store{apiDB}
+	if err := waitForSchema(ctx, st, log); err != nil {
+		if errors.Is(err, context.Canceled) {
+			return nil
+		}
+		return err
+	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return err
@@ -194,19 +201,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	m := newMetrics()
 	w := newWorker(&store{workerDB}, log, workerConfigOf(cfg), m)
 	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
-	s := &server{st: &store{apiDB}, log: log, cfg: cfg, w: w, n: n, m: m, embedded: cfg.WorkerEmbedded}
-	var ready atomic.Bool
-	api := s.handler()
+	s := &server{st: st, log: log, cfg: cfg, w: w, n: n, m: m, embedded: cfg.WorkerEmbedded}
 	baseCtx, cancelBase := context.WithCancel(context.Background())
 	defer cancelBase()
 	srv := &http.Server{
-		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-			if !ready.Load() && strings.HasPrefix(r.URL.Path, "/v1/") {
-				writeError(rw, http.StatusServiceUnavailable, "unavailable", "starting: waiting for the database")
-				return
-			}
-			api.ServeHTTP(rw, r)
-		}),
+		Handler:           s.handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		BaseContext:       func(net.Listener) context.Context { return baseCtx },
@@ -218,34 +217,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("listening", "addr", ln.Addr().String(), "embedded_worker", cfg.WorkerEmbedded)
-
-	schemaErr := make(chan error, 1)
-	go func() {
-		err := waitForSchema(ctx, s.st, log)
-		if err == nil {
-			ready.Store(true)
-			if cfg.WorkerEmbedded {
-				go w.runLoop()
-			}
-		}
-		schemaErr <- err
-	}()
+	if cfg.WorkerEmbedded {
+		go w.runLoop()
+	}
 
 	var runErr error
 	select {
 	case <-ctx.Done():
 	case runErr = <-serveErr:
 		w.shutdown() // no hook runs when Serve fails
-	case runErr = <-schemaErr:
-		if runErr == nil {
-			select {
-			case <-ctx.Done():
-			case runErr = <-serveErr:
-				w.shutdown()
-			}
-		} else if errors.Is(runErr, context.Canceled) {
-			runErr = nil
-		}
 	}
 	log.Info("shutting down")
 	shutdownDone := make(chan struct{})
