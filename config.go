@@ -102,8 +102,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 	} else if _, port, err := net.SplitHostPort(c.ListenAddr); err != nil || !validPort(port) {
 		bad("LISTEN_ADDR", c.ListenAddr, "host:port, e.g. 127.0.0.1:8080 or :8080")
 	}
-	if c.AdminToken != "" && len(c.AdminToken) < 16 {
-		problems = append(problems, "ADMIN_TOKEN is invalid (value not shown): want at least 16 characters, or unset to disable the admin API")
+	// A bearer token arrives trimmed, so one with surrounding space (a secret file's
+	// trailing newline) could never match: refuse it rather than lock the admin out.
+	if c.AdminToken != "" && (len(c.AdminToken) < 16 || strings.TrimSpace(c.AdminToken) != c.AdminToken) {
+		problems = append(problems, "ADMIN_TOKEN is invalid (value not shown): want at least 16 characters without leading or trailing space, or unset to disable the admin API")
 	}
 	switch v := getenv("RUN_WORKER_EMBEDDED"); strings.ToLower(v) {
 	case "", "false", "0":
@@ -175,7 +177,8 @@ func dsnWithDefaults(dsn string) (string, error) {
 		u.RawQuery = q.Encode()
 		return u.String(), nil
 	}
-	return dsn + " connect_timeout=5", nil
+	// In front: appended after a trailing empty value ("password=") it would become that value.
+	return "connect_timeout=5 " + dsn, nil
 }
 
 // isUUID reports whether s is a UUID in its canonical textual form.

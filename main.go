@@ -201,14 +201,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	m := newMetrics()
 	w := newWorker(&store{workerDB}, log, workerConfigOf(cfg), m)
 	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
-	s := &server{st: st, log: log, cfg: cfg, w: w, n: n, m: m, embedded: cfg.WorkerEmbedded}
-	baseCtx, cancelBase := context.WithCancel(context.Background())
-	defer cancelBase()
+	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
+	// that would cut in-flight requests off mid-query instead of finishing them.
+	endPolls := make(chan struct{})
+	s := &server{st: st, log: log, cfg: cfg, w: w, n: n, m: m, embedded: cfg.WorkerEmbedded, endPolls: endPolls}
 	srv := &http.Server{
 		Handler:           s.handler(),
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute,
 		IdleTimeout:       2 * time.Minute,
-		BaseContext:       func(net.Listener) context.Context { return baseCtx },
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	// Shutdown runs this hook in its own goroutine and does not wait for it: it only
@@ -242,7 +243,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	waitWorker(w, cfg, log)
 	n.close()
 	log.Info("stopped listening for notifications")
-	cancelBase() // long polls answer the run as it stands
+	close(endPolls) // long polls answer the run as it stands; other requests finish
 	<-shutdownDone
 	apiDB.Close()
 	workerDB.Close()

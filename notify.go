@@ -68,6 +68,9 @@ func (n *notifier) run() {
 			return
 		}
 	}
+	// Whatever was notified before LISTEN took effect went unheard, as after a reconnect.
+	n.onRuns()
+	n.wakeAll()
 	for msg := range n.l.Notify {
 		if msg == nil {
 			// Reconnected: notifications may have been missed meanwhile.

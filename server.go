@@ -30,7 +30,8 @@ type server struct {
 	n        *notifier // nil: no notifications, ?wait_ms polls
 	m        *metrics
 	embedded bool
-	keys     sync.Map // hex sha256 of a workspace API key → workspace id (keys never change)
+	keys     sync.Map      // hex sha256 of a workspace API key → workspace id (keys never change)
+	endPolls chan struct{} // closed at shutdown once the runs are drained; nil: never
 }
 
 // handler returns agentapp's HTTP API: every route is listed here.
@@ -123,9 +124,12 @@ func writeError(w http.ResponseWriter, status int, code, message string) {
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var unknown unknownAgentError
 	var bad *requestError
+	dataMsg, isData := dataException(err)
 	switch {
 	case errors.As(err, &bad):
 		writeError(w, bad.status, bad.code, bad.message)
+	case isData:
+		writeError(w, http.StatusUnprocessableEntity, "invalid", "a value in the request cannot be stored: "+dataMsg)
 	case errors.Is(err, errNotFound):
 		writeError(w, http.StatusNotFound, "not_found", "not found")
 	case errors.As(err, &unknown):
@@ -162,12 +166,15 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
+	var tooBig *http.MaxBytesError
 	if err == nil {
-		if dec.Decode(&json.RawMessage{}) != io.EOF {
+		// Trailing space past the limit is still a body over 1 MiB: 413, not 400.
+		if rest := dec.Decode(&json.RawMessage{}); errors.As(rest, &tooBig) {
+			err = rest
+		} else if rest != io.EOF {
 			err = errors.New("trailing data after the JSON value")
 		}
 	}
-	var tooBig *http.MaxBytesError
 	var typeErr *json.UnmarshalTypeError
 	switch {
 	case err == nil:
@@ -225,6 +232,12 @@ func (s *server) member(h http.HandlerFunc) http.HandlerFunc {
 			return
 		}
 		if s.isAdmin(token) {
+			// A key always names an existing workspace; the admin may name any id, and
+			// one that does not exist is 404, not an empty list.
+			if _, _, err := s.st.getWorkspace(r.Context(), ws); err != nil {
+				s.fail(w, r, err)
+				return
+			}
 			h(w, r)
 			return
 		}
@@ -546,8 +559,11 @@ func (s *server) waitRun(ctx context.Context, ws, id string, wait time.Duration)
 		case <-woken:
 		case <-t.C:
 		case <-ctx.Done():
-			// The client left, or the server is shutting down: answer the run as it stands.
+			// The client left: answer the run as it stands.
 			ctx = context.WithoutCancel(ctx)
+			deadline = time.Now()
+		case <-s.endPolls:
+			// The server is shutting down: answer the run as it stands.
 			deadline = time.Now()
 		}
 		t.Stop()
@@ -605,6 +621,11 @@ func (s *server) process(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		ws = strings.ToLower(req.WorkspaceID)
+		// RUN_WORKER_WORKSPACE_ID binds this process's worker, whoever triggers it.
+		if s.cfg.WorkspaceID != "" && ws != s.cfg.WorkspaceID {
+			s.fail(w, r, invalid("workspace_id: this process only processes the runs of workspace %s (RUN_WORKER_WORKSPACE_ID)", s.cfg.WorkspaceID))
+			return
+		}
 	}
 	sum, err := s.w.process(r.Context(), limit, ws)
 	if err != nil {
