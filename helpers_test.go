@@ -411,3 +411,71 @@ func (p *proc) wait(t testing.TB, timeout time.Duration) int {
 		return -1
 	}
 }
+
+var (
+	benchBuildOnce sync.Once
+	benchBuildPath string
+	benchBuildErr  error
+)
+
+// agentappBenchBinary builds the agentapp binary once per test run WITHOUT -race, so that
+// benchmarks measure the speed and memory of what operators run, and returns its path.
+func agentappBenchBinary(t testing.TB) string {
+	t.Helper()
+	benchBuildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "agentapp-benchbin-")
+		if err != nil {
+			benchBuildErr = err
+			return
+		}
+		benchBuildPath = filepath.Join(dir, "agentapp")
+		out, err := exec.Command("go", "build", "-o", benchBuildPath, ".").CombinedOutput()
+		if err != nil {
+			benchBuildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if benchBuildErr != nil {
+		t.Fatal(benchBuildErr)
+	}
+	return benchBuildPath
+}
+
+// startProcBin is startProc with the binary at bin (e.g. agentappBenchBinary's) instead of
+// the race-enabled one: same environment handling, /healthz wait and cleanup.
+func startProcBin(t testing.TB, bin string, env map[string]string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(bin, args...), log: &syncBuffer{}, done: make(chan struct{})}
+	p.base = "http://" + env["LISTEN_ADDR"]
+	for k, v := range env {
+		p.cmd.Env = append(p.cmd.Env, k+"="+v)
+	}
+	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("agentapp (pid %d) log:\n%s", p.cmd.Process.Pid, p.log)
+		}
+	})
+	if len(args) == 0 || args[0] == "serve" {
+		a := &app{base: p.base, log: p.log}
+		exited := make(chan error, 1)
+		go func() {
+			<-p.done
+			exited <- p.err
+		}()
+		a.waitHealthy(t, exited)
+	}
+	return p
+}

@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// FuzzDecodeRunRequest feeds arbitrary bytes to createRun's decoding (decode behind the
+// same 1 MiB limit as the server, then validate). It must never panic; every refusal is
+// a 400, 413 or 422 requestError; an accepted request has an agent, max_attempts in
+// 1 … 25 and an input that is valid, compact JSON.
+func FuzzDecodeRunRequest(f *testing.F) {
+	for _, seed := range []string{
+		`{"agent":"echo","input":{"a":1}}`,
+		`{"agent":"echo","input":[1,"two",null,true,{"x":{}}],"max_attempts":25}`,
+		`{"agent":"echo"}`,
+		`{"agent":"echo","input":null,"max_attempts":null}`,
+		`{"agent":"echo","max_attempts":0}`,
+		`{"agent":"echo","max_attempts":1e3}`,
+		`{"agent":"echo","input": 1 } `,
+		`{"agent":"echo","inptu":1}`,
+		`{"agent":"echo"} {}`,
+		`{"agent":1}`,
+		`[]`,
+		`null`,
+		``,
+		`{"agent":"echo","input":"\u0000\ud800"}`,
+		"{\"agent\":\"echo\",\"input\":\"\xff\"}",
+		`{"agent":"echo","input":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		w := httptest.NewRecorder()
+		r := httptest.NewRequest("POST", "/v1/workspaces/x/runs", bytes.NewReader(body))
+		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		var q runRequest
+		err := decode(r, &q, false)
+		var n newRun
+		if err == nil {
+			n, err = q.validate("")
+		}
+		if err != nil {
+			var re *requestError
+			if !errors.As(err, &re) {
+				t.Fatalf("body %q: got error %T %v; want a *requestError", body, err, err)
+			}
+			if re.status != 400 && re.status != 413 && re.status != 422 || re.code == "" || re.message == "" {
+				t.Fatalf("body %q: got %d %q %q; want 400, 413 or 422 with a code and a message", body, re.status, re.code, re.message)
+			}
+			return
+		}
+		if !json.Valid(n.Input) {
+			t.Fatalf("body %q: accepted with input %q, which is not valid JSON", body, n.Input)
+		}
+		var compact bytes.Buffer
+		if json.Compact(&compact, n.Input) != nil || !bytes.Equal(compact.Bytes(), n.Input) {
+			t.Fatalf("body %q: input %q is not compact", body, n.Input)
+		}
+		if n.Agent == "" || n.MaxAttempts < 1 || n.MaxAttempts > 25 {
+			t.Fatalf("body %q: accepted agent %q, max_attempts %d", body, n.Agent, n.MaxAttempts)
+		}
+	})
+}
+
+// fuzzConfigVars are the variables FuzzLoadConfig sets, in the order of its arguments.
+var fuzzConfigVars = []string{"DATABASE_URL", "LISTEN_ADDR", "ADMIN_TOKEN", "RUN_WORKER_EMBEDDED",
+	"RUN_WORKER_POLL_MS", "RUN_WORKER_BATCH_LIMIT", "RUN_WORKER_WORKSPACE_ID", "RUN_WORKER_CONCURRENCY",
+	"RUN_WORKER_LEASE_MS", "AGENT_WEBHOOK_ALLOWED_HOSTS", "LOG_LEVEL"}
+
+// FuzzLoadConfig feeds arbitrary values to loadConfig. It must never panic. Accepted, the
+// config respects every range of SPEC (and dsnWithDefaults keeps the DSN's meaning);
+// refused, every line names a variable and the secrets' lines are the fixed ones that
+// never show their value.
+func FuzzLoadConfig(f *testing.F) {
+	f.Add("postgres://u:pw@localhost/db?sslmode=disable", "127.0.0.1:8080", "", "", "", "", "", "", "", "", "")
+	f.Add("host=h password=", ":0", "0123456789abcdef", "true", "10", "1000", "3F1C2A9E-8B7D-4C1E-9A55-0D2F6B8E4C71", "1", "1000", "a.example.com,[::1]:80", "DEBUG")
+	f.Add("", "localhost", "short", "yes", "9", "0", "nope", "1001", "999", "http://x", "loud")
+	f.Add("host='x", "[::1", "0123456789abcdef\n", " 1", "3600001", " 5 ", "", "-1", "+1000", ",", "warn")
+	f.Fuzz(func(t *testing.T, dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level string) {
+		values := []string{dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level}
+		env := map[string]string{}
+		for i, v := range fuzzConfigVars {
+			env[v] = values[i]
+		}
+		c, err := loadConfig(func(k string) string { return env[k] })
+		if err != nil {
+			for _, line := range strings.Split(err.Error(), "\n") {
+				named := ""
+				for _, v := range specVars {
+					if strings.HasPrefix(line, v+"=") || strings.HasPrefix(line, v+" ") {
+						named = v
+					}
+				}
+				switch {
+				case named == "":
+					t.Fatalf("error line %q names no variable (env %q)", line, env)
+				case named == "DATABASE_URL" && !strings.HasPrefix(line, "DATABASE_URL is "),
+					named == "ADMIN_TOKEN" && !strings.HasPrefix(line, "ADMIN_TOKEN is invalid (value not shown)"):
+					t.Fatalf("error line %q may show a secret", line)
+				case named != "DATABASE_URL" && named != "ADMIN_TOKEN" && !strings.Contains(line, fmt.Sprintf("%q", env[named])):
+					t.Fatalf("error line %q does not show the value %q", line, env[named])
+				}
+			}
+			return
+		}
+		ms := func(d time.Duration) int64 { return d.Milliseconds() }
+		if d := ms(c.PollInterval); d < 10 || d > 3600000 {
+			t.Fatalf("poll %v out of range (env %q)", c.PollInterval, env)
+		}
+		if c.Concurrency < 1 || c.Concurrency > 1000 || c.BatchLimit < 1 || c.BatchLimit > 1000 {
+			t.Fatalf("concurrency %d, batch limit %d out of range (env %q)", c.Concurrency, c.BatchLimit, env)
+		}
+		if batch == "" && c.BatchLimit != c.Concurrency {
+			t.Fatalf("batch limit %d unset but not the concurrency %d", c.BatchLimit, c.Concurrency)
+		}
+		if d := ms(c.Lease); d < 1000 || d > 3600000 {
+			t.Fatalf("lease %v out of range (env %q)", c.Lease, env)
+		}
+		if d := ms(c.ShutdownTimeout); d != 30000 {
+			t.Fatalf("shutdown timeout %v; want the default", c.ShutdownTimeout)
+		}
+		if c.WorkspaceID != "" && (!isUUID(c.WorkspaceID) || c.WorkspaceID != strings.ToLower(c.WorkspaceID)) {
+			t.Fatalf("workspace id %q is not a lower-case UUID", c.WorkspaceID)
+		}
+		if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
+			t.Fatalf("listen address %q: %v", c.ListenAddr, err)
+		}
+		if c.AdminToken != "" && (len(c.AdminToken) < 16 || strings.TrimSpace(c.AdminToken) != c.AdminToken) {
+			t.Fatalf("admin token of %d bytes accepted", len(c.AdminToken))
+		}
+		for _, h := range c.WebhookHosts {
+			if h == "" || strings.ContainsAny(h, "/ ,@") {
+				t.Fatalf("webhook host %q accepted from %q", h, hosts)
+			}
+		}
+		if (hosts == "") != (len(c.WebhookHosts) == 0) {
+			t.Fatalf("webhook hosts %q from %q", c.WebhookHosts, hosts)
+		}
+		if c.LogFormat != "text" || (c.LogLevel != "debug" && c.LogLevel != "info" && c.LogLevel != "warn" && c.LogLevel != "error") {
+			t.Fatalf("log format %q level %q", c.LogFormat, c.LogLevel)
+		}
+		if c.DatabaseURL == "" {
+			t.Fatal("DATABASE_URL empty but accepted")
+		}
+		full, err := dsnWithDefaults(c.DatabaseURL)
+		if err != nil {
+			t.Fatalf("dsnWithDefaults(%q) after loadConfig accepted it: %v", c.DatabaseURL, err)
+		}
+		checkSameDSN(t, c.DatabaseURL, full)
+	})
+}
