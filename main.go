@@ -20,13 +20,21 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// The first SIGINT/SIGTERM starts the graceful shutdown; a second one exits at once
+	// (the leases recover the runs that were still executing). The channel holds both, so
+	// a second signal arriving at any moment is never lost.
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
-		<-ctx.Done()
-		stop() // a second signal now ends the process at once; leases recover its runs
+		<-signals
+		cancel()
+		sig := <-signals
+		fmt.Fprintf(os.Stderr, "agentapp: second signal (%v): exiting now\n", sig)
+		os.Exit(1)
 	}()
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
-	stop()
+	cancel()
 	var cfgErr configError
 	switch {
 	case err == nil:

@@ -185,6 +185,8 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 		return nil
 	case errors.Is(err, io.EOF):
 		return badRequest("request body is empty: want a JSON object")
+	case errors.As(err, &typeErr) && typeErr.Field == "":
+		return invalid("request body must be a JSON object, got %s", typeErr.Value)
 	case errors.As(err, &typeErr):
 		return invalid("%s: want %s, got %s", typeErr.Field, typeErr.Type, typeErr.Value)
 	default:
@@ -194,8 +196,8 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 
 // bearer returns the request's bearer token.
 func bearer(r *http.Request) string {
-	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") { // auth schemes are case-insensitive
 		return ""
 	}
 	return strings.TrimSpace(token)
