@@ -43,7 +43,7 @@ func newNotifier(dsn string, log *slog.Logger, onRuns func(), onCancel func(stri
 // event is called by the listener on connection changes; it must not block.
 func (n *notifier) event(ev pq.ListenerEventType, err error) {
 	switch ev {
-	case pq.ListenerEventConnected, pq.ListenerEventReconnected:
+	case pq.ListenerEventReconnected: // the listener has re-issued every LISTEN by now
 		n.listening.Store(true)
 		n.log.Info("listening for notifications")
 	case pq.ListenerEventDisconnected:
@@ -68,6 +68,8 @@ func (n *notifier) run() {
 			return
 		}
 	}
+	n.listening.Store(true)
+	n.log.Info("listening for notifications")
 	// Whatever was notified before LISTEN took effect went unheard, as after a reconnect.
 	n.onRuns()
 	n.wakeAll()
