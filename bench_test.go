@@ -1,0 +1,581 @@
+package main
+
+// Benchmarks of a real agentapp process (built without -race, default settings), each on
+// a database of its own. They measure once whatever b.N is and report their figures with
+// b.ReportMetric; run them with `make bench` (-benchtime 1x). The method follows the
+// shared black-box harness (shared/bench/agentapp), so the figures compare with it and
+// with River's. BenchmarkSoak runs only with SOAK=1.
+
+import (
+	"bytes"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// benchEnv is the environment of a benchmarked process: agentapp's defaults except the
+// database, a free loopback address, the admin token and whether the worker is embedded.
+func benchEnv(b *testing.B, dsn string, embedded bool) map[string]string {
+	return map[string]string{
+		"DATABASE_URL":        dsn,
+		"LISTEN_ADDR":         freeAddr(b),
+		"ADMIN_TOKEN":         testAdminToken,
+		"RUN_WORKER_EMBEDDED": strconv.FormatBool(embedded),
+	}
+}
+
+// benchStart starts the non-race binary serving with env; it returns once /healthz answers.
+func benchStart(b *testing.B, env map[string]string) *proc {
+	b.Helper()
+	return startProcBin(b, agentappBenchBinary(b), env, "serve")
+}
+
+// benchStop stops the process with SIGTERM and fails the benchmark unless it exits 0.
+func benchStop(b *testing.B, p *proc) {
+	b.Helper()
+	p.signal(b, syscall.SIGTERM)
+	if code := p.wait(b, 90*time.Second); code != 0 {
+		b.Errorf("agentapp exited %d after SIGTERM; log:\n%s", code, p.log)
+	}
+}
+
+// benchClient is an HTTP client that keeps enough connections to the server alive for
+// the benchmarks' concurrent clients, so that they measure requests, not TCP handshakes.
+func benchClient() *http.Client {
+	return &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{
+		MaxIdleConns: 128, MaxIdleConnsPerHost: 128, IdleConnTimeout: 90 * time.Second,
+		DisableCompression: true, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+	}}
+}
+
+// benchPost POSTs a JSON body with the bearer token and returns the status and body. It
+// never fails the benchmark itself, so any goroutine may call it.
+func benchPost(c *http.Client, url, token string, body []byte) (int, []byte, error) {
+	req, err := http.NewRequest("POST", url, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, data, err
+}
+
+// benchRunBody is the body of POST …/runs for an echo run; i makes inputs distinct.
+func benchRunBody(i int) []byte {
+	return []byte(`{"agent":"echo","input":{"i":` + strconv.Itoa(i) + `}}`)
+}
+
+// benchBatchBody is the body of POST …/runs/batch with n echo runs.
+func benchBatchBody(from, n int) []byte {
+	var buf bytes.Buffer
+	buf.WriteString(`{"runs":[`)
+	for i := range n {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		buf.Write(benchRunBody(from + i))
+	}
+	buf.WriteString(`]}`)
+	return buf.Bytes()
+}
+
+// benchProc is what /proc says about a process: CPU seconds (utime+stime), VmRSS and
+// VmHWM in MiB, and its number of threads.
+type benchProc struct {
+	cpu, rss, hwm float64
+	threads       int
+}
+
+func benchProcStats(b *testing.B, pid int) benchProc {
+	b.Helper()
+	var s benchProc
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatalf("read /proc/%d/stat: %v", pid, err)
+	}
+	f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+2:]))
+	utime, _ := strconv.ParseFloat(f[11], 64)
+	stime, _ := strconv.ParseFloat(f[12], 64)
+	s.cpu = (utime + stime) / 100 // USER_HZ is 100 on Linux
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatalf("read /proc/%d/status: %v", pid, err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		n, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+		switch k {
+		case "VmRSS":
+			s.rss = n / 1024
+		case "VmHWM":
+			s.hwm = n / 1024
+		case "Threads":
+			s.threads = int(n)
+		}
+	}
+	return s
+}
+
+// benchDBName is the name of the database a URL points at.
+func benchDBName(b *testing.B, dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return strings.TrimPrefix(u.Path, "/")
+}
+
+// benchAdminDB is a connection to DATABASE_URL's own database, from which the statistics
+// of a test database are read without adding a transaction to it.
+func benchAdminDB(b *testing.B) *sql.DB {
+	b.Helper()
+	return openTestDB(b, withDatabase(b, os.Getenv("DATABASE_URL"), benchDBName(b, os.Getenv("DATABASE_URL"))))
+}
+
+// benchWorkspace creates a workspace with an echo agent named "echo".
+func benchWorkspace(b *testing.B, p *proc) testWorkspace {
+	b.Helper()
+	return p.app().createWorkspace(b)
+}
+
+// benchQuantile is the nearest-rank quantile of sorted durations, in milliseconds.
+func benchQuantile(sorted []time.Duration, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := max(0, min(int(float64(len(sorted))*q+0.999999)-1, len(sorted)-1))
+	return float64(sorted[i]) / float64(time.Millisecond)
+}
+
+// benchDrained polls, every interval on its own connection, until no run is queued or
+// running, and returns when that was first seen; it fails the benchmark after timeout or
+// if the process exits.
+func benchDrained(b *testing.B, db *sql.DB, p *proc, interval, timeout time.Duration) time.Time {
+	b.Helper()
+	probe, err := db.Prepare(`SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('queued', 'running'))`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer probe.Close()
+	deadline := time.Now().Add(timeout)
+	for {
+		var left bool
+		if err := probe.QueryRow().Scan(&left); err != nil {
+			b.Fatal(err)
+		}
+		if !left {
+			return time.Now()
+		}
+		select {
+		case <-p.done:
+			b.Fatalf("agentapp exited while draining: %v", p.err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("runs still queued or running after %v", timeout)
+		}
+		time.Sleep(interval)
+	}
+}
+
+// benchStatusCounts counts the runs by status.
+func benchStatusCounts(b *testing.B, db *sql.DB) map[string]int {
+	b.Helper()
+	rows, err := db.Query(`SELECT status, count(*) FROM runs GROUP BY status`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rows.Close()
+	counts := map[string]int{}
+	for rows.Next() {
+		var status string
+		var n int
+		if err := rows.Scan(&status, &n); err != nil {
+			b.Fatal(err)
+		}
+		counts[status] = n
+	}
+	if err := rows.Err(); err != nil {
+		b.Fatal(err)
+	}
+	return counts
+}
+
+// BenchmarkDrain: 50,000 echo runs enqueued with the worker off (POST …/runs/batch × 1000),
+// then the time from /healthz of a process with the embedded worker at default settings
+// until no run is queued or running. Reports the batch enqueue rate, the drain rate, and
+// the process's CPU and peak RSS over the drain.
+func BenchmarkDrain(b *testing.B) {
+	const n, batch = 50_000, 1000
+	dsn := testDB(b)
+	db := openTestDB(b, dsn)
+	client := benchClient()
+
+	p := benchStart(b, benchEnv(b, dsn, false))
+	ws := benchWorkspace(b, p)
+	var bodies [][]byte
+	for i := 0; i < n; i += batch {
+		bodies = append(bodies, benchBatchBody(i, batch))
+	}
+	url := p.base + "/v1/workspaces/" + ws.ID + "/runs/batch"
+	start := time.Now()
+	for _, body := range bodies {
+		if status, data, err := benchPost(client, url, ws.APIKey, body); err != nil || status != 201 {
+			b.Fatalf("POST %s: got %d %v %.300s; want 201", url, status, err, data)
+		}
+	}
+	enqueue := time.Since(start)
+	benchStop(b, p)
+	if c := benchStatusCounts(b, db); c["queued"] != n {
+		b.Fatalf("after enqueue: got %v; want %d queued", c, n)
+	}
+	if _, err := db.Exec(`ANALYZE runs`); err != nil { // as the shared harness and River's do
+		b.Fatal(err)
+	}
+
+	p = benchStart(b, benchEnv(b, dsn, true))
+	t0 := time.Now()
+	cpu0 := benchProcStats(b, p.cmd.Process.Pid).cpu
+	done := benchDrained(b, db, p, 20*time.Millisecond, 10*time.Minute)
+	st := benchProcStats(b, p.cmd.Process.Pid)
+	benchStop(b, p)
+	c := benchStatusCounts(b, db)
+	if c["succeeded"] != n {
+		b.Errorf("after drain: got %v; want %d succeeded", c, n)
+	}
+	elapsed := done.Sub(t0)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(n)/enqueue.Seconds(), "enqueue-runs/s")
+	b.ReportMetric(float64(c["succeeded"])/elapsed.Seconds(), "runs/s")
+	b.ReportMetric(elapsed.Seconds(), "drain-s")
+	b.ReportMetric(st.cpu-cpu0, "app-CPU-s")
+	b.ReportMetric(st.hwm, "peak-RSS-MiB")
+}
+
+// BenchmarkLatency: embedded worker at defaults, 2 s idle, then 300 single POST …/runs
+// 10–20 ms apart; for each, the time from POST's 201 until a goroutine polling the runs
+// table every 1 ms sees it succeeded (the shared harness's method).
+func BenchmarkLatency(b *testing.B) {
+	const n = 300
+	dsn := testDB(b)
+	db := openTestDB(b, dsn)
+	client := benchClient()
+	p := benchStart(b, benchEnv(b, dsn, true))
+	ws := benchWorkspace(b, p)
+	time.Sleep(2 * time.Second)
+
+	var (
+		mu      sync.Mutex
+		pending = map[string]time.Time{} // run id → when its POST returned
+		latency []time.Duration
+		pollErr error
+	)
+	stmt, err := db.Prepare(`SELECT id::text, status FROM runs WHERE id = ANY($1::uuid[])`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stmt.Close()
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		ticker := time.NewTicker(time.Millisecond)
+		defer ticker.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ticker.C:
+			}
+			mu.Lock()
+			ids := make([]string, 0, len(pending))
+			for id := range pending {
+				ids = append(ids, id)
+			}
+			mu.Unlock()
+			if len(ids) == 0 {
+				continue
+			}
+			rows, err := stmt.Query(pq.Array(ids))
+			if err != nil {
+				mu.Lock()
+				pollErr = err
+				mu.Unlock()
+				return
+			}
+			var final []string
+			for rows.Next() {
+				var id, status string
+				if err := rows.Scan(&id, &status); err == nil && status == "succeeded" {
+					final = append(final, id)
+				}
+			}
+			rows.Close()
+			now := time.Now()
+			mu.Lock()
+			for _, id := range final {
+				latency = append(latency, now.Sub(pending[id]))
+				delete(pending, id)
+			}
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		select {
+		case <-stopped:
+		default:
+			close(stop)
+			<-stopped
+		}
+	}()
+
+	url := p.base + "/v1/workspaces/" + ws.ID + "/runs"
+	for i := range n {
+		status, data, err := benchPost(client, url, ws.APIKey, benchRunBody(i))
+		returned := time.Now()
+		var run struct{ ID string }
+		if err != nil || status != 201 || json.Unmarshal(data, &run) != nil {
+			b.Fatalf("POST %s: got %d %v %.300s; want 201 with a run", url, status, err, data)
+		}
+		mu.Lock()
+		pending[strings.ToLower(run.ID)] = returned
+		mu.Unlock()
+		time.Sleep(10*time.Millisecond + rand.N(10*time.Millisecond))
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		left, err := len(pending), pollErr
+		mu.Unlock()
+		if err != nil {
+			b.Fatalf("poll: %v", err)
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%d runs not succeeded 30s after the last POST", left)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	<-stopped
+	benchStop(b, p)
+	slices.Sort(latency)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(benchQuantile(latency, .50), "p50-ms")
+	b.ReportMetric(benchQuantile(latency, .95), "p95-ms")
+	b.ReportMetric(benchQuantile(latency, .99), "p99-ms")
+	b.ReportMetric(benchQuantile(latency, 1), "max-ms")
+}
+
+// benchEnqueue runs clients goroutines POSTing body to path for d (each at most
+// maxRequests times) against a process with the worker off, checks that every run
+// acknowledged with 201 is in the table, and returns runs per second.
+func benchEnqueue(b *testing.B, clients, perRequest int, body func(i int) []byte, path string, d time.Duration) float64 {
+	const maxRequests = 1_000_000
+	dsn := testDB(b)
+	p := benchStart(b, benchEnv(b, dsn, false))
+	ws := benchWorkspace(b, p)
+	client := benchClient()
+	url := p.base + "/v1/workspaces/" + ws.ID + path
+	var created, failed atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	deadline := start.Add(d)
+	for g := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < maxRequests && time.Now().Before(deadline); i++ {
+				status, data, err := benchPost(client, url, ws.APIKey, body(g*maxRequests+i))
+				if err != nil || status != 201 {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, fmt.Sprintf("got %d %v %.200s", status, err, data))
+					continue
+				}
+				created.Add(int64(perRequest))
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	benchStop(b, p)
+	if failed.Load() > 0 {
+		b.Errorf("%d requests failed; first: %v", failed.Load(), firstErr.Load())
+	}
+	var inTable int64
+	if err := openTestDB(b, dsn).QueryRow(`SELECT count(*) FROM runs`).Scan(&inTable); err != nil {
+		b.Fatal(err)
+	}
+	if inTable != created.Load() {
+		b.Errorf("got %d runs in the table; want the %d acknowledged with 201", inTable, created.Load())
+	}
+	return float64(created.Load()) / elapsed.Seconds()
+}
+
+// BenchmarkEnqueueSingle: worker off, 8 clients × single POST …/runs for 10 s.
+func BenchmarkEnqueueSingle(b *testing.B) {
+	rate := benchEnqueue(b, 8, 1, benchRunBody, "/runs", 10*time.Second)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(rate, "runs/s")
+}
+
+// BenchmarkEnqueueBatch: worker off, 2 clients × POST …/runs/batch of 1000 for 10 s.
+func BenchmarkEnqueueBatch(b *testing.B) {
+	body := benchBatchBody(0, 1000)
+	rate := benchEnqueue(b, 2, 1000, func(int) []byte { return body }, "/runs/batch", 10*time.Second)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(rate, "runs/s")
+}
+
+// BenchmarkIdle: embedded worker at defaults, empty queue; after a 10 s settle (Postgres
+// flushes an idle backend's statistics within 10 s), over 15 s: the transactions of its
+// database (read from another database, so the reading adds none), its CPU and its RSS.
+func BenchmarkIdle(b *testing.B) {
+	dsn := testDB(b)
+	name := benchDBName(b, dsn)
+	admin := benchAdminDB(b)
+	p := benchStart(b, benchEnv(b, dsn, true))
+	pid := p.cmd.Process.Pid
+	xacts := func() int64 {
+		var x int64
+		if err := admin.QueryRow(`SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, name).Scan(&x); err != nil {
+			b.Fatal(err)
+		}
+		return x
+	}
+	time.Sleep(10 * time.Second)
+	x0, s0, t0 := xacts(), benchProcStats(b, pid), time.Now()
+	time.Sleep(15 * time.Second)
+	x1, s1, elapsed := xacts(), benchProcStats(b, pid), time.Since(t0)
+	var conns int
+	if err := admin.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = $1`, name).Scan(&conns); err != nil {
+		b.Fatal(err)
+	}
+	benchStop(b, p)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(x1-x0)/elapsed.Seconds(), "xact/s")
+	b.ReportMetric(s1.cpu-s0.cpu, "CPU-s/15s")
+	b.ReportMetric(s1.rss, "RSS-MiB")
+	b.ReportMetric(float64(conns), "db-conns")
+}
+
+// BenchmarkSoak (SOAK=1 only): 50 clients enqueue single runs for 60 s while the embedded
+// worker (defaults) drains them; then it waits for the queue to empty. No request may
+// fail and no run may be lost (every 201 is a run, every run succeeded); RSS, threads and
+// the process's database connections are reported at 10 s, at the end of the load and
+// after the drain, to show they stay flat.
+func BenchmarkSoak(b *testing.B) {
+	if os.Getenv("SOAK") != "1" {
+		b.Skip("soak test (50 clients for 60 s, then the drain) runs only with SOAK=1: SOAK=1 go test -run '^$' -bench Soak -benchtime 1x .")
+	}
+	const clients, maxPerClient, load = 50, 100_000, 60 * time.Second
+	dsn := testDB(b)
+	name := benchDBName(b, dsn)
+	admin := benchAdminDB(b)
+	p := benchStart(b, benchEnv(b, dsn, true))
+	pid := p.cmd.Process.Pid
+	ws := benchWorkspace(b, p)
+	client := benchClient()
+	url := p.base + "/v1/workspaces/" + ws.ID + "/runs"
+	conns := func() int {
+		var n int
+		if err := admin.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = $1`, name).Scan(&n); err != nil {
+			b.Fatal(err)
+		}
+		return n
+	}
+
+	var created, failed atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	deadline := start.Add(load)
+	for g := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < maxPerClient && time.Now().Before(deadline); i++ {
+				status, data, err := benchPost(client, url, ws.APIKey, benchRunBody(g*maxPerClient+i))
+				if err != nil || status != 201 {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, fmt.Sprintf("got %d %v %.200s", status, err, data))
+					continue
+				}
+				created.Add(1)
+			}
+		}()
+	}
+	time.Sleep(10 * time.Second)
+	at10, conns10 := benchProcStats(b, pid), conns()
+	wg.Wait()
+	loadEnd := time.Since(start)
+	atEnd, connsEnd := benchProcStats(b, pid), conns()
+
+	db := openTestDB(b, dsn)
+	db.SetMaxOpenConns(1)
+	queuedAtEnd := benchStatusCounts(b, db)["queued"]
+	drained := benchDrained(b, db, p, 100*time.Millisecond, 10*time.Minute)
+	db.Close()              // out of pg_stat_activity before the last count
+	time.Sleep(time.Second) // let the backend exit
+	atDrain, connsDrain := benchProcStats(b, pid), conns()
+	benchStop(b, p)
+
+	counts := benchStatusCounts(b, openTestDB(b, dsn))
+	total := 0
+	for _, n := range counts {
+		total += n
+	}
+	if failed.Load() > 0 {
+		b.Errorf("%d requests failed; first: %v", failed.Load(), firstErr.Load())
+	}
+	if int64(total) != created.Load() || int64(counts["succeeded"]) != created.Load() {
+		b.Errorf("got %v (%d runs); want all %d runs acknowledged with 201, all succeeded", counts, total, created.Load())
+	}
+	// Flat: the pools may still open connections up to their bounds after 10 s (the
+	// worker's, while it drains what the load left), but never more.
+	if limit := apiPoolSize + workerPoolSize + 1; connsDrain > limit {
+		b.Errorf("database connections: got %d after the drain; want at most %d (both pools full, plus the listener)", connsDrain, limit)
+	}
+	if atDrain.rss > 2*at10.rss {
+		b.Errorf("RSS: got %.1f MiB after the drain; want at most twice the %.1f MiB at 10 s", atDrain.rss, at10.rss)
+	}
+	b.Logf("RSS MiB at 10s / end of load / after drain: %.1f / %.1f / %.1f (peak %.1f); threads %d / %d / %d; db connections %d / %d / %d; queued at end of load %d",
+		at10.rss, atEnd.rss, atDrain.rss, atDrain.hwm, at10.threads, atEnd.threads, atDrain.threads, conns10, connsEnd, connsDrain, queuedAtEnd)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(created.Load())/loadEnd.Seconds(), "enqueue-runs/s")
+	b.ReportMetric(float64(created.Load())/drained.Sub(start).Seconds(), "runs/s")
+	b.ReportMetric(float64(failed.Load()), "failed-requests")
+	b.ReportMetric(float64(created.Load()-int64(counts["succeeded"])), "lost-runs")
+	b.ReportMetric(at10.rss, "RSS10s-MiB")
+	b.ReportMetric(atEnd.rss, "RSSend-MiB")
+	b.ReportMetric(atDrain.rss, "RSSdrained-MiB")
+	b.ReportMetric(atDrain.hwm, "peak-RSS-MiB")
+	b.ReportMetric(float64(at10.threads), "threads10s")
+	b.ReportMetric(float64(atDrain.threads), "threads-drained")
+	b.ReportMetric(float64(conns10), "conns10s")
+	b.ReportMetric(float64(connsDrain), "conns-drained")
+}
