@@ -31,13 +31,21 @@ import (
 
 // benchEnv is the environment of a benchmarked process: agentapp's defaults except the
 // database, a free loopback address, the admin token and whether the worker is embedded.
+// Defaults are measured unless RUN_WORKER_CONCURRENCY or RUN_WORKER_BATCH_LIMIT is set in
+// the benchmark's own environment, which is passed on (to measure a tuned worker).
 func benchEnv(b *testing.B, dsn string, embedded bool) map[string]string {
-	return map[string]string{
+	env := map[string]string{
 		"DATABASE_URL":        dsn,
 		"LISTEN_ADDR":         freeAddr(b),
 		"ADMIN_TOKEN":         testAdminToken,
 		"RUN_WORKER_EMBEDDED": strconv.FormatBool(embedded),
 	}
+	for _, k := range []string{"RUN_WORKER_CONCURRENCY", "RUN_WORKER_BATCH_LIMIT"} {
+		if v := os.Getenv(k); v != "" {
+			env[k] = v
+		}
+	}
+	return env
 }
 
 // benchStart starts the non-race binary serving with env; it returns once /healthz answers.

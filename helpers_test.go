@@ -52,7 +52,7 @@ func testDB(t testing.TB) string {
 	})
 	db := openTestDB(t, dsn)
 	defer db.Close()
-	if err := (&store{db}).applySchema(context.Background()); err != nil {
+	if err := (&store{db: db}).applySchema(context.Background()); err != nil {
 		t.Fatalf("apply schema: %v", err)
 	}
 	return dsn
@@ -353,40 +353,7 @@ type proc struct {
 // (for serve) waits until /healthz answers. It is killed, if still running, when the test ends.
 func startProc(t testing.TB, env map[string]string, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(agentappBinary(t), args...), log: &syncBuffer{}, done: make(chan struct{})}
-	p.base = "http://" + env["LISTEN_ADDR"]
-	for k, v := range env {
-		p.cmd.Env = append(p.cmd.Env, k+"="+v)
-	}
-	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("agentapp (pid %d) log:\n%s", p.cmd.Process.Pid, p.log)
-		}
-	})
-	if len(args) == 0 || args[0] == "serve" {
-		a := &app{base: p.base, log: p.log}
-		exited := make(chan error, 1)
-		go func() {
-			<-p.done
-			exited <- p.err
-		}()
-		a.waitHealthy(t, exited)
-	}
-	return p
+	return startProcBin(t, agentappBinary(t), env, args...)
 }
 
 // app returns the HTTP view of a serving process.
@@ -440,8 +407,9 @@ func agentappBenchBinary(t testing.TB) string {
 	return benchBuildPath
 }
 
-// startProcBin is startProc with the binary at bin (e.g. agentappBenchBinary's) instead of
-// the race-enabled one: same environment handling, /healthz wait and cleanup.
+// startProcBin starts the agentapp binary at bin with args and exactly the given
+// environment, and (for serve) waits until /healthz answers. It is killed, if still
+// running, when the test ends.
 func startProcBin(t testing.TB, bin string, env map[string]string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(bin, args...), log: &syncBuffer{}, done: make(chan struct{})}

@@ -96,7 +96,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return err
 		}
 		defer db.Close()
-		if err := (&store{db}).applySchema(ctx); err != nil {
+		if err := (&store{db: db}).applySchema(ctx); err != nil {
 			return err
 		}
 		logger.Info("schema applied")
@@ -111,7 +111,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return err
 		}
 		defer db.Close()
-		st := &store{db}
+		st := &store{db: db}
 		if err := st.applySchema(ctx); err != nil {
 			return err
 		}
@@ -195,7 +195,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	// The schema comes first: once /healthz answers, the whole API works.
-	st := &store{apiDB}
+	st := &store{db: apiDB}
 	if err := waitForSchema(ctx, st, log); err != nil {
 		if errors.Is(err, context.Canceled) {
 			return nil
@@ -207,7 +207,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	m := newMetrics()
-	w := newWorker(&store{workerDB}, log, workerConfigOf(cfg), m)
+	w := newWorker(&store{db: workerDB}, log, workerConfigOf(cfg), m)
 	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
@@ -280,7 +280,7 @@ func runWorker(ctx context.Context, cfg config, logger *slog.Logger, once bool, 
 		return err
 	}
 	defer db.Close()
-	st := &store{db}
+	st := &store{db: db}
 	if err := waitForSchema(ctx, st, logger); err != nil {
 		if errors.Is(err, context.Canceled) {
 			return nil

@@ -241,7 +241,7 @@ func ptAdminWS(id string) testWorkspace { return testWorkspace{ID: id, APIKey: t
 // database, for processes that must be started already filtered on it.
 func ptSeedWorkspace(t testing.TB, db *sql.DB) testWorkspace {
 	t.Helper()
-	st := &store{db}
+	st := &store{db: db}
 	ctx := context.Background()
 	w, err := st.createWorkspace(ctx, "process-test")
 	if err != nil {
@@ -584,7 +584,7 @@ func TestWorkerProcessDrains(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	ws := ptSeedWorkspace(t, db)
-	st := &store{db}
+	st := &store{db: db}
 	ctx := context.Background()
 	if _, err := st.createAgent(ctx, agent{WorkspaceID: ws.ID, Name: "slow", Kind: "echo", Config: json.RawMessage(`{"delay_ms": 1500}`)}); err != nil {
 		t.Fatal(err)

@@ -506,25 +506,34 @@ type claimedRun struct {
 	AgentConfig json.RawMessage
 }
 
-// claim recovers expired leases and claims up to limit queued runs (oldest first, limit
-// may be 0) in one statement, so an idle worker costs one transaction a cycle. ws "" means
-// every workspace. It returns the claimed runs and how many expired runs went back to
-// queued and how many failed for good.
-func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration) (claimed []claimedRun, requeued, failed int, err error) {
+// recoverSQL puts runs whose lease expired back to queued (or failed, when no attempt
+// remains, or canceled, when that was asked), returning their id and new status.
+const recoverSQL = `
+	UPDATE runs r SET
+		status = CASE WHEN r.cancel_requested THEN 'canceled'
+		              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+		error = CASE WHEN r.cancel_requested THEN 'canceled by request'
+		             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
+		errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', now(),
+			'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
+		finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
+		worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
+	WHERE r.id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()
+	               ORDER BY lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+	RETURNING r.id, r.status`
+
+// claim claims up to limit queued runs (oldest first; limit may be 0) and, with
+// recoverLeases, recovers expired leases in the same statement, so an idle worker costs
+// one transaction a cycle. A busy worker recovers only now and then: the statement without
+// recovery is cheaper to plan. ws "" means every workspace. It returns the claimed runs and
+// how many expired runs went back to queued and how many ended for good.
+func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimed []claimedRun, requeued, failed int, err error) {
+	recovered := `SELECT NULL::uuid AS id, NULL::text AS status WHERE false`
+	if recoverLeases {
+		recovered = recoverSQL
+	}
 	rows, err := s.db.QueryContext(ctx, `
-		WITH recovered AS (
-			UPDATE runs r SET
-				status = CASE WHEN r.cancel_requested THEN 'canceled'
-				              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
-				error = CASE WHEN r.cancel_requested THEN 'canceled by request'
-				             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
-				errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', now(),
-					'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
-				finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
-				worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
-			WHERE r.id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()
-			               ORDER BY lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
-			RETURNING r.id, r.status
+		WITH recovered AS (`+recovered+`
 		), picked AS (
 			SELECT id FROM runs
 			WHERE status = 'queued' AND run_after <= now() AND ($3 = '' OR workspace_id = NULLIF($3, '')::uuid)

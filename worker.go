@@ -89,12 +89,13 @@ type worker struct {
 	runs       sync.WaitGroup
 	outcomes   chan pendingOutcome
 
-	lastCycle  atomic.Int64 // unix nanoseconds of the last cycle that reached the database
-	stopOnce   sync.Once
-	stop       chan struct{} // closed to stop the loop and claiming
-	done       chan struct{} // closed when the loop, every run and every outcome write are done
-	loopDone   chan struct{}
-	loopActive atomic.Bool
+	lastCycle    atomic.Int64 // unix nanoseconds of the last cycle that reached the database
+	lastRecovery atomic.Int64 // unix nanoseconds of the last cycle that recovered leases
+	stopOnce     sync.Once
+	stop         chan struct{} // closed to stop the loop and claiming
+	done         chan struct{} // closed when the loop, every run and every outcome write are done
+	loopDone     chan struct{}
+	loopActive   atomic.Bool
 }
 
 // newWorker starts a worker's background parts (the outcome writer and the lease
@@ -161,7 +162,10 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string) (summary, []*e
 	}
 
 	start := time.Now()
-	claimed, requeued, failed, err := w.st.claim(ctx, w.id, n, ws, w.cfg.Lease)
+	// Recovery rides along at most every half poll interval: on every tick of an idle
+	// worker, now and then for a busy one.
+	recoverLeases := time.Since(time.Unix(0, w.lastRecovery.Load())) >= w.cfg.Poll/2
+	claimed, requeued, failed, err := w.st.claim(ctx, w.id, n, ws, w.cfg.Lease, recoverLeases)
 	if err != nil {
 		w.metrics.cycles.inc("error")
 		return summary{}, nil, err
@@ -169,6 +173,9 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string) (summary, []*e
 	w.metrics.claimDuration.observe(time.Since(start).Seconds())
 	w.metrics.cycles.inc("run")
 	w.lastCycle.Store(time.Now().UnixNano())
+	if recoverLeases {
+		w.lastRecovery.Store(start.UnixNano())
+	}
 	w.more.Store(len(claimed) == n)
 	if requeued+failed > 0 {
 		w.metrics.recovered.add(float64(requeued + failed))

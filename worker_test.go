@@ -199,7 +199,7 @@ func TestWorkerWorkspaceFilter(t *testing.T) {
 	// The workspaces must exist before the server starts: its environment names one.
 	setup := func(t *testing.T) (dsn string, wsA, wsB testWorkspace) {
 		dsn = testDB(t)
-		st := &store{openTestDB(t, dsn)}
+		st := &store{db: openTestDB(t, dsn)}
 		for _, ws := range []*testWorkspace{&wsA, &wsB} {
 			w, err := st.createWorkspace(context.Background(), "ws")
 			if err != nil {
@@ -439,7 +439,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 	t.Run("worker.cycle", func(t *testing.T) {
 		t.Parallel()
 		db := openTestDB(t, testDB(t))
-		st := &store{db}
+		st := &store{db: db}
 		_, ids := seedRuns(t, st, 3, 3)
 		w := newWorker(st, testLogger(t), workerConfig{Poll: time.Second, BatchLimit: 10, Concurrency: 10,
 			Lease: 30 * time.Second, ShutdownTimeout: 5 * time.Second}, newMetrics())
@@ -493,13 +493,13 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 func TestWorkerFencing(t *testing.T) {
 	t.Parallel()
 	db := openTestDB(t, testDB(t))
-	st := &store{db}
+	st := &store{db: db}
 	ctx := context.Background()
 	ws, ids := seedRuns(t, st, 1, 3)
 	id := ids[0]
 	const lease = 30 * time.Second
 
-	claimedA, _, _, err := st.claim(ctx, "worker-A", 1, "", lease)
+	claimedA, _, _, err := st.claim(ctx, "worker-A", 1, "", lease, true)
 	if err != nil || len(claimedA) != 1 || claimedA[0].Attempt != 1 {
 		t.Fatalf("A's claim: got %+v, err %v; want run %s attempt 1", claimedA, err, id)
 	}
@@ -509,7 +509,7 @@ func TestWorkerFencing(t *testing.T) {
 	var claimedB []claimedRun
 	recovered := 0
 	for i := 0; i < 2 && len(claimedB) == 0; i++ {
-		c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", lease)
+		c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", lease, true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -576,14 +576,14 @@ func TestWorkerFencing(t *testing.T) {
 func TestWorkerLeaseExpiredNoAttemptsLeft(t *testing.T) {
 	t.Parallel()
 	db := openTestDB(t, testDB(t))
-	st := &store{db}
+	st := &store{db: db}
 	ctx := context.Background()
 	ws, ids := seedRuns(t, st, 1, 1)
-	if c, _, _, err := st.claim(ctx, "worker-A", 1, "", 30*time.Second); err != nil || len(c) != 1 {
+	if c, _, _, err := st.claim(ctx, "worker-A", 1, "", 30*time.Second, true); err != nil || len(c) != 1 {
 		t.Fatalf("claim: got %+v, err %v; want one run", c, err)
 	}
 	expireLease(t, db, ids[0])
-	c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", 30*time.Second)
+	c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", 30*time.Second, true)
 	if err != nil || len(c) != 0 || requeued != 0 || failed != 1 {
 		t.Fatalf("B's claim: got claimed %d, requeued %d, failed %d, err %v; want 0, 0, 1", len(c), requeued, failed, err)
 	}
@@ -846,7 +846,7 @@ func TestWorkerWebhookAllowedHosts(t *testing.T) {
 	}
 	a.createAgent(t, ws, "allowed", "webhook", map[string]any{"url": allowed.URL})
 	// An agent created before the list was set: put straight into the database.
-	st := &store{openTestDB(t, dsn)}
+	st := &store{db: openTestDB(t, dsn)}
 	if _, err := st.createAgent(context.Background(), agent{WorkspaceID: ws.ID, Name: "legacy", Kind: "webhook",
 		Config: json.RawMessage(`{"url":"` + other.URL + `"}`)}); err != nil {
 		t.Fatal(err)
@@ -885,7 +885,7 @@ func TestWorkerAgentPanic(t *testing.T) {
 
 	t.Run("worker goes on", func(t *testing.T) {
 		db := openTestDB(t, testDB(t))
-		st := &store{db}
+		st := &store{db: db}
 		ws, echoIDs := seedRuns(t, st, 1, 3)
 		ctx := context.Background()
 		if _, err := st.createAgent(ctx, agent{WorkspaceID: ws, Name: "hook", Kind: "webhook", Config: webhook.AgentConfig}); err != nil {
