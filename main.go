@@ -227,7 +227,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("listening", "addr", ln.Addr().String(), "embedded_worker", cfg.WorkerEmbedded)
 	if cfg.WorkerEmbedded {
-		go w.runLoop()
+		w.startLoop()
 	}
 
 	var runErr error
@@ -302,7 +302,7 @@ func runWorker(ctx context.Context, cfg config, logger *slog.Logger, once bool, 
 		return json.NewEncoder(stdout).Encode(s)
 	}
 	n := newNotifier(cfg.DatabaseURL, logger, w.wakeUp, w.cancelLocal)
-	go w.runLoop()
+	w.startLoop()
 	<-ctx.Done()
 	w.shutdown()
 	waitWorker(w, cfg, logger)

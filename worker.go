@@ -223,11 +223,16 @@ func (w *worker) process(ctx context.Context, limit int, ws string) (summary, er
 	return s, nil
 }
 
-// runLoop runs cycles until shutdown: at once when woken (a new run was notified, or a
-// slot freed while runs wait), otherwise every poll interval. Database errors never end
-// it: it logs the outage once and keeps trying at the poll interval.
+// startLoop starts the loop: cycles until shutdown, at once when woken (a new run was
+// notified, or a slot freed while runs wait), otherwise every poll interval. Database
+// errors never end it: it logs the outage once and keeps trying at the poll interval.
+func (w *worker) startLoop() {
+	w.loopActive.Store(true) // before shutdown can look: it waits for the loop to end
+	go w.runLoop()
+}
+
+// runLoop is the loop that startLoop starts.
 func (w *worker) runLoop() {
-	w.loopActive.Store(true)
 	defer close(w.loopDone)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
