@@ -165,7 +165,11 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string) (summary, []*e
 	// Recovery rides along at most every half poll interval: on every tick of an idle
 	// worker, now and then for a busy one.
 	recoverLeases := time.Since(time.Unix(0, w.lastRecovery.Load())) >= w.cfg.Poll/2
-	claimed, requeued, failed, err := w.st.claim(ctx, w.id, n, ws, w.cfg.Lease, recoverLeases)
+	// The claim is not canceled with ctx (a client that left, a shutdown): canceled after
+	// its commit, it would leave claimed runs that nobody executes until their leases expire.
+	claimCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.Lease)
+	defer cancel()
+	claimed, requeued, failed, err := w.st.claim(claimCtx, w.id, n, ws, w.cfg.Lease, recoverLeases)
 	if err != nil {
 		w.metrics.cycles.inc("error")
 		return summary{}, nil, err
@@ -234,22 +238,14 @@ func (w *worker) startLoop() {
 // runLoop is the loop that startLoop starts.
 func (w *worker) runLoop() {
 	defer close(w.loopDone)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		<-w.stop
-		cancel()
-	}()
 	ticker := time.NewTicker(w.cfg.Poll)
 	defer ticker.Stop()
 	w.log.Info("worker started", "worker", w.id, "concurrency", w.cfg.Concurrency,
 		"batch_limit", w.cfg.BatchLimit, "poll", w.cfg.Poll, "workspace", w.cfg.WorkspaceID)
 	down := false
 	for {
-		s, _, err := w.cycle(ctx, w.cfg.BatchLimit, w.cfg.WorkspaceID)
+		s, _, err := w.cycle(context.Background(), w.cfg.BatchLimit, w.cfg.WorkspaceID)
 		switch {
-		case err != nil && ctx.Err() != nil:
-			return
 		case err != nil && !down:
 			down = true
 			w.log.Error("worker cycle failed; retrying every poll interval", "err", err)
@@ -260,7 +256,7 @@ func (w *worker) runLoop() {
 			w.log.Debug("worker cycle", "claimed", s.Claimed, "recovered", s.Recovered)
 		}
 		select {
-		case <-ctx.Done():
+		case <-w.stop:
 			return
 		case <-w.wake:
 			// An ending execution wakes us as the first of its batch ends: yield once,
