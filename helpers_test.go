@@ -211,15 +211,28 @@ func (a *app) do(t testing.TB, method, path, token string, body any) (int, []byt
 		}
 		r = bytes.NewReader(data)
 	}
-	req, err := http.NewRequest(method, a.base+path, r)
+	var hdr map[string]string
+	if body != nil {
+		hdr = map[string]string{"Content-Type": "application/json"}
+	}
+	status, _, data := apiRequest(t, a, method, path, token, hdr, r)
+	return status, data
+}
+
+// apiRequest sends a request with the given extra headers and raw body (nil: none) and
+// returns the status, the response headers and the body. A body that is not a
+// *bytes.Reader or *strings.Reader is sent chunked (no Content-Length).
+func apiRequest(t testing.TB, a *app, method, path, token string, hdr map[string]string, body io.Reader) (int, http.Header, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, a.base+path, body)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -230,7 +243,7 @@ func (a *app) do(t testing.TB, method, path, token string, body any) (int, []byt
 	if err != nil {
 		t.Fatalf("%s %s: read body: %v", method, path, err)
 	}
-	return resp.StatusCode, data
+	return resp.StatusCode, resp.Header, data
 }
 
 // mustDo is do that fails the test unless the status is want, and decodes the body into

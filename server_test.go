@@ -14,33 +14,6 @@ import (
 	"time"
 )
 
-// apiRequest sends a request with the given extra headers and raw body (nil: none) and
-// returns the status, the response headers and the body. A body that is not a
-// *bytes.Reader or *strings.Reader is sent chunked (no Content-Length).
-func apiRequest(t testing.TB, a *app, method, path, token string, hdr map[string]string, body io.Reader) (int, http.Header, []byte) {
-	t.Helper()
-	req, err := http.NewRequest(method, a.base+path, body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("%s %s: read body: %v", method, path, err)
-	}
-	return resp.StatusCode, resp.Header, data
-}
-
 // chunked hides the length of s from net/http, so the request is sent chunked.
 func chunked(s string) io.Reader { return io.MultiReader(strings.NewReader(s)) }
 
