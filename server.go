@@ -450,6 +450,11 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Idempotency-Key") != "" {
+		// Ignoring it would let a retried batch create every run twice.
+		s.fail(w, r, invalid("Idempotency-Key is not supported on the batch endpoint: the batch is all or nothing; use POST …/runs for idempotent single runs"))
+		return
+	}
 	var req struct {
 		Runs []runRequest `json:"runs"`
 	}

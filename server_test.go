@@ -871,3 +871,24 @@ func TestAPIHealth(t *testing.T) {
 		}
 	})
 }
+
+// TestAPIBatchRefusesIdempotencyKey: a batch cannot be made idempotent, so a key on it is
+// refused rather than ignored (a retried batch would create every run twice).
+func TestAPIBatchRefusesIdempotencyKey(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	body := strings.NewReader(`{"runs":[{"agent":"echo","input":1}]}`)
+	status, _, data := apiRequest(t, a, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey,
+		map[string]string{"Idempotency-Key": "k1", "Content-Type": "application/json"}, body)
+	if status != 422 || !strings.Contains(string(data), "Idempotency-Key") {
+		t.Fatalf("batch with Idempotency-Key: got %d %s; want 422 naming Idempotency-Key", status, data)
+	}
+	var list struct {
+		Runs []runRecord `json:"runs"`
+	}
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, nil, 200, &list)
+	if len(list.Runs) != 0 {
+		t.Errorf("runs after the refused batch: got %d; want 0", len(list.Runs))
+	}
+}
