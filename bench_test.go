@@ -11,7 +11,6 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -75,19 +74,7 @@ func benchClient() *http.Client {
 // benchPost POSTs a JSON body with the bearer token and returns the status and body. It
 // never fails the benchmark itself, so any goroutine may call it.
 func benchPost(c *http.Client, url, token string, body []byte) (int, []byte, error) {
-	req, err := http.NewRequest("POST", url, bytes.NewReader(body))
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, data, err
+	return sendRequest(c, "POST", url, token, bytes.NewReader(body))
 }
 
 // benchRunBody is the body of POST …/runs for an echo run; i makes inputs distinct.

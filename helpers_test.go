@@ -460,3 +460,26 @@ func startProcBin(t testing.TB, bin string, env map[string]string, args ...strin
 	}
 	return p
 }
+
+// sendRequest sends a request with c, with the bearer token (if any) and a JSON body (nil:
+// none), and returns the status and body, or the transport error. It never fails the test
+// itself, so any goroutine may call it.
+func sendRequest(c *http.Client, method, url, token string, body io.Reader) (int, []byte, error) {
+	req, err := http.NewRequest(method, url, body)
+	if err != nil {
+		return 0, nil, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, data, err
+}

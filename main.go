@@ -190,10 +190,12 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	defer apiDB.Close() // for the early returns; the shutdown below closes it in order
 	workerDB, err := openDB(cfg.DatabaseURL, workerPoolSize)
 	if err != nil {
 		return err
 	}
+	defer workerDB.Close()
 	// The schema comes first: once /healthz answers, the whole API works.
 	st := &store{db: apiDB}
 	if err := waitForSchema(ctx, st, log); err != nil {

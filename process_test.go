@@ -152,24 +152,8 @@ func ptHTTP(method, url, token string, body any, timeout time.Duration) (int, []
 		}
 		r = bytes.NewReader(data)
 	}
-	req, err := http.NewRequest(method, url, r)
-	if err != nil {
-		return 0, nil, err
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
 	c := &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, data, err
+	return sendRequest(c, method, url, token, r)
 }
 
 // ptReadyz is what /readyz answers.

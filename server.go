@@ -369,8 +369,6 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case errors.Is(err, errConflict):
 		writeError(w, http.StatusConflict, "conflict", fmt.Sprintf("agent %q already exists", req.Name))
-	case isForeignKeyViolation(err):
-		s.fail(w, r, errNotFound) // the admin named a workspace that does not exist
 	case err != nil:
 		s.fail(w, r, err)
 	default:

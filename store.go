@@ -111,12 +111,6 @@ func dataException(err error) (string, bool) {
 	return "", false
 }
 
-// isForeignKeyViolation reports whether err is PostgreSQL's foreign_key_violation.
-func isForeignKeyViolation(err error) bool {
-	var pqErr *pq.Error
-	return errors.As(err, &pqErr) && pqErr.Code == "23503"
-}
-
 // workspace is a tenant; APIKey is set only in the answer to its creation.
 type workspace struct {
 	ID        string    `json:"id"`
