@@ -304,7 +304,7 @@ func (a *app) waitRunStatus(t testing.TB, ws testWorkspace, id, status string, t
 	deadline := time.Now().Add(timeout)
 	for {
 		r := a.getRun(t, ws, id)
-		if r.Status == status {
+		if string(r.Status) == status {
 			return r
 		}
 		if time.Now().After(deadline) {

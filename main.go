@@ -91,14 +91,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		return runWorker(ctx, cfg, logger, *once, stdout)
 	case "migrate":
-		db, err := openDB(cfg.DatabaseURL, 1)
-		if err != nil {
+		st, err := openStore(ctx, cfg, 1, logger)
+		if st == nil {
 			return err
 		}
-		defer db.Close()
-		if err := (&store{db: db}).applySchema(ctx); err != nil {
-			return err
-		}
+		defer st.db.Close()
 		logger.Info("schema applied")
 		return nil
 	default: // workspace
@@ -106,15 +103,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			fmt.Fprintf(stderr, "usage: agentapp workspace create NAME\n")
 			return errUsage
 		}
-		db, err := openDB(cfg.DatabaseURL, 1)
-		if err != nil {
+		st, err := openStore(ctx, cfg, 1, logger)
+		if st == nil {
 			return err
 		}
-		defer db.Close()
-		st := &store{db: db}
-		if err := st.applySchema(ctx); err != nil {
-			return err
-		}
+		defer st.db.Close()
 		ws, err := st.createWorkspace(ctx, args[1])
 		if err != nil {
 			return err
@@ -155,9 +148,15 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-// waitForSchema applies the schema, retrying while the database is unreachable, until
-// ctx ends.
-func waitForSchema(ctx context.Context, st *store, log *slog.Logger) error {
+// openStore opens a pool of conns connections and applies the schema, retrying while the
+// database is unreachable (with one log line), until ctx ends: then it returns nil, nil.
+// Every subcommand that uses the database starts here.
+func openStore(ctx context.Context, cfg config, conns int, log *slog.Logger) (*store, error) {
+	db, err := openDB(cfg.DatabaseURL, conns)
+	if err != nil {
+		return nil, err
+	}
+	st := &store{db: db}
 	logged := false
 	for {
 		err := st.applySchema(ctx)
@@ -165,10 +164,14 @@ func waitForSchema(ctx context.Context, st *store, log *slog.Logger) error {
 			if logged {
 				log.Info("database is back; schema applied")
 			}
-			return nil
+			return st, nil
 		}
-		if !isUnavailable(err) {
-			return err
+		if !isUnavailable(err) || ctx.Err() != nil {
+			db.Close()
+			if ctx.Err() != nil {
+				return nil, nil
+			}
+			return nil, err
 		}
 		if !logged {
 			log.Error("database unreachable; retrying", "err", err)
@@ -176,34 +179,28 @@ func waitForSchema(ctx context.Context, st *store, log *slog.Logger) error {
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
 		case <-time.After(time.Second):
 		}
 	}
 }
 
-// serve runs the HTTP server, and with cfg.WorkerEmbedded the worker loop, until ctx
-// ends; then it shuts down in SPEC's order: stop accepting requests and claiming runs,
-// drain the runs, stop listening, finish requests, and close the pools last.
+// serve runs the HTTP server and the worker (looping with cfg.WorkerEmbedded, else only for
+// the worker API) until ctx ends, then shuts down in SPEC's order, one step after the other:
+// stop accepting requests and claiming runs; wait for the worker, which drains its runs
+// within its own budget; stop listening for notifications; finish in-flight requests; close
+// the pools last. A failing Serve takes the same path.
 func serve(ctx context.Context, cfg config, log *slog.Logger) error {
-	apiDB, err := openDB(cfg.DatabaseURL, apiPoolSize)
-	if err != nil {
+	// The schema comes first: once /healthz answers, the whole API works.
+	st, err := openStore(ctx, cfg, apiPoolSize, log)
+	if st == nil {
 		return err
 	}
-	defer apiDB.Close() // for the early returns; the shutdown below closes it in order
+	defer st.db.Close() // for the early returns; the shutdown below closes it in order
 	workerDB, err := openDB(cfg.DatabaseURL, workerPoolSize)
 	if err != nil {
 		return err
 	}
 	defer workerDB.Close()
-	// The schema comes first: once /healthz answers, the whole API works.
-	st := &store{db: apiDB}
-	if err := waitForSchema(ctx, st, log); err != nil {
-		if errors.Is(err, context.Canceled) {
-			return nil
-		}
-		return err
-	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return err
@@ -222,26 +219,26 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	// Shutdown runs this hook in its own goroutine and does not wait for it: it only
-	// tells the worker to stop; below we wait for w.done before closing the pools.
-	srv.RegisterOnShutdown(w.shutdown)
+
+	workerCtx, stopWorker := context.WithCancel(context.Background())
+	workerDone := make(chan error, 1)
+	go func() { workerDone <- w.run(workerCtx, cfg.WorkerEmbedded) }()
+	// Shutdown runs this hook in a goroutine of its own and does not wait for it: it only
+	// signals the worker; below, serve waits for the worker before anything closes.
+	srv.RegisterOnShutdown(stopWorker)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("listening", "addr", ln.Addr().String(), "embedded_worker", cfg.WorkerEmbedded)
-	if cfg.WorkerEmbedded {
-		w.startLoop()
-	}
 
-	var runErr error
 	select {
 	case <-ctx.Done():
-	case runErr = <-serveErr:
-		w.shutdown() // no hook runs when Serve fails
+	case err = <-serveErr:
 	}
 	log.Info("shutting down")
-	shutdownDone := make(chan struct{})
+	// 1. Stop accepting requests; the hook stops claiming. In-flight requests go on.
+	httpDone := make(chan struct{})
 	go func() {
-		defer close(shutdownDone)
+		defer close(httpDone)
 		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout+time.Minute)
 		defer cancel()
 		if err := srv.Shutdown(sctx); err != nil {
@@ -249,65 +246,51 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 			srv.Close()
 		}
 	}()
-	w.shutdown()
-	waitWorker(w, cfg, log)
+	// 2. The worker drains its runs and writes their outcomes.
+	if werr := <-workerDone; err == nil {
+		err = werr
+	}
+	// 3. Stop listening for notifications.
 	n.close()
 	log.Info("stopped listening for notifications")
-	close(endPolls) // long polls answer the run as it stands; other requests finish
-	<-shutdownDone
-	apiDB.Close()
+	// 4. Finish in-flight requests; long polls answer the run as it stands.
+	close(endPolls)
+	<-httpDone
+	// 5. Only now close the pools: no query meets a closed pool.
+	st.db.Close()
 	workerDB.Close()
 	log.Info("database pool closed")
-	if errors.Is(runErr, http.ErrServerClosed) {
-		runErr = nil
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
 	}
-	return runErr
+	return err
 }
 
-// waitWorker waits for the worker to stop: its drain is bounded by the shutdown timeout,
-// its last writes by their own timeouts and the lease.
-func waitWorker(w *worker, cfg config, log *slog.Logger) {
-	limit := cfg.ShutdownTimeout + cfg.Lease + 15*time.Second
-	select {
-	case <-w.done:
-	case <-time.After(limit):
-		log.Error("worker did not stop in time; closing anyway", "waited", limit)
-	}
-}
-
-// runWorker is `agentapp worker`: the loop alone, or one cycle with once.
-func runWorker(ctx context.Context, cfg config, logger *slog.Logger, once bool, stdout io.Writer) error {
-	db, err := openDB(cfg.DatabaseURL, workerPoolSize)
-	if err != nil {
+// runWorker is `agentapp worker`: the loop alone until ctx ends, or with once a single
+// cycle, whose summary it prints.
+func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, stdout io.Writer) error {
+	st, err := openStore(ctx, cfg, workerPoolSize, log)
+	if st == nil {
 		return err
 	}
-	defer db.Close()
-	st := &store{db: db}
-	if err := waitForSchema(ctx, st, logger); err != nil {
-		if errors.Is(err, context.Canceled) {
-			return nil
-		}
-		return err
-	}
-	w := newWorker(st, logger, workerConfigOf(cfg), newMetrics())
-	go func() {
-		<-ctx.Done()
-		w.shutdown()
-	}()
+	defer st.db.Close()
+	w := newWorker(st, log, workerConfigOf(cfg), newMetrics())
 	if once {
+		wctx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- w.run(wctx, false) }()
 		s, err := w.process(ctx, cfg.BatchLimit, cfg.WorkspaceID)
-		w.shutdown()
-		waitWorker(w, cfg, logger)
+		stop()
+		if werr := <-done; err == nil {
+			err = werr
+		}
 		if err != nil {
 			return err
 		}
 		return json.NewEncoder(stdout).Encode(s)
 	}
-	n := newNotifier(cfg.DatabaseURL, logger, w.wakeUp, w.cancelLocal)
-	w.startLoop()
-	<-ctx.Done()
-	w.shutdown()
-	waitWorker(w, cfg, logger)
+	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
+	err = w.run(ctx, true)
 	n.close()
-	return nil
+	return err
 }

@@ -1060,7 +1060,7 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		ch   <-chan answer
-		want string
+		want runStatus
 	}{{"draining run", drainingAns, "succeeded"}, {"queued run", queuedAns, "queued"}} {
 		select {
 		case got := <-c.ch:

@@ -580,7 +580,7 @@ func (s *server) cancelRun(w http.ResponseWriter, r *http.Request) {
 	run, err := s.st.cancelRun(r.Context(), r.PathValue("ws"), r.PathValue("id"))
 	switch {
 	case errors.Is(err, errConflict):
-		writeError(w, http.StatusConflict, "conflict", "run is already "+run.Status)
+		writeError(w, http.StatusConflict, "conflict", "run is already "+string(run.Status))
 	case err != nil:
 		s.fail(w, r, err)
 	default:

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -211,7 +212,7 @@ type runRecord struct {
 	ID          string          `json:"id"`
 	WorkspaceID string          `json:"workspace_id"`
 	Agent       string          `json:"agent"`
-	Status      string          `json:"status"`
+	Status      runStatus       `json:"status"`
 	Input       json.RawMessage `json:"input"`
 	Output      json.RawMessage `json:"output"`
 	Error       *string         `json:"error"`
@@ -225,10 +226,24 @@ type runRecord struct {
 	seq         int64
 }
 
-// final reports whether the run's status can no longer change.
-func (r runRecord) final() bool {
-	return r.Status == "succeeded" || r.Status == "failed" || r.Status == "canceled"
+// runStatus is a run's status, as the runs table and the API spell it.
+type runStatus string
+
+const (
+	statusQueued    runStatus = "queued"
+	statusRunning   runStatus = "running"
+	statusSucceeded runStatus = "succeeded"
+	statusFailed    runStatus = "failed"
+	statusCanceled  runStatus = "canceled"
+)
+
+// final reports whether a run in this status can no longer change.
+func (s runStatus) final() bool {
+	return s == statusSucceeded || s == statusFailed || s == statusCanceled
 }
+
+// final reports whether the run's status can no longer change.
+func (r runRecord) final() bool { return r.Status.final() }
 
 // runColumns is what scanRun reads, from runs r joined with agents a.
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
@@ -246,6 +261,7 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	if output != nil {
 		r.Output = output
 	}
+	r.Errors = errorsInUTC(r.Errors)
 	r.CreatedAt = r.CreatedAt.UTC()
 	r.UpdatedAt = r.UpdatedAt.UTC()
 	if started.Valid {
@@ -257,6 +273,31 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 		r.FinishedAt = &t
 	}
 	return r, nil
+}
+
+// errorsInUTC rewrites the times of an errors array that an earlier release wrote with
+// PostgreSQL's "+00:00" into the API's form ending in Z; arrays without them are returned
+// as they are.
+func errorsInUTC(errs json.RawMessage) json.RawMessage {
+	if !bytes.Contains(errs, []byte("+00:00")) {
+		return errs
+	}
+	var list []struct {
+		Attempt int       `json:"attempt"`
+		At      time.Time `json:"at"`
+		Message string    `json:"message"`
+	}
+	if json.Unmarshal(errs, &list) != nil {
+		return errs
+	}
+	for i := range list {
+		list[i].At = list[i].At.UTC()
+	}
+	out, err := json.Marshal(list)
+	if err != nil {
+		return errs
+	}
+	return out
 }
 
 // newRun is a validated request to create a run.
@@ -508,9 +549,10 @@ const recoverSQL = `
 		              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 		error = CASE WHEN r.cancel_requested THEN 'canceled by request'
 		             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
-		errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', now(),
+		errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', ` + nowZ + `,
 			'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
 		finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
+		started_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN r.started_at END,
 		worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
 	WHERE r.id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()
 	               ORDER BY lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
@@ -604,23 +646,24 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 	return held, rows.Err()
 }
 
-// outcome is how one attempt ended.
+// outcome is how one attempt ended, as its execution proposes it.
 type outcome struct {
 	attemptRef
-	Kind    string          // "succeeded", "failed", "canceled" or "requeue" (shutdown: attempt refunded)
-	Output  json.RawMessage // for "succeeded"
-	Message string          // for "failed"
+	End     attemptEnd      // endSucceeded, endFailed, endCanceled or endRequeued
+	Output  json.RawMessage // for endSucceeded
+	Message string          // for endFailed
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
-// returns the status each run ended in. A run missing from the answer was no longer this
-// worker's attempt, and nothing was written for it. A failed attempt goes back to queued
-// after a backoff while attempts remain; a cancel requested meanwhile wins over the outcome.
-func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]string, error) {
-	ids, attempts, kinds := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
+// returns how each attempt ended. A run missing from the answer was no longer this worker's
+// attempt, and nothing was written for it. A failed attempt goes back to queued after a
+// backoff while attempts remain (retried); a cancel requested meanwhile wins over the
+// outcome; a requeued attempt is refunded.
+func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
+	ids, attempts, ends := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
 	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
 	for i, o := range outs {
-		ids[i], attempts[i], kinds[i], messages[i] = o.ID, int64(o.Attempt), o.Kind, o.Message
+		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
 		outputs[i] = "null"
 		if o.Output != nil {
 			outputs[i] = string(o.Output)
@@ -628,44 +671,52 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 	}
 	rows, err := s.db.QueryContext(ctx, `
 		UPDATE runs r SET
-			status = CASE WHEN o.kind = 'requeue' THEN 'queued'
-			              WHEN o.kind = 'canceled' OR r.cancel_requested THEN 'canceled'
-			              WHEN o.kind = 'succeeded' THEN 'succeeded'
+			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
+			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
+			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
 			              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
-			output = CASE WHEN o.kind = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
-			error = CASE WHEN o.kind = 'requeue' THEN r.error
-			             WHEN o.kind = 'canceled' OR r.cancel_requested THEN 'canceled by request'
-			             WHEN o.kind = 'failed' THEN o.message END,
-			errors = CASE WHEN o.kind = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
-			                  'attempt', r.attempt, 'at', now(), 'message', o.message))
+			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
+			error = CASE WHEN o.proposed = 'requeued' THEN r.error
+			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled by request'
+			             WHEN o.proposed = 'failed' THEN o.message END,
+			errors = CASE WHEN o.proposed = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
+			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
-			attempt = CASE WHEN o.kind = 'requeue' THEN r.attempt - 1 ELSE r.attempt END,
-			run_after = CASE WHEN o.kind = 'failed'
+			attempt = CASE WHEN o.proposed = 'requeued' THEN r.attempt - 1 ELSE r.attempt END,
+			run_after = CASE WHEN o.proposed = 'failed'
 			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
 			                 ELSE now() END,
-			finished_at = CASE WHEN o.kind = 'requeue' THEN NULL
-			                   WHEN o.kind = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts THEN NULL
+			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'failed' AND NOT r.cancel_requested
+			                      AND r.attempt < r.max_attempts) THEN NULL ELSE r.started_at END,
+			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
+			                   WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts THEN NULL
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, kind, output, message)
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, proposed, output, message)
 		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
-		RETURNING r.id, r.status`,
-		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(kinds),
+		RETURNING r.id, CASE WHEN o.proposed = 'requeued' THEN 'requeued'
+		                     WHEN r.status = 'queued' THEN 'retried' ELSE r.status END`,
+		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
 		pq.StringArray(outputs), pq.StringArray(messages))
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	statuses := make(map[string]string, len(outs))
+	recorded := make(map[string]attemptEnd, len(outs))
 	for rows.Next() {
-		var id, status string
-		if err := rows.Scan(&id, &status); err != nil {
+		var id string
+		var end attemptEnd
+		if err := rows.Scan(&id, &end); err != nil {
 			return nil, err
 		}
-		statuses[id] = status
+		recorded[id] = end
 	}
-	return statuses, rows.Err()
+	return recorded, rows.Err()
 }
+
+// nowZ is now() as RFC 3339 in UTC ending in Z, the form every time in the API takes, for
+// times written into JSON (errors[].at).
+const nowZ = `to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')`
 
 // parseCursor reads a list cursor; it is the seq of the last run of the previous page.
 func parseCursor(s string) (int64, bool) {

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,14 +32,29 @@ type workerConfig struct {
 	WebhookHosts    []string
 }
 
+// workerConfigOf takes the worker's part of the configuration.
 func workerConfigOf(c config) workerConfig {
 	return workerConfig{Poll: c.PollInterval, BatchLimit: c.BatchLimit, WorkspaceID: c.WorkspaceID,
 		Concurrency: c.Concurrency, Lease: c.Lease, ShutdownTimeout: c.ShutdownTimeout, WebhookHosts: c.WebhookHosts}
 }
 
-// summary is what one cycle did. Claimed runs are counted by how their attempt ended:
-// retried means back to queued for another attempt, requeued means handed back at
-// shutdown with the attempt refunded, lost means another worker took the lease over.
+// attemptEnd is how one attempt of a run ended, as recorded. An execution proposes
+// succeeded, failed, canceled, requeued or lost; the outcome writer records it and reports
+// what the run became (a failed attempt with attempts left is retried; a cancel requested
+// meanwhile wins over any outcome).
+type attemptEnd string
+
+const (
+	endSucceeded attemptEnd = "succeeded" // the agent's output was recorded
+	endFailed    attemptEnd = "failed"    // the agent failed and no attempt remains
+	endRetried   attemptEnd = "retried"   // the agent failed; the run is queued again after a backoff
+	endCanceled  attemptEnd = "canceled"  // a cancel was requested: the run is canceled
+	endRequeued  attemptEnd = "requeued"  // the worker shut down: queued again, the attempt refunded
+	endLost      attemptEnd = "lost"      // another worker took the lease over: nothing was written
+)
+
+// summary is what one cycle did: the runs it claimed, counted by how their attempts ended,
+// and the expired leases it recovered.
 type summary struct {
 	Claimed   int  `json:"claimed"`
 	Succeeded int  `json:"succeeded"`
@@ -50,24 +64,53 @@ type summary struct {
 	Recovered int  `json:"recovered"`
 	Requeued  int  `json:"requeued"`
 	Lost      int  `json:"lost"`
-	Skipped   bool `json:"skipped"` // another cycle was in progress in this process
+	Skipped   bool `json:"skipped"` // another cycle was in progress in this process, or it is stopping
 }
 
-// execution is one attempt executing in this process.
+// count adds one claimed run's end to the summary.
+func (s *summary) count(e attemptEnd) {
+	switch e {
+	case endSucceeded:
+		s.Succeeded++
+	case endFailed:
+		s.Failed++
+	case endRetried:
+		s.Retried++
+	case endCanceled:
+		s.Canceled++
+	case endRequeued:
+		s.Requeued++
+	case endLost:
+		s.Lost++
+	}
+}
+
+// execution is one attempt executing in this process. Only run's loop registers it,
+// cancels it and forgets it.
 type execution struct {
+	run    claimedRun
 	ref    attemptRef
-	cancel context.CancelCauseFunc
-	result chan string // the status its outcome was written as; "" if it was not this worker's to write
+	cancel context.CancelCauseFunc // set by run's loop when it starts the execution
+	result chan attemptEnd         // how the attempt ended, once recorded (buffered: never blocks)
 }
 
-// pendingOutcome waits in the completer's queue to be written.
+// cancelOrder asks run's loop to cancel an execution: any attempt of the run when attempt
+// is 0, else only that attempt.
+type cancelOrder struct {
+	id      string
+	attempt int
+	cause   error
+}
+
+// pendingOutcome waits in the outcome writer's queue to be written.
 type pendingOutcome struct {
 	outcome
-	result chan string
+	exec *execution
 }
 
 // worker claims and executes runs. One worker serves a process: its cycle is the only
 // execution path, whether triggered by its loop, the worker API or `agentapp worker -once`.
+// Its run method owns everything it starts.
 type worker struct {
 	st      *store
 	log     *slog.Logger
@@ -76,63 +119,170 @@ type worker struct {
 	client  *http.Client
 	metrics *metrics
 
-	cycleMu sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
-	wake    chan struct{} // asks the loop for a cycle now (a new run, a free slot)
-	more    atomic.Bool   // the last claim filled its quota: more runs may be waiting
-
-	mu        sync.Mutex
-	executing map[string]*execution // by run id
-	stopping  bool
-
-	runsCtx    context.Context // parent of every execution; canceled at the drain deadline
-	cancelRuns context.CancelCauseFunc
-	runs       sync.WaitGroup
-	outcomes   chan pendingOutcome
+	cycleMu  sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
+	wake     chan struct{} // asks the loop for a cycle now (a run became claimable)
+	more     atomic.Bool   // the last claim filled its quota: more runs may be waiting
+	active   atomic.Int64  // slots taken: reserved by a cycle, freed by run's loop
+	stopping atomic.Bool   // run's context is done: cycles claim nothing more
 
 	lastCycle    atomic.Int64 // unix nanoseconds of the last cycle that reached the database
 	lastRecovery atomic.Int64 // unix nanoseconds of the last cycle that recovered leases
-	stopOnce     sync.Once
-	stop         chan struct{} // closed to stop the loop and claiming
-	done         chan struct{} // closed when the loop, every run and every outcome write are done
-	loopDone     chan struct{}
-	loopActive   atomic.Bool
+
+	// Channels into run's loop, the only owner of the executing set.
+	started  chan []*execution      // a cycle outside the loop hands over what it claimed
+	ended    chan *execution        // an execution reports that its agent returned
+	cancels  chan cancelOrder       // notifications, the API and the renewer cancel executions
+	snapshot chan chan []attemptRef // the renewer asks which attempts execute
+
+	outcomes chan pendingOutcome // executions → the outcome writer; closed by run at the end
+	done     chan struct{}       // closed when run has returned
 }
 
-// newWorker starts a worker's background parts (the outcome writer and the lease
-// renewer); runLoop adds the polling loop. shutdown stops it all.
+// newWorker returns a worker; nothing runs until its run method is called.
 func newWorker(st *store, log *slog.Logger, cfg workerConfig, m *metrics) *worker {
 	b := make([]byte, 4)
 	rand.Read(b)
 	host, _ := os.Hostname()
-	w := &worker{
+	return &worker{
 		st: st, log: log, cfg: cfg, metrics: m,
-		id:        fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b)),
-		client:    newWebhookClient(),
-		wake:      make(chan struct{}, 1),
-		executing: map[string]*execution{},
-		outcomes:  make(chan pendingOutcome, 1024),
-		stop:      make(chan struct{}),
-		done:      make(chan struct{}),
-		loopDone:  make(chan struct{}),
+		id:       fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b)),
+		client:   newWebhookClient(),
+		wake:     make(chan struct{}, 1),
+		started:  make(chan []*execution),
+		ended:    make(chan *execution, cfg.Concurrency),
+		cancels:  make(chan cancelOrder),
+		snapshot: make(chan chan []attemptRef),
+		outcomes: make(chan pendingOutcome, 1024),
+		done:     make(chan struct{}),
 	}
-	w.runsCtx, w.cancelRuns = context.WithCancelCause(context.Background())
-	completerDone := make(chan struct{})
-	go w.completer(completerDone)
-	renewerStop := make(chan struct{})
-	go w.renewer(renewerStop)
-	go func() {
-		<-w.stop
-		if w.loopActive.Load() {
-			<-w.loopDone
+}
+
+// run is the worker's life. It starts the outcome writer and the lease renewer, and with
+// loop it claims runs itself: at once when woken (a run became claimable, a slot freed while
+// runs wait), otherwise every poll interval. Without loop it only executes what the worker
+// API's cycles claim. Two stops, one after the other: when ctx ends nothing more is claimed
+// and executing runs may finish for up to the shutdown timeout; then their contexts are
+// canceled and they go back to queued with their attempt refunded. run returns once every
+// execution has ended and every outcome is written.
+func (w *worker) run(ctx context.Context, loop bool) error {
+	defer close(w.done)
+	// workCtx is the parent of every execution: it outlives ctx by the drain.
+	workCtx, cancelWork := context.WithCancelCause(context.Background())
+	defer cancelWork(nil)
+	writerDone := make(chan struct{})
+	go w.writeOutcomes(writerDone)
+	renewCtx, stopRenewer := context.WithCancel(context.Background())
+	renewerDone := make(chan struct{})
+	go w.renewLeases(renewCtx, renewerDone)
+
+	executing := map[string]*execution{}
+	start := func(batch []*execution) {
+		for _, e := range batch {
+			ctx, cancel := context.WithCancelCause(workCtx)
+			e.cancel = cancel
+			executing[e.run.ID] = e
+			go w.execute(ctx, e)
 		}
-		w.drain()
-		close(w.outcomes)
-		<-completerDone
-		close(renewerStop)
-		w.log.Info("worker stopped", "worker", w.id)
-		close(w.done)
-	}()
-	return w
+		w.metrics.executing.set(float64(len(executing)))
+	}
+	end := func(e *execution) {
+		delete(executing, e.run.ID)
+		w.active.Add(-1)
+		w.metrics.executing.set(float64(len(executing)))
+	}
+
+	var tick <-chan time.Time
+	wake := w.wake
+	if loop {
+		ticker := time.NewTicker(w.cfg.Poll)
+		defer ticker.Stop()
+		tick = ticker.C
+		w.log.Info("worker started", "worker", w.id, "concurrency", w.cfg.Concurrency,
+			"batch_limit", w.cfg.BatchLimit, "poll", w.cfg.Poll, "workspace", w.cfg.WorkspaceID)
+	} else {
+		wake = nil
+	}
+	stop := ctx.Done()
+	var drainDeadline <-chan time.Time
+	var cyclesOver chan struct{} // closed once no cycle can start an execution any more
+	over := false
+	down := false // the database was unreachable at the last cycle (logged once)
+	claimNow := loop
+	for {
+		if claimNow {
+			claimNow = false
+			// Executions that ended together free their slots before the claim, so it
+			// fills them in one transaction rather than one or two at a time.
+			for drained := false; !drained; {
+				select {
+				case e := <-w.ended:
+					end(e)
+				default:
+					drained = true
+				}
+			}
+			s, _, err := w.cycle(context.Background(), w.cfg.BatchLimit, w.cfg.WorkspaceID, start)
+			switch {
+			case err != nil && !down:
+				down = true
+				w.log.Error("worker cycle failed; retrying every poll interval", "err", err)
+			case err == nil && down:
+				down = false
+				w.log.Info("worker cycle succeeded again; database is back")
+			case s.Claimed > 0:
+				w.log.Debug("worker cycle", "claimed", s.Claimed, "recovered", s.Recovered)
+			}
+		}
+		if over && len(executing) == 0 {
+			break
+		}
+		select {
+		case <-stop:
+			stop, tick, wake = nil, nil, nil
+			w.stopping.Store(true)
+			w.log.Info("worker stopping", "worker", w.id, "executing", len(executing), "drain_timeout", w.cfg.ShutdownTimeout)
+			timer := time.NewTimer(w.cfg.ShutdownTimeout)
+			defer timer.Stop()
+			drainDeadline = timer.C
+			// Wait out a cycle in progress (it may still hand over runs) and keep every
+			// later one from starting: the lock is never released.
+			cyclesOver = make(chan struct{})
+			go func(c chan struct{}) { w.cycleMu.Lock(); close(c) }(cyclesOver)
+		case <-cyclesOver:
+			cyclesOver, over = nil, true
+		case <-drainDeadline:
+			drainDeadline = nil
+			if len(executing) > 0 {
+				w.log.Warn("drain deadline reached; requeueing the runs still executing", "runs", len(executing))
+			}
+			cancelWork(errShutdown)
+		case batch := <-w.started:
+			start(batch)
+		case e := <-w.ended:
+			end(e)
+			claimNow = loop && stop != nil && w.more.Load()
+		case o := <-w.cancels:
+			if e := executing[o.id]; e != nil && (o.attempt == 0 || o.attempt == e.ref.Attempt) {
+				e.cancel(o.cause)
+			}
+		case reply := <-w.snapshot:
+			refs := make([]attemptRef, 0, len(executing))
+			for _, e := range executing {
+				refs = append(refs, e.ref)
+			}
+			reply <- refs
+		case <-tick:
+			claimNow = true
+		case <-wake:
+			claimNow = true
+		}
+	}
+	close(w.outcomes)
+	<-writerDone
+	stopRenewer()
+	<-renewerDone
+	w.log.Info("worker stopped", "worker", w.id)
+	return nil
 }
 
 // wakeUp asks the loop for a cycle as soon as the current one (if any) ends.
@@ -144,24 +294,22 @@ func (w *worker) wakeUp() {
 }
 
 // cycle is the one execution path: it recovers expired leases, claims up to
-// min(limit, free slots) queued runs of workspace ws ("" for all) and starts executing
-// them. It does not wait for them: each execution's result channel says how it ended.
-func (w *worker) cycle(ctx context.Context, limit int, ws string) (summary, []*execution, error) {
+// min(limit, free slots) queued runs of workspace ws ("" for all) and hands them to start,
+// which starts executing them. It does not wait for them: each execution's result channel
+// says how it ended.
+func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*execution)) (summary, []*execution, error) {
 	if !w.cycleMu.TryLock() {
 		w.metrics.cycles.inc("skipped")
 		return summary{Skipped: true}, nil, nil
 	}
 	defer w.cycleMu.Unlock()
-	w.mu.Lock()
-	n := min(limit, w.cfg.Concurrency-len(w.executing))
-	stopping := w.stopping
-	w.mu.Unlock()
-	if stopping {
+	if w.stopping.Load() {
 		w.metrics.cycles.inc("skipped")
 		return summary{Skipped: true}, nil, nil
 	}
+	n := max(0, min(limit, w.cfg.Concurrency-int(w.active.Load())))
 
-	start := time.Now()
+	begin := time.Now()
 	// Recovery rides along at most every half poll interval: on every tick of an idle
 	// worker, now and then for a busy one.
 	recoverLeases := time.Since(time.Unix(0, w.lastRecovery.Load())) >= w.cfg.Poll/2
@@ -174,98 +322,41 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string) (summary, []*e
 		w.metrics.cycles.inc("error")
 		return summary{}, nil, err
 	}
-	w.metrics.claimDuration.observe(time.Since(start).Seconds())
+	w.metrics.claimDuration.observe(time.Since(begin).Seconds())
 	w.metrics.cycles.inc("run")
 	w.lastCycle.Store(time.Now().UnixNano())
 	if recoverLeases {
-		w.lastRecovery.Store(start.UnixNano())
+		w.lastRecovery.Store(begin.UnixNano())
 	}
 	w.more.Store(len(claimed) == n)
 	if requeued+failed > 0 {
 		w.metrics.recovered.add(float64(requeued + failed))
 		w.log.Warn("recovered runs whose lease expired", "requeued", requeued, "failed", failed)
 	}
-
-	execs := make([]*execution, len(claimed))
-	w.mu.Lock()
-	for i, c := range claimed {
-		ctx, cancel := context.WithCancelCause(w.runsCtx)
-		e := &execution{ref: attemptRef{c.ID, c.Attempt}, cancel: cancel, result: make(chan string, 1)}
-		w.executing[c.ID] = e
-		execs[i] = e
-		w.runs.Add(1)
-		go w.execute(ctx, c, e)
+	if len(claimed) == 0 {
+		return summary{Recovered: requeued + failed}, nil, nil
 	}
-	w.metrics.executing.set(float64(len(w.executing)))
-	w.mu.Unlock()
+	w.active.Add(int64(len(claimed)))
+	execs := make([]*execution, len(claimed))
+	for i, c := range claimed {
+		execs[i] = &execution{run: c, ref: attemptRef{c.ID, c.Attempt}, result: make(chan attemptEnd, 1)}
+	}
+	start(execs)
 	return summary{Claimed: len(claimed), Recovered: requeued + failed}, execs, nil
 }
 
 // process runs one cycle and waits until the runs it claimed have ended and their
-// outcomes are written: the worker API and `agentapp worker -once`.
+// outcomes are written: the worker API and `agentapp worker -once`. The worker's run must
+// be running.
 func (w *worker) process(ctx context.Context, limit int, ws string) (summary, error) {
-	s, execs, err := w.cycle(ctx, limit, ws)
+	s, execs, err := w.cycle(ctx, limit, ws, func(batch []*execution) { w.started <- batch })
 	if err != nil {
 		return s, err
 	}
 	for _, e := range execs {
-		switch <-e.result {
-		case "succeeded":
-			s.Succeeded++
-		case "failed":
-			s.Failed++
-		case "canceled":
-			s.Canceled++
-		case "queued":
-			s.Retried++
-		case "requeued":
-			s.Requeued++
-		default:
-			s.Lost++
-		}
+		s.count(<-e.result)
 	}
 	return s, nil
-}
-
-// startLoop starts the loop: cycles until shutdown, at once when woken (a new run was
-// notified, or a slot freed while runs wait), otherwise every poll interval. Database
-// errors never end it: it logs the outage once and keeps trying at the poll interval.
-func (w *worker) startLoop() {
-	w.loopActive.Store(true) // before shutdown can look: it waits for the loop to end
-	go w.runLoop()
-}
-
-// runLoop is the loop that startLoop starts.
-func (w *worker) runLoop() {
-	defer close(w.loopDone)
-	ticker := time.NewTicker(w.cfg.Poll)
-	defer ticker.Stop()
-	w.log.Info("worker started", "worker", w.id, "concurrency", w.cfg.Concurrency,
-		"batch_limit", w.cfg.BatchLimit, "poll", w.cfg.Poll, "workspace", w.cfg.WorkspaceID)
-	down := false
-	for {
-		s, _, err := w.cycle(context.Background(), w.cfg.BatchLimit, w.cfg.WorkspaceID)
-		switch {
-		case err != nil && !down:
-			down = true
-			w.log.Error("worker cycle failed; retrying every poll interval", "err", err)
-		case err == nil && down:
-			down = false
-			w.log.Info("worker cycle succeeded again; database is back")
-		case s.Claimed > 0:
-			w.log.Debug("worker cycle", "claimed", s.Claimed, "recovered", s.Recovered)
-		}
-		select {
-		case <-w.stop:
-			return
-		case <-w.wake:
-			// An ending execution wakes us as the first of its batch ends: yield once,
-			// so that the others, ending at the same instant, free their slots too and
-			// the claim fills them all in one transaction, not one or two at a time.
-			runtime.Gosched()
-		case <-ticker.C:
-		}
-	}
 }
 
 // alive reports whether the loop has completed a cycle recently (several poll intervals).
@@ -274,54 +365,47 @@ func (w *worker) alive() (bool, time.Time) {
 	return time.Since(last) < 3*w.cfg.Poll+2*time.Second, last
 }
 
-// executingCount is the number of runs executing now.
+// executingCount is the number of runs executing now (claimed and not yet returned).
 func (w *worker) executingCount() int {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return len(w.executing)
+	return int(w.active.Load())
 }
 
-// execute runs one attempt and queues its outcome for the completer.
-func (w *worker) execute(ctx context.Context, c claimedRun, e *execution) {
-	defer w.runs.Done()
+// execute runs one attempt and queues its outcome for the writer, then reports to run's
+// loop that the slot is free.
+func (w *worker) execute(ctx context.Context, e *execution) {
+	c := e.run
 	w.log.Debug("run claimed", "run", c.ID, "attempt", c.Attempt, "agent", c.AgentName)
-	start := time.Now()
+	begin := time.Now()
 	output, err := runAgent(ctx, w.client, w.cfg.WebhookHosts, c)
-	w.metrics.runDuration.observe(time.Since(start).Seconds())
-	out := outcome{attemptRef: e.ref, Kind: "succeeded", Output: output}
+	w.metrics.runDuration.observe(time.Since(begin).Seconds())
+	out := outcome{attemptRef: e.ref, End: endSucceeded, Output: output}
 	cause := context.Cause(ctx)
 	switch {
 	case err == nil:
 	case ctx.Err() != nil && errors.Is(cause, errCanceledByRequest):
-		out.Kind = "canceled"
+		out.End = endCanceled
 	case ctx.Err() != nil && errors.Is(cause, errShutdown):
-		out.Kind = "requeue"
+		out.End = endRequeued
 	case ctx.Err() != nil && errors.Is(cause, errLeaseLost):
-		out.Kind = ""
+		out.End = endLost
 	default:
-		out.Kind, out.Message = "failed", err.Error()
+		out.End, out.Message = endFailed, err.Error()
 	}
-
-	w.mu.Lock()
-	delete(w.executing, c.ID)
-	w.metrics.executing.set(float64(len(w.executing)))
-	w.mu.Unlock()
 	e.cancel(nil)
-	if w.more.Load() {
-		w.wakeUp() // a slot is free and runs may be waiting: claim now, not at the next tick
-	}
-	if out.Kind == "" {
+	if out.End == endLost {
 		w.log.Warn("run abandoned: another worker took its lease over", "run", c.ID, "attempt", c.Attempt)
-		e.result <- ""
-		return
+		w.metrics.outcomes.inc(string(endLost))
+		e.result <- endLost
+	} else {
+		w.outcomes <- pendingOutcome{out, e}
 	}
-	w.outcomes <- pendingOutcome{out, e.result}
+	w.ended <- e
 }
 
-// completer writes outcomes. It writes whatever has queued up while the previous write
-// was in flight in one statement: no added latency when the queue is quiet, few
-// transactions when it is busy.
-func (w *worker) completer(done chan struct{}) {
+// writeOutcomes is the outcome writer. It writes whatever has queued up while the previous
+// write was in flight in one statement: no added latency when the queue is quiet, few
+// transactions when it is busy. It returns when the queue is closed and empty.
+func (w *worker) writeOutcomes(done chan struct{}) {
 	defer close(done)
 	const maxBatch = 1000
 	for p := range w.outcomes {
@@ -338,145 +422,128 @@ func (w *worker) completer(done chan struct{}) {
 				break fill
 			}
 		}
-		w.writeOutcomes(batch)
+		w.record(batch)
 	}
 }
 
-// writeOutcomes records a batch, retrying through a database outage for as long as the
-// leases could still be ours: past that, another worker has recovered the runs.
-func (w *worker) writeOutcomes(batch []pendingOutcome) {
+// record writes a batch of outcomes and reports each end. An outcome PostgreSQL refuses
+// (an output it cannot store) is isolated: the others are written at once, and that
+// attempt fails with a message saying what was refused.
+func (w *worker) record(batch []pendingOutcome) {
 	outs := make([]outcome, len(batch))
 	for i, p := range batch {
 		outs[i] = p.outcome
 	}
-	giveUp := time.Now().Add(w.cfg.Lease)
-	backoff := 100 * time.Millisecond
-	var statuses map[string]string
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		var err error
-		statuses, err = w.st.finish(ctx, w.id, outs)
-		cancel()
-		if err == nil {
-			break
+	ends, err := w.finish(outs)
+	if _, refused := dataException(err); refused {
+		ends = map[string]attemptEnd{}
+		for i := range outs {
+			one, err := w.finish(outs[i : i+1])
+			if msg, refused := dataException(err); refused {
+				outs[i].End, outs[i].Output = endFailed, nil
+				outs[i].Message = "output refused by PostgreSQL: " + msg
+				one, _ = w.finish(outs[i : i+1])
+			}
+			for id, e := range one {
+				ends[id] = e
+			}
 		}
-		if time.Now().After(giveUp) {
-			w.log.Error("giving up writing run outcomes; their leases have expired and other workers will recover them",
-				"runs", len(batch), "err", err)
-			break
-		}
-		w.log.Warn("writing run outcomes failed; retrying", "runs", len(batch), "err", err, "retry_in", backoff)
-		time.Sleep(backoff)
-		backoff = min(2*backoff, 5*time.Second)
 	}
-	for _, p := range batch {
-		status, ok := statuses[p.ID]
+	for i, p := range batch {
+		end, ok := ends[p.ID]
 		switch {
 		case !ok:
+			end = endLost
 			w.log.Warn("run outcome discarded: the attempt is no longer this worker's", "run", p.ID, "attempt", p.Attempt)
-		case p.Kind == "requeue":
-			status = "requeued"
+		case end == endRequeued:
 			w.metrics.requeued.add(1)
 			w.log.Info("run requeued at shutdown", "run", p.ID, "attempt", p.Attempt)
-		case status == "succeeded":
+		case end == endSucceeded:
 			w.log.Debug("run succeeded", "run", p.ID, "attempt", p.Attempt)
-		case status == "queued":
-			w.log.Info("run attempt failed; will retry", "run", p.ID, "attempt", p.Attempt, "error", p.Message)
+		case end == endRetried:
+			w.log.Info("run attempt failed; will retry", "run", p.ID, "attempt", p.Attempt, "error", outs[i].Message)
 		default:
-			w.log.Info("run finished", "run", p.ID, "attempt", p.Attempt, "status", status, "error", p.Message)
+			w.log.Info("run finished", "run", p.ID, "attempt", p.Attempt, "status", end, "error", outs[i].Message)
 		}
-		if ok {
-			w.metrics.outcomes.inc(status)
-		}
-		p.result <- status
+		w.metrics.outcomes.inc(string(end))
+		p.exec.result <- end
 	}
 }
 
-// renewer extends the leases of the runs executing here, a third of a lease apart, and
-// cancels those whose cancel was requested or whose lease was lost. An idle worker
-// sends nothing.
-func (w *worker) renewer(stop chan struct{}) {
+// finish writes outcomes, retrying through a database outage for as long as the leases
+// could still be ours: past that, another worker has recovered the runs. A refusal of the
+// values themselves (a data exception) is returned at once.
+func (w *worker) finish(outs []outcome) (map[string]attemptEnd, error) {
+	giveUp := time.Now().Add(w.cfg.Lease)
+	backoff := 100 * time.Millisecond
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ends, err := w.st.finish(ctx, w.id, outs)
+		cancel()
+		if _, refused := dataException(err); err == nil || refused {
+			return ends, err
+		}
+		if time.Now().After(giveUp) {
+			w.log.Error("giving up writing run outcomes; their leases have expired and other workers will recover them",
+				"runs", len(outs), "err", err)
+			return nil, err
+		}
+		w.log.Warn("writing run outcomes failed; retrying", "runs", len(outs), "err", err, "retry_in", backoff)
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// renewLeases extends the leases of the runs executing here, a third of a lease apart, and
+// cancels those whose cancel was requested or whose lease was lost. An idle worker sends
+// nothing.
+func (w *worker) renewLeases(ctx context.Context, done chan struct{}) {
+	defer close(done)
 	ticker := time.NewTicker(w.cfg.Lease / 3)
 	defer ticker.Stop()
 	for {
 		select {
-		case <-stop:
+		case <-ctx.Done():
 			return
 		case <-ticker.C:
 		}
-		w.mu.Lock()
-		refs := make([]attemptRef, 0, len(w.executing))
-		for _, e := range w.executing {
-			refs = append(refs, e.ref)
+		reply := make(chan []attemptRef, 1)
+		select {
+		case w.snapshot <- reply:
+		case <-ctx.Done():
+			return
 		}
-		w.mu.Unlock()
+		refs := <-reply
 		if len(refs) == 0 {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), w.cfg.Lease/3)
-		held, err := w.st.renew(ctx, w.id, refs, w.cfg.Lease)
+		rctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/3)
+		held, err := w.st.renew(rctx, w.id, refs, w.cfg.Lease)
 		cancel()
 		if err != nil {
 			w.log.Warn("renewing leases failed", "runs", len(refs), "err", err)
 			continue
 		}
-		w.mu.Lock()
 		for _, ref := range refs {
-			e := w.executing[ref.ID]
-			if e == nil || e.ref != ref {
+			cause := errLeaseLost
+			if cancelRequested, ok := held[ref]; ok && !cancelRequested {
 				continue
+			} else if ok {
+				cause = errCanceledByRequest
 			}
-			if cancelRequested, ok := held[ref]; !ok {
-				e.cancel(errLeaseLost)
-			} else if cancelRequested {
-				e.cancel(errCanceledByRequest)
+			select {
+			case w.cancels <- cancelOrder{ref.ID, ref.Attempt, cause}:
+			case <-ctx.Done():
+				return
 			}
 		}
-		w.mu.Unlock()
 	}
 }
 
 // cancelLocal cancels the run if it executes in this process.
 func (w *worker) cancelLocal(id string) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if e := w.executing[id]; e != nil {
-		e.cancel(errCanceledByRequest)
-	}
-}
-
-// shutdown stops claiming, lets executing runs finish until the drain deadline, then
-// cancels the rest, which go back to queued with their attempt refunded. It only
-// signals; done is closed when everything has stopped.
-func (w *worker) shutdown() {
-	w.stopOnce.Do(func() {
-		w.log.Info("worker stopping", "worker", w.id, "executing", w.executingCount(), "drain_timeout", w.cfg.ShutdownTimeout)
-		w.mu.Lock()
-		w.stopping = true
-		w.mu.Unlock()
-		close(w.stop)
-	})
-}
-
-// drain waits for executing runs up to the shutdown timeout, then cancels them.
-func (w *worker) drain() {
-	// Wait out a cycle in progress; with stopping set no later cycle starts a run, so
-	// nothing is added to w.runs once we wait on it.
-	w.cycleMu.Lock()
-	defer w.cycleMu.Unlock()
-	finished := make(chan struct{})
-	go func() {
-		w.runs.Wait()
-		close(finished)
-	}()
-	timer := time.NewTimer(w.cfg.ShutdownTimeout)
-	defer timer.Stop()
 	select {
-	case <-finished:
-		return
-	case <-timer.C:
+	case w.cancels <- cancelOrder{id: id, cause: errCanceledByRequest}:
+	case <-w.done:
 	}
-	w.log.Warn("drain deadline reached; requeueing the runs still executing", "runs", w.executingCount())
-	w.cancelRuns(errShutdown)
-	<-finished
 }

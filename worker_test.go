@@ -309,9 +309,9 @@ func TestWorkerBatchLimit(t *testing.T) {
 				t.Errorf("stats: got %+v; want queued %d, succeeded %d", st, 5-tc.wantClaimed, tc.wantClaimed)
 			}
 			for i, r := range created.Runs {
-				want := "queued"
+				want := statusQueued
 				if i < tc.wantClaimed {
-					want = "succeeded" // oldest first
+					want = statusSucceeded // oldest first
 				}
 				if got := a.getRun(t, ws, r.ID); got.Status != want {
 					t.Errorf("run %d (in creation order): got status %q; want %q", i, got.Status, want)
@@ -443,7 +443,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		_, ids := seedRuns(t, st, 3, 3)
 		w := newWorker(st, testLogger(t), workerConfig{Poll: time.Second, BatchLimit: 10, Concurrency: 10,
 			Lease: 30 * time.Second, ShutdownTimeout: 5 * time.Second}, newMetrics())
-		t.Cleanup(func() { w.shutdown(); <-w.done })
+		runWorkerForTest(t, w)
 		release := lockRuns(t, db)
 
 		type result struct {
@@ -459,7 +459,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		second := make(chan struct{})
 		go func() {
 			defer close(second)
-			s, execs, err := w.cycle(context.Background(), 10, "")
+			s, execs, err := w.cycle(context.Background(), 10, "", func([]*execution) {})
 			if err != nil || !s.Skipped || s.Claimed != 0 || len(execs) != 0 {
 				t.Errorf("second cycle: got %+v, %d executions, err %v; want skipped, none", s, len(execs), err)
 			}
@@ -486,6 +486,13 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 			}
 		}
 	})
+}
+
+// runWorkerForTest runs w (not looping: cycles come from the test) until the test ends.
+func runWorkerForTest(t testing.TB, w *worker) {
+	ctx, stop := context.WithCancel(context.Background())
+	go w.run(ctx, false)
+	t.Cleanup(func() { stop(); <-w.done })
 }
 
 // TestWorkerFencing: once another worker has recovered an expired lease and claimed the
@@ -523,8 +530,8 @@ func TestWorkerFencing(t *testing.T) {
 	}
 
 	refA := attemptRef{id, 1}
-	for _, kind := range []string{"succeeded", "failed", "canceled", "requeue"} {
-		got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: refA, Kind: kind, Output: json.RawMessage(`"from A"`), Message: "from A"}})
+	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued} {
+		got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: refA, End: kind, Output: json.RawMessage(`"from A"`), Message: "from A"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -533,10 +540,10 @@ func TestWorkerFencing(t *testing.T) {
 		}
 	}
 	// A's worker id with B's attempt number, and B's worker id with A's attempt number.
-	if got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: attemptRef{id, 2}, Kind: "succeeded", Output: json.RawMessage(`"from A"`)}}); err != nil || len(got) != 0 {
+	if got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: attemptRef{id, 2}, End: endSucceeded, Output: json.RawMessage(`"from A"`)}}); err != nil || len(got) != 0 {
 		t.Errorf("A's finish of attempt 2: got %v, err %v; want nothing written", got, err)
 	}
-	if got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refA, Kind: "failed", Message: "stale"}}); err != nil || len(got) != 0 {
+	if got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refA, End: endFailed, Message: "stale"}}); err != nil || len(got) != 0 {
 		t.Errorf("B's finish of attempt 1: got %v, err %v; want nothing written", got, err)
 	}
 	held, err := st.renew(ctx, "worker-A", []attemptRef{refA, {id, 2}}, lease)
@@ -551,7 +558,7 @@ func TestWorkerFencing(t *testing.T) {
 	if held, err := st.renew(ctx, "worker-B", []attemptRef{refB}, lease); err != nil || len(held) != 1 {
 		t.Errorf("B's renew: got %v, err %v; want attempt 2 held", held, err)
 	}
-	got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refB, Kind: "succeeded", Output: json.RawMessage(`"from B"`)}})
+	got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refB, End: endSucceeded, Output: json.RawMessage(`"from B"`)}})
 	if err != nil || got[id] != "succeeded" {
 		t.Fatalf("B's finish: got %v, err %v; want %s succeeded", got, err, id)
 	}
@@ -566,7 +573,7 @@ func TestWorkerFencing(t *testing.T) {
 		t.Errorf("errors: got %+v; want one entry for attempt 1 saying the lease expired", errs)
 	}
 	// After the final write, late writes of either worker still change nothing.
-	if got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refB, Kind: "failed", Message: "late"}}); err != nil || len(got) != 0 {
+	if got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refB, End: endFailed, Message: "late"}}); err != nil || len(got) != 0 {
 		t.Errorf("B's second finish: got %v, err %v; want nothing written", got, err)
 	}
 }
@@ -897,7 +904,7 @@ func TestWorkerAgentPanic(t *testing.T) {
 		}
 		w := newWorker(st, testLogger(t), workerConfig{Poll: time.Second, BatchLimit: 10, Concurrency: 10,
 			Lease: 30 * time.Second, ShutdownTimeout: 5 * time.Second}, newMetrics())
-		t.Cleanup(func() { w.shutdown(); <-w.done })
+		runWorkerForTest(t, w)
 		w.client = nil // every webhook execution panics; set before the worker executes anything
 		s, err := w.process(ctx, 10, "")
 		if err != nil || s.Claimed != 2 || s.Succeeded != 1 || s.Failed != 1 {
