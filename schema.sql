@@ -6,6 +6,7 @@ CREATE TABLE IF NOT EXISTS workspaces (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     name         text NOT NULL,
     api_key_hash bytea NOT NULL UNIQUE,           -- sha256 of the API key; the key itself is never stored
+    served_at    timestamptz NOT NULL DEFAULT '-infinity', -- when a claim last took one of its runs (turns)
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
@@ -15,6 +16,8 @@ CREATE TABLE IF NOT EXISTS agents (
     name         text NOT NULL,
     kind         text NOT NULL CHECK (kind IN ('echo', 'webhook')),
     config       jsonb NOT NULL DEFAULT '{}',
+    max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000), -- null: no cap
+    paused       boolean NOT NULL DEFAULT false,  -- true: its runs stay queued
     created_at   timestamptz NOT NULL DEFAULT now(),
     UNIQUE (workspace_id, name)
 );
@@ -31,8 +34,10 @@ CREATE TABLE IF NOT EXISTS runs (
     error            text,
     errors           jsonb NOT NULL DEFAULT '[]', -- every failed attempt: {"attempt","at","message"}
     attempt          integer NOT NULL DEFAULT 0,
-    max_attempts     integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 25),
-    run_after        timestamptz NOT NULL DEFAULT now(), -- retry backoff: not claimed before this
+    max_attempts     integer NOT NULL DEFAULT 3 CONSTRAINT runs_max_attempts_min CHECK (max_attempts >= 1),
+    priority         smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9), -- lower first
+    run_at           timestamptz NOT NULL DEFAULT now(), -- not claimed before this (schedule, retry backoff)
+    timeout_ms       integer CHECK (timeout_ms BETWEEN 1 AND 86400000), -- an attempt's time limit; null: none
     worker_id        text,                        -- the process executing the current attempt
     lease_expires_at timestamptz,                 -- while running: recovered by any worker after this
     cancel_requested boolean NOT NULL DEFAULT false,
@@ -44,15 +49,153 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 
--- Claiming: oldest queued first.
-CREATE INDEX IF NOT EXISTS runs_queued_idx ON runs (seq) WHERE status = 'queued';
--- Recovery: running runs by lease expiry.
+-- Upgrades of a database made by an earlier release, each done only when needed, so that
+-- a start-up that finds nothing to do takes no table lock.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'run_after') THEN
+        ALTER TABLE runs RENAME COLUMN run_after TO run_at;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'priority') THEN
+        ALTER TABLE runs
+            ADD COLUMN priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
+            ADD COLUMN timeout_ms integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
+            DROP CONSTRAINT IF EXISTS runs_max_attempts_check, -- 1 … 25: a retry may add attempts
+            ADD CONSTRAINT runs_max_attempts_min CHECK (max_attempts >= 1);
+        ALTER TABLE agents
+            ADD COLUMN max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000),
+            ADD COLUMN paused boolean NOT NULL DEFAULT false;
+        ALTER TABLE workspaces ADD COLUMN served_at timestamptz NOT NULL DEFAULT '-infinity';
+        DROP INDEX IF EXISTS runs_queued_idx; -- claiming by seq alone
+    END IF;
+END $$;
+
+-- Claiming: an agent's queued runs, lower priority first, then the earliest due.
+CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
+-- The next run to fall due (an idle worker sleeps until then), and the oldest wait.
+CREATE INDEX IF NOT EXISTS runs_due_idx ON runs (run_at) WHERE status = 'queued';
+-- An agent's running runs, counted against its max_concurrency.
+CREATE INDEX IF NOT EXISTS runs_running_agent_idx ON runs (agent_id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS runs_running_lease_idx ON runs (lease_expires_at) WHERE status = 'running';
 -- Listing a workspace's runs, newest first, optionally by status.
 CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
+--  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
+--  2. up to p_limit due runs are claimed for worker p_worker. Workspaces take turns: the
+--     claim spreads over the workspaces that have claimable runs, the least recently served
+--     first; within a workspace lower priority first, then the earliest due. Paused agents
+--     are skipped; an agent's max_concurrency holds across processes because a capped agent
+--     is claimed only under its row lock (skipped while another claim holds it) and its
+--     running runs are counted by a statement that starts after that lock was taken;
+--  3. the served workspaces' turn is recorded.
+-- It returns a row per recovered run (kind = its new status), per claimed run (kind
+-- 'claimed'), 'capped' when capped agents had due runs, and 'next' with the time the next
+-- scheduled run falls due when it claimed fewer than p_limit.
+CREATE OR REPLACE FUNCTION agentapp_claim(p_worker text, p_limit integer, p_workspace uuid,
+                                          p_lease_ms bigint, p_recover boolean)
+RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jsonb, agent_name text,
+               agent_kind text, agent_config jsonb, timeout_ms integer, next_due timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_locked uuid[];
+    v_ids    uuid[];
+    v_ws     uuid[];
+BEGIN
+    IF p_recover THEN
+        RETURN QUERY
+        WITH rec AS (
+            UPDATE runs r SET
+                status = CASE WHEN r.cancel_requested THEN 'canceled'
+                              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+                error = CASE WHEN r.cancel_requested THEN 'canceled by request'
+                             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
+                errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt,
+                    'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                    'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
+                finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
+                started_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN r.started_at END,
+                worker_id = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
+            WHERE r.id IN (SELECT x.id FROM runs x WHERE x.status = 'running' AND x.lease_expires_at < now()
+                           ORDER BY x.lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+            RETURNING r.id, r.status)
+        SELECT rec.status, rec.id, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text, NULL::text,
+               NULL::jsonb, NULL::integer, NULL::timestamptz FROM rec;
+    END IF;
+    IF p_limit <= 0 THEN
+        RETURN;
+    END IF;
+
+    SELECT coalesce(array_agg(c.id), '{}') INTO v_locked FROM (
+        SELECT a.id FROM agents a
+        WHERE a.max_concurrency IS NOT NULL AND NOT a.paused
+          AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+          AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
+        FOR NO KEY UPDATE OF a SKIP LOCKED) c;
+
+    WITH elig AS (
+        SELECT a.id AS agent_id, a.workspace_id, w.served_at,
+               CASE WHEN a.max_concurrency IS NULL THEN p_limit
+                    ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
+                                  WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
+        FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+        WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+          AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
+          AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
+    ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
+        SELECT ceil(p_limit::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
+        FROM elig e WHERE e.room > 0
+    ), cand AS (
+        SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
+        FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
+            SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
+            WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
+            ORDER BY r.priority, r.run_at, r.seq
+            LIMIT least(e.room, s.n)
+            FOR UPDATE SKIP LOCKED) c
+        WHERE e.room > 0
+    ), picked AS (
+        SELECT t.id FROM (
+            SELECT cand.id, cand.workspace_id, cand.served_at,
+                   row_number() OVER (PARTITION BY cand.workspace_id
+                                      ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
+            FROM cand) t
+        ORDER BY t.turn, t.served_at, t.workspace_id
+        LIMIT p_limit
+    ), claimed AS (
+        UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
+            lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
+            started_at = now(), updated_at = now()
+        FROM picked p WHERE r.id = p.id
+        RETURNING r.id, r.workspace_id)
+    SELECT array_agg(claimed.id), array_agg(DISTINCT claimed.workspace_id) INTO v_ids, v_ws FROM claimed;
+
+    IF v_ws IS NOT NULL THEN
+        -- A turn another claim is recording at this moment is left to it: never wait here.
+        UPDATE workspaces w SET served_at = clock_timestamp()
+        FROM (SELECT x.id FROM workspaces x WHERE x.id = ANY (v_ws) ORDER BY x.id
+              FOR NO KEY UPDATE SKIP LOCKED) s
+        WHERE w.id = s.id;
+        RETURN QUERY
+        SELECT 'claimed'::text, r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config,
+               r.timeout_ms, NULL::timestamptz
+        FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = ANY (v_ids);
+    END IF;
+    IF cardinality(v_locked) > 0 THEN
+        RETURN QUERY SELECT 'capped'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
+                            NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
+    END IF;
+    IF coalesce(cardinality(v_ids), 0) < p_limit THEN
+        RETURN QUERY SELECT 'next'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
+                            NULL::text, NULL::jsonb, NULL::integer, min(r.run_at)
+        FROM runs r WHERE r.status = 'queued' AND r.run_at > now()
+          AND (p_workspace IS NULL OR r.workspace_id = p_workspace);
+    END IF;
+END $$;
 
 -- Notifications that let every agentapp process react at once:
 --   agentapp_runs    a run became claimable (wakes idle workers)
@@ -70,7 +213,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.status IN ('succeeded', 'failed', 'canceled') THEN
         PERFORM pg_notify('agentapp_final', NEW.id::text);
-    ELSIF NEW.status = 'queued' AND NEW.run_after <= now() THEN
+    ELSIF NEW.status = 'queued' THEN -- claimable now or later: idle workers learn when
         PERFORM pg_notify('agentapp_runs', '');
     ELSIF NEW.cancel_requested AND NOT OLD.cancel_requested THEN
         PERFORM pg_notify('agentapp_cancel', NEW.id::text);

@@ -539,75 +539,63 @@ type claimedRun struct {
 	AgentName   string
 	AgentKind   string
 	AgentConfig json.RawMessage
+	Timeout     time.Duration // 0: none
 }
 
-// recoverSQL puts runs whose lease expired back to queued (or failed, when no attempt
-// remains, or canceled, when that was asked), returning their id and new status.
-const recoverSQL = `
-	UPDATE runs r SET
-		status = CASE WHEN r.cancel_requested THEN 'canceled'
-		              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
-		error = CASE WHEN r.cancel_requested THEN 'canceled by request'
-		             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
-		errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', ` + nowZ + `,
-			'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
-		finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
-		started_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN r.started_at END,
-		worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
-	WHERE r.id IN (SELECT id FROM runs WHERE status = 'running' AND lease_expires_at < now()
-	               ORDER BY lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
-	RETURNING r.id, r.status`
+// claimResult is what one claim did.
+type claimResult struct {
+	claimed   []claimedRun
+	requeued  int       // expired leases put back to queued
+	failed    int       // expired leases that ended the run (no attempt left, or canceled)
+	capped    bool      // capped agents had due runs: a freed slot may make one claimable
+	nextDue   time.Time // when the next scheduled run falls due; zero: none, or not asked
+	recovered bool      // the recovery part ran
+}
 
-// claim claims up to limit queued runs (oldest first; limit may be 0) and, with
-// recoverLeases, recovers expired leases in the same statement, so an idle worker costs
-// one transaction a cycle. A busy worker recovers only now and then: the statement without
-// recovery is cheaper to plan. ws "" means every workspace. It returns the claimed runs and
-// how many expired runs went back to queued and how many ended for good.
-func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimed []claimedRun, requeued, failed int, err error) {
-	recovered := `SELECT NULL::uuid AS id, NULL::text AS status WHERE false`
-	if recoverLeases {
-		recovered = recoverSQL
+// claim runs agentapp_claim (schema.sql): with recoverLeases it first recovers expired
+// leases, then claims up to limit due runs (limit may be 0) for workerID, workspaces taking
+// turns, capped and paused agents respected; ws "" means every workspace. One statement, so
+// an idle worker's cycle costs one transaction.
+func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
+	var wsArg any
+	if ws != "" {
+		wsArg = ws
 	}
-	rows, err := s.db.QueryContext(ctx, `
-		WITH recovered AS (`+recovered+`
-		), picked AS (
-			SELECT id FROM runs
-			WHERE status = 'queued' AND run_after <= now() AND ($3 = '' OR workspace_id = NULLIF($3, '')::uuid)
-			ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
-		), claimed AS (
-			UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
-				lease_expires_at = now() + $4 * interval '1 millisecond', started_at = now(), updated_at = now()
-			FROM picked p, agents a
-			WHERE r.id = p.id AND a.id = r.agent_id
-			RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config
-		)
-		SELECT id, workspace_id, attempt, input, name, kind, config, NULL FROM claimed
-		UNION ALL
-		SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, status FROM recovered`,
-		workerID, limit, ws, lease.Milliseconds())
+	res := claimResult{recovered: recoverLeases}
+	rows, err := s.db.QueryContext(ctx, `SELECT kind, id, workspace_id, attempt, input, agent_name, agent_kind,
+		agent_config, timeout_ms, next_due FROM agentapp_claim($1, $2, $3, $4, $5)`,
+		workerID, limit, wsArg, lease.Milliseconds(), recoverLeases)
 	if err != nil {
-		return nil, 0, 0, err
+		return res, err
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var id string
-		var wsID, name, kind, status sql.NullString
-		var attempt sql.NullInt64
+		var kind string
+		var id, wsID, name, agentKind sql.NullString
+		var attempt, timeout sql.NullInt64
 		var input, config []byte
-		if err := rows.Scan(&id, &wsID, &attempt, &input, &name, &kind, &config, &status); err != nil {
-			return nil, 0, 0, err
+		var next sql.NullTime
+		if err := rows.Scan(&kind, &id, &wsID, &attempt, &input, &name, &agentKind, &config, &timeout, &next); err != nil {
+			return res, err
 		}
-		switch status.String {
-		case "":
-			claimed = append(claimed, claimedRun{ID: id, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
-				Input: input, AgentName: name.String, AgentKind: kind.String, AgentConfig: config})
-		case "queued":
-			requeued++
+		switch runStatus(kind) {
+		case "claimed":
+			res.claimed = append(res.claimed, claimedRun{ID: id.String, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
+				Input: input, AgentName: name.String, AgentKind: agentKind.String, AgentConfig: config,
+				Timeout: time.Duration(timeout.Int64) * time.Millisecond})
+		case "capped":
+			res.capped = true
+		case "next":
+			if next.Valid {
+				res.nextDue = next.Time
+			}
+		case statusQueued:
+			res.requeued++
 		default:
-			failed++
+			res.failed++
 		}
 	}
-	return claimed, requeued, failed, rows.Err()
+	return res, rows.Err()
 }
 
 // attemptRef names one attempt of a run: the fence of every write that renews or ends it.
@@ -683,7 +671,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
 			attempt = CASE WHEN o.proposed = 'requeued' THEN r.attempt - 1 ELSE r.attempt END,
-			run_after = CASE WHEN o.proposed = 'failed'
+			run_at = CASE WHEN o.proposed = 'failed'
 			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
 			                 ELSE now() END,
 			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'failed' AND NOT r.cancel_requested

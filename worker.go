@@ -19,6 +19,7 @@ var (
 	errCanceledByRequest = errors.New("canceled by request")
 	errShutdown          = errors.New("worker shutting down")
 	errLeaseLost         = errors.New("lease lost to another worker")
+	errTimedOut          = errors.New("timed out")
 )
 
 // workerConfig is the part of config the worker uses.
@@ -121,7 +122,8 @@ type worker struct {
 
 	cycleMu  sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
 	wake     chan struct{} // asks the loop for a cycle now (a run became claimable)
-	more     atomic.Bool   // the last claim filled its quota: more runs may be waiting
+	more     atomic.Bool   // the last claim took runs, or met capped agents: more may be claimable
+	nextDue  atomic.Int64  // unix nanoseconds when the next scheduled run falls due; 0: unknown
 	active   atomic.Int64  // slots taken: reserved by a cycle, freed by run's loop
 	stopping atomic.Bool   // run's context is done: cycles claim nothing more
 
@@ -208,6 +210,10 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	over := false
 	down := false // the database was unreachable at the last cycle (logged once)
 	claimNow := loop
+	// due fires when the next scheduled run falls due, if that is before the next tick.
+	due := time.NewTimer(time.Hour)
+	due.Stop()
+	defer due.Stop()
 	for {
 		if claimNow {
 			claimNow = false
@@ -231,6 +237,18 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 				w.log.Info("worker cycle succeeded again; database is back")
 			case s.Claimed > 0:
 				w.log.Debug("worker cycle", "claimed", s.Claimed, "recovered", s.Recovered)
+			}
+			// Claimed some and slots are still free: the share of a workspace may have
+			// capped the claim, so claim again at once until a claim finds nothing.
+			claimNow = s.Claimed > 0 && int(w.active.Load()) < w.cfg.Concurrency
+			due.Stop()
+			if next := w.nextDue.Load(); next != 0 && err == nil {
+				if d := time.Until(time.Unix(0, next)); d < w.cfg.Poll {
+					due.Reset(max(d, 0))
+				}
+			}
+			if claimNow {
+				continue
 			}
 		}
 		if over && len(executing) == 0 {
@@ -273,6 +291,8 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 			reply <- refs
 		case <-tick:
 			claimNow = true
+		case <-due.C:
+			claimNow = stop != nil
 		case <-wake:
 			claimNow = true
 		}
@@ -317,7 +337,7 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	// its commit, it would leave claimed runs that nobody executes until their leases expire.
 	claimCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.Lease)
 	defer cancel()
-	claimed, requeued, failed, err := w.st.claim(claimCtx, w.id, n, ws, w.cfg.Lease, recoverLeases)
+	res, err := w.st.claim(claimCtx, w.id, n, ws, w.cfg.Lease, recoverLeases)
 	if err != nil {
 		w.metrics.cycles.inc("error")
 		return summary{}, nil, err
@@ -328,21 +348,26 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	if recoverLeases {
 		w.lastRecovery.Store(begin.UnixNano())
 	}
-	w.more.Store(len(claimed) == n)
-	if requeued+failed > 0 {
-		w.metrics.recovered.add(float64(requeued + failed))
-		w.log.Warn("recovered runs whose lease expired", "requeued", requeued, "failed", failed)
+	w.more.Store(len(res.claimed) > 0 || res.capped)
+	w.nextDue.Store(0)
+	if !res.nextDue.IsZero() {
+		w.nextDue.Store(res.nextDue.UnixNano())
 	}
-	if len(claimed) == 0 {
-		return summary{Recovered: requeued + failed}, nil, nil
+	recovered := res.requeued + res.failed
+	if recovered > 0 {
+		w.metrics.recovered.add(float64(recovered))
+		w.log.Warn("recovered runs whose lease expired", "requeued", res.requeued, "failed", res.failed)
 	}
-	w.active.Add(int64(len(claimed)))
-	execs := make([]*execution, len(claimed))
-	for i, c := range claimed {
+	if len(res.claimed) == 0 {
+		return summary{Recovered: recovered}, nil, nil
+	}
+	w.active.Add(int64(len(res.claimed)))
+	execs := make([]*execution, len(res.claimed))
+	for i, c := range res.claimed {
 		execs[i] = &execution{run: c, ref: attemptRef{c.ID, c.Attempt}, result: make(chan attemptEnd, 1)}
 	}
 	start(execs)
-	return summary{Claimed: len(claimed), Recovered: requeued + failed}, execs, nil
+	return summary{Claimed: len(res.claimed), Recovered: recovered}, execs, nil
 }
 
 // process runs one cycle and waits until the runs it claimed have ended and their
@@ -375,6 +400,11 @@ func (w *worker) executingCount() int {
 func (w *worker) execute(ctx context.Context, e *execution) {
 	c := e.run
 	w.log.Debug("run claimed", "run", c.ID, "attempt", c.Attempt, "agent", c.AgentName)
+	if c.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, c.Timeout, errTimedOut)
+		defer cancel()
+	}
 	begin := time.Now()
 	output, err := runAgent(ctx, w.client, w.cfg.WebhookHosts, c)
 	w.metrics.runDuration.observe(time.Since(begin).Seconds())
@@ -388,6 +418,8 @@ func (w *worker) execute(ctx context.Context, e *execution) {
 		out.End = endRequeued
 	case ctx.Err() != nil && errors.Is(cause, errLeaseLost):
 		out.End = endLost
+	case ctx.Err() != nil && errors.Is(cause, errTimedOut):
+		out.End, out.Message = endFailed, fmt.Sprintf("timed out after %d ms", c.Timeout.Milliseconds())
 	default:
 		out.End, out.Message = endFailed, err.Error()
 	}

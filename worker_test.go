@@ -506,7 +506,8 @@ func TestWorkerFencing(t *testing.T) {
 	id := ids[0]
 	const lease = 30 * time.Second
 
-	claimedA, _, _, err := st.claim(ctx, "worker-A", 1, "", lease, true)
+	resA, err := st.claim(ctx, "worker-A", 1, "", lease, true)
+	claimedA := resA.claimed
 	if err != nil || len(claimedA) != 1 || claimedA[0].Attempt != 1 {
 		t.Fatalf("A's claim: got %+v, err %v; want run %s attempt 1", claimedA, err, id)
 	}
@@ -516,14 +517,14 @@ func TestWorkerFencing(t *testing.T) {
 	var claimedB []claimedRun
 	recovered := 0
 	for i := 0; i < 2 && len(claimedB) == 0; i++ {
-		c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", lease, true)
+		res, err := st.claim(ctx, "worker-B", 1, "", lease, true)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if failed != 0 {
-			t.Fatalf("B's claim: got %d failed for good; want 0 (attempts remain)", failed)
+		if res.failed != 0 {
+			t.Fatalf("B's claim: got %d failed for good; want 0 (attempts remain)", res.failed)
 		}
-		claimedB, recovered = c, recovered+requeued
+		claimedB, recovered = res.claimed, recovered+res.requeued
 	}
 	if recovered != 1 || len(claimedB) != 1 || claimedB[0].ID != id || claimedB[0].Attempt != 2 {
 		t.Fatalf("B: got recovered %d, claimed %+v; want recovered 1, run %s attempt 2", recovered, claimedB, id)
@@ -586,13 +587,13 @@ func TestWorkerLeaseExpiredNoAttemptsLeft(t *testing.T) {
 	st := &store{db: db}
 	ctx := context.Background()
 	ws, ids := seedRuns(t, st, 1, 1)
-	if c, _, _, err := st.claim(ctx, "worker-A", 1, "", 30*time.Second, true); err != nil || len(c) != 1 {
-		t.Fatalf("claim: got %+v, err %v; want one run", c, err)
+	if res, err := st.claim(ctx, "worker-A", 1, "", 30*time.Second, true); err != nil || len(res.claimed) != 1 {
+		t.Fatalf("claim: got %+v, err %v; want one run", res.claimed, err)
 	}
 	expireLease(t, db, ids[0])
-	c, requeued, failed, err := st.claim(ctx, "worker-B", 1, "", 30*time.Second, true)
-	if err != nil || len(c) != 0 || requeued != 0 || failed != 1 {
-		t.Fatalf("B's claim: got claimed %d, requeued %d, failed %d, err %v; want 0, 0, 1", len(c), requeued, failed, err)
+	res, err := st.claim(ctx, "worker-B", 1, "", 30*time.Second, true)
+	if err != nil || len(res.claimed) != 0 || res.requeued != 0 || res.failed != 1 {
+		t.Fatalf("B's claim: got claimed %d, requeued %d, failed %d, err %v; want 0, 0, 1", len(res.claimed), res.requeued, res.failed, err)
 	}
 	r, err := st.getRun(ctx, ws, ids[0])
 	if err != nil {
