@@ -8,9 +8,14 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
+
+	"github.com/lib/pq"
 )
 
 // FuzzDecodeRunRequest feeds arbitrary bytes to createRun's decoding (decode behind the
@@ -74,19 +79,19 @@ func FuzzDecodeRunRequest(f *testing.F) {
 // fuzzConfigVars are the variables FuzzLoadConfig sets, in the order of its arguments.
 var fuzzConfigVars = []string{"DATABASE_URL", "LISTEN_ADDR", "ADMIN_TOKEN", "RUN_WORKER_EMBEDDED",
 	"RUN_WORKER_POLL_MS", "RUN_WORKER_BATCH_LIMIT", "RUN_WORKER_WORKSPACE_ID", "RUN_WORKER_CONCURRENCY",
-	"RUN_WORKER_LEASE_MS", "AGENT_WEBHOOK_ALLOWED_HOSTS", "LOG_LEVEL"}
+	"RUN_WORKER_LEASE_MS", "AGENT_WEBHOOK_ALLOWED_HOSTS", "LOG_LEVEL", "RUN_RETENTION_DAYS", "PUBLIC_URL"}
 
 // FuzzLoadConfig feeds arbitrary values to loadConfig. It must never panic. Accepted, the
 // config respects every range of SPEC (and dsnWithDefaults keeps the DSN's meaning);
 // refused, every line names a variable and the secrets' lines are the fixed ones that
-// never show their value.
+// never show their value. Values are trimmed, so the checks compare trimmed values.
 func FuzzLoadConfig(f *testing.F) {
-	f.Add("postgres://u:pw@localhost/db?sslmode=disable", "127.0.0.1:8080", "", "", "", "", "", "", "", "", "")
-	f.Add("host=h password=", ":0", "0123456789abcdef", "true", "10", "1000", "3F1C2A9E-8B7D-4C1E-9A55-0D2F6B8E4C71", "1", "1000", "a.example.com,[::1]:80", "DEBUG")
-	f.Add("", "localhost", "short", "yes", "9", "0", "nope", "1001", "999", "http://x", "loud")
-	f.Add("host='x", "[::1", "0123456789abcdef\n", " 1", "3600001", " 5 ", "", "-1", "+1000", ",", "warn")
-	f.Fuzz(func(t *testing.T, dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level string) {
-		values := []string{dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level}
+	f.Add("postgres://u:pw@localhost/db?sslmode=disable", "127.0.0.1:8080", "", "", "", "", "", "", "", "", "", "", "")
+	f.Add("host=h password=", ":0", "0123456789abcdef", "true", "10", "1000", "3F1C2A9E-8B7D-4C1E-9A55-0D2F6B8E4C71", "1", "1000", "a.example.com,[::1]:80", "DEBUG", "1", "https://x.example/")
+	f.Add("", "localhost", "short", "yes", "9", "0", "nope", "1001", "999", "http://x", "loud", "0", "ftp://x")
+	f.Add("host='x", "[::1", "0123456789abcdef\n", " 1", "3600001", " 5 ", "", "-1", "+1000", ",", "warn", "36501", "http://x?y")
+	f.Fuzz(func(t *testing.T, dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level, retention, publicURL string) {
+		values := []string{dsn, listen, token, embedded, poll, batch, wsID, concurrency, lease, hosts, level, retention, publicURL}
 		env := map[string]string{}
 		for i, v := range fuzzConfigVars {
 			env[v] = values[i]
@@ -119,7 +124,7 @@ func FuzzLoadConfig(f *testing.F) {
 		if c.Concurrency < 1 || c.Concurrency > 1000 || c.BatchLimit < 1 || c.BatchLimit > 1000 {
 			t.Fatalf("concurrency %d, batch limit %d out of range (env %q)", c.Concurrency, c.BatchLimit, env)
 		}
-		if batch == "" && c.BatchLimit != c.Concurrency {
+		if strings.TrimSpace(batch) == "" && c.BatchLimit != c.Concurrency {
 			t.Fatalf("batch limit %d unset but not the concurrency %d", c.BatchLimit, c.Concurrency)
 		}
 		if d := ms(c.Lease); d < 1000 || d > 3600000 {
@@ -134,15 +139,22 @@ func FuzzLoadConfig(f *testing.F) {
 		if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
 			t.Fatalf("listen address %q: %v", c.ListenAddr, err)
 		}
-		if c.AdminToken != "" && (len(c.AdminToken) < 16 || strings.TrimSpace(c.AdminToken) != c.AdminToken) {
-			t.Fatalf("admin token of %d bytes accepted", len(c.AdminToken))
+		if c.AdminToken != strings.TrimSpace(token) || (c.AdminToken != "" && utf8.RuneCountInString(c.AdminToken) < 16) {
+			t.Fatalf("admin token of %d bytes accepted from %d", len(c.AdminToken), len(token))
 		}
 		for _, h := range c.WebhookHosts {
-			if h == "" || strings.ContainsAny(h, "/ ,@") {
+			if h == "" || strings.ContainsAny(h, "/ ,@?#%") || h != strings.ToLower(h) {
+				t.Fatalf("webhook host %q accepted from %q", h, hosts)
+			}
+			if host, port, err := net.SplitHostPort(h); err == nil {
+				if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || host == "" || net.JoinHostPort(host, port) != h {
+					t.Fatalf("webhook host:port %q accepted from %q", h, hosts)
+				}
+			} else if strings.ContainsAny(h, "[]") || (strings.Contains(h, ":") && net.ParseIP(h) == nil) {
 				t.Fatalf("webhook host %q accepted from %q", h, hosts)
 			}
 		}
-		if (hosts == "") != (len(c.WebhookHosts) == 0) {
+		if (strings.TrimSpace(hosts) == "") != (len(c.WebhookHosts) == 0) {
 			t.Fatalf("webhook hosts %q from %q", c.WebhookHosts, hosts)
 		}
 		if c.LogFormat != "text" || (c.LogLevel != "debug" && c.LogLevel != "info" && c.LogLevel != "warn" && c.LogLevel != "error") {
@@ -151,10 +163,17 @@ func FuzzLoadConfig(f *testing.F) {
 		if c.DatabaseURL == "" {
 			t.Fatal("DATABASE_URL empty but accepted")
 		}
-		full, err := dsnWithDefaults(c.DatabaseURL)
-		if err != nil {
-			t.Fatalf("dsnWithDefaults(%q) after loadConfig accepted it: %v", c.DatabaseURL, err)
+		if c.Retention < 0 || c.Retention > 36500*24*time.Hour || c.Retention%(24*time.Hour) != 0 {
+			t.Fatalf("retention %v from %q", c.Retention, retention)
 		}
-		checkSameDSN(t, c.DatabaseURL, full)
+		if u, err := url.Parse(c.PublicURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+			u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(c.PublicURL, "/") {
+			t.Fatalf("public URL %q from %q, listen %q", c.PublicURL, publicURL, listen)
+		}
+		// The DSN is normalised once: it keeps its meaning and has a connect timeout.
+		checkSameDSN(t, strings.TrimSpace(dsn), c.DatabaseURL)
+		if pc, err := pq.NewConfig(c.DatabaseURL); err != nil || pc.ConnectTimeout <= 0 {
+			t.Fatalf("DATABASE_URL %q: %v, no connect timeout", c.DatabaseURL, err)
+		}
 	})
 }

@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,7 +13,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -53,20 +51,12 @@ const (
 	workerPoolSize = 4
 )
 
-// run is agentapp's whole program: it dispatches the subcommand.
+// run is agentapp's whole program: it dispatches the subcommand. The command line is
+// checked before the environment is read.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cmd := "serve"
-	if len(args) > 0 {
-		cmd, args = args[0], args[1:]
-	}
-	switch cmd {
-	case "-h", "-help", "--help", "help":
-		fmt.Fprint(stdout, usage())
-		return nil
-	case "serve", "worker", "migrate", "workspace":
-	default:
-		fmt.Fprintf(stderr, "agentapp: unknown command %q\n\n%s", cmd, usage())
-		return errUsage
+	cl, err := parseCommandLine(args, stdout, stderr)
+	if err != nil || cl.help {
+		return err
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
@@ -75,21 +65,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := newLogger(cfg, stderr)
 
-	switch cmd {
+	switch cl.cmd {
 	case "serve":
-		if len(args) > 0 {
-			fmt.Fprintf(stderr, "agentapp serve takes no arguments\n")
-			return errUsage
-		}
 		return serve(ctx, cfg, logger)
 	case "worker":
-		fs := flag.NewFlagSet("worker", flag.ContinueOnError)
-		fs.SetOutput(stderr)
-		once := fs.Bool("once", false, "run one cycle, print its summary as JSON and exit")
-		if err := fs.Parse(args); err != nil || fs.NArg() > 0 {
-			return errUsage
-		}
-		return runWorker(ctx, cfg, logger, *once, stdout)
+		return runWorker(ctx, cfg, logger, cl.once, stdout)
 	case "migrate":
 		st, err := openStore(ctx, cfg, 1, logger)
 		if st == nil {
@@ -99,43 +79,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logger.Info("schema applied")
 		return nil
 	default: // workspace
-		if len(args) != 2 || args[0] != "create" || strings.TrimSpace(args[1]) == "" {
-			fmt.Fprintf(stderr, "usage: agentapp workspace create NAME\n")
-			return errUsage
-		}
 		st, err := openStore(ctx, cfg, 1, logger)
 		if st == nil {
 			return err
 		}
 		defer st.db.Close()
-		ws, err := st.createWorkspace(ctx, args[1])
+		ws, err := st.createWorkspace(ctx, cl.name)
 		if err != nil {
 			return err
 		}
 		return json.NewEncoder(stdout).Encode(ws)
 	}
-}
-
-// usage is the -h text; it lists every variable.
-func usage() string {
-	var b strings.Builder
-	b.WriteString(`agentapp serves an agent app's API and executes its runs, queued in PostgreSQL.
-
-Usage:
-  agentapp [serve]                  apply the schema and serve HTTP (RUN_WORKER_EMBEDDED=true
-                                    also runs the worker in this process)
-  agentapp worker [-once]           run the worker loop until SIGINT/SIGTERM; -once runs one
-                                    cycle, prints its summary as JSON and exits
-  agentapp migrate                  apply the schema and exit
-  agentapp workspace create NAME    create a workspace; prints it with its API key as JSON
-  agentapp -h                       this help
-
-Environment:
-`)
-	for _, v := range configVars {
-		fmt.Fprintf(&b, "  %-31s default %s\n  %-31s %s\n", v.name, v.def, "", v.accepted)
-	}
-	return b.String()
 }
 
 func newLogger(cfg config, w io.Writer) *slog.Logger {

@@ -34,7 +34,6 @@ var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_fina
 func newNotifier(dsn string, log *slog.Logger, onRuns func(), onCancel func(string)) *notifier {
 	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, done: make(chan struct{}),
 		waiters: map[string][]chan struct{}{}}
-	dsn, _ = dsnWithDefaults(dsn)
 	n.l = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, n.event)
 	go n.run()
 	return n

@@ -38,10 +38,6 @@ type store struct {
 // openDB opens a pool for dsn (already checked by loadConfig) with at most maxConns
 // connections. It does not connect: the first query does.
 func openDB(dsn string, maxConns int) (*sql.DB, error) {
-	dsn, err := dsnWithDefaults(dsn)
-	if err != nil {
-		return nil, err
-	}
 	cfg, err := pq.NewConfig(dsn)
 	if err != nil {
 		return nil, err
