@@ -165,14 +165,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
-	s := &server{st: st, log: log, cfg: cfg, w: w, n: n, m: m, embedded: cfg.WorkerEmbedded, endPolls: endPolls}
-	srv := &http.Server{
-		Handler:           s.handler(),
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       time.Minute,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	s := &server{store: st, worker: w, notifier: n, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
+	srv := newHTTPServer(s.handler(), log)
 
 	workerCtx, stopWorker := context.WithCancel(context.Background())
 	workerDone := make(chan error, 1)

@@ -5,43 +5,88 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"path"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
+
+	"github.com/lib/pq"
 )
 
 // maxBody is the largest request body accepted.
 const maxBody = 1 << 20
 
+// The HTTP server's limits, all in one place. There is no global ReadTimeout or
+// WriteTimeout: either would cut a long poll (?wait_ms) or a stream that is progressing.
+// Slow clients are bounded per phase instead.
+const (
+	// headerTimeout cuts a client that takes longer than this to send its request headers
+	// (SPEC: 10 s), so half-open requests cannot pile up.
+	headerTimeout = 10 * time.Second
+	// idleTimeout closes a keep-alive connection that sends no next request (SPEC: 2 min).
+	idleTimeout = 2 * time.Minute
+	// writeStall cuts a client that stops reading its answer: every Write and Flush must
+	// complete within this (SPEC: 30 s), however long the whole answer takes.
+	writeStall = 30 * time.Second
+	// bodyTimeout bounds the upload of a request body (at most maxBody): 1 MiB in 30 s is
+	// ~35 KiB/s, slower than any client we serve. The deadline is cleared once the body is
+	// read, so it never cuts the handler's work after it.
+	bodyTimeout = 30 * time.Second
+	// keyCacheTTL is how long a workspace key is trusted without asking the database: a
+	// rotated key or a deleted workspace stops authenticating within it in every process.
+	keyCacheTTL = time.Second
+	// logEvery is the least time between two log lines of one kind of repeated failure
+	// (database unavailable; failed authentication per client address).
+	logEvery = time.Second
+)
+
+// newHTTPServer returns the HTTP server for h with agentapp's limits.
+func newHTTPServer(h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: headerTimeout,
+		IdleTimeout:       idleTimeout,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
 // server holds what the HTTP handlers need.
 type server struct {
-	st       *store
+	store    *store
+	worker   *worker
+	notifier *notifier // nil: no notifications, ?wait_ms polls
+	metrics  *metrics
 	log      *slog.Logger
 	cfg      config
-	w        *worker
-	n        *notifier // nil: no notifications, ?wait_ms polls
-	m        *metrics
-	embedded bool
-	keys     sync.Map      // hex sha256 of a workspace API key → workspace id (keys never change)
 	endPolls chan struct{} // closed at shutdown once the runs are drained; nil: never
+
+	keys    keyCache    // workspace keys recently found, by hash
+	dbLog   *logLimiter // "database unavailable" lines
+	authLog *logLimiter // "authentication failed" lines, per client address
 }
 
 // handler returns agentapp's HTTP API: every route is listed here.
 func (s *server) handler() http.Handler {
+	s.dbLog, s.authLog = newLogLimiter(logEvery), newLogLimiter(logEvery)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.HandleFunc("GET /metrics", s.metricsHandler)
 	mux.HandleFunc("POST /v1/workspaces", s.admin(s.createWorkspace))
 	mux.HandleFunc("GET /v1/workspaces/{ws}", s.member(s.getWorkspace))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/rotate-key", s.member(s.rotateKey))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/agents", s.member(s.createAgent))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/agents", s.member(s.listAgents))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs", s.member(s.createRun))
@@ -54,11 +99,16 @@ func (s *server) handler() http.Handler {
 	return s.middleware(mux)
 }
 
-// middleware answers unknown routes in the API's error format, limits bodies, turns a
-// handler's panic into a 500 and logs requests at debug level.
+// middleware bounds the client's writes and body upload, limits bodies, turns a handler's
+// panic into a 500, answers unknown and unclean paths in the API's error format (after
+// authentication under /v1/, so a bad token learns nothing of which paths exist) and logs
+// requests at debug level.
 func (s *server) middleware(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		w := &deadlineWriter{ResponseWriter: rw, rc: http.NewResponseController(rw)}
+		w.extend() // also for an answer that never calls Write
+		defer w.extend()
 		defer func() {
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {
@@ -69,12 +119,29 @@ func (s *server) middleware(mux *http.ServeMux) http.Handler {
 			}
 		}()
 		if r.ContentLength > maxBody {
-			writeError(w, http.StatusRequestEntityTooLarge, "payload_too_large", "request body is over 1 MiB")
+			s.fail(w, r, tooLarge())
 			return
 		}
+		if r.ContentLength != 0 {
+			// Cleared once the body is read: left in place, the server's background read
+			// would cancel the request's context when it passed.
+			w.rc.SetReadDeadline(time.Now().Add(bodyTimeout))
+			r.Body = &deadlineBody{ReadCloser: r.Body, rc: w.rc}
+		}
 		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && p != cleanPath(p) {
+			// The mux would redirect it (HTML 307); no endpoint lives at such a path.
+			s.fail(w, r, fmt.Errorf("%w: no such endpoint: %s", errNotFound, r.URL.Path))
+			return
+		}
 		h, pattern := mux.Handler(r)
 		if pattern == "" {
+			if strings.HasPrefix(r.URL.Path, "/v1/") {
+				if _, err := s.authenticate(r); err != nil {
+					s.fail(w, r, err)
+					return
+				}
+			}
 			// The mux's own 404 or 405: keep its status and Allow header, answer in JSON.
 			probe := &statusOnly{header: http.Header{}}
 			h.ServeHTTP(probe, r)
@@ -82,9 +149,9 @@ func (s *server) middleware(mux *http.ServeMux) http.Handler {
 				w.Header().Set("Allow", allow)
 			}
 			if probe.code == http.StatusMethodNotAllowed {
-				writeError(w, probe.code, "method_not_allowed", r.Method+" is not allowed on "+r.URL.Path)
+				s.fail(w, r, &requestError{http.StatusMethodNotAllowed, "method_not_allowed", r.Method + " is not allowed on " + r.URL.Path})
 			} else {
-				writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.URL.Path)
+				s.fail(w, r, fmt.Errorf("%w: no such endpoint: %s", errNotFound, r.URL.Path))
 			}
 			return
 		}
@@ -93,15 +160,90 @@ func (s *server) middleware(mux *http.ServeMux) http.Handler {
 	})
 }
 
+// cleanPath is p as the mux would canonicalize it: no //, /./ or /.. elements, the
+// trailing slash kept.
+func cleanPath(p string) string {
+	if p == "" || p == "*" {
+		return p
+	}
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c
+}
+
+// deadlineWriter gives every Write and Flush writeStall to complete, so a client that
+// stops reading is cut while a slow but progressing answer (a long poll, a stream) is not.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc     *http.ResponseController
+	failed bool // a write failed: the deadline stays passed, so the connection is closed
+}
+
+// extend moves the write deadline writeStall ahead, unless a write already failed.
+func (w *deadlineWriter) extend() {
+	if !w.failed {
+		w.rc.SetWriteDeadline(time.Now().Add(writeStall))
+	}
+}
+
+// WriteHeader extends the deadline: a header-only answer is written after it.
+func (w *deadlineWriter) WriteHeader(code int) {
+	w.extend()
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Write extends the deadline, then writes.
+func (w *deadlineWriter) Write(b []byte) (int, error) {
+	w.extend()
+	n, err := w.ResponseWriter.Write(b)
+	w.failed = w.failed || err != nil
+	return n, err
+}
+
+// Flush extends the deadline, then flushes.
+func (w *deadlineWriter) Flush() {
+	w.extend()
+	w.failed = w.failed || w.rc.Flush() != nil
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (w *deadlineWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// deadlineBody clears the body's read deadline once the body has been read. After a
+// failed read the deadline stays: the server then reads what is left of the body before
+// it answers, and that read must stay bounded too.
+type deadlineBody struct {
+	io.ReadCloser
+	rc   *http.ResponseController
+	done bool
+}
+
+// Read reads the body and clears the read deadline at its end.
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
 // statusOnly records the status a handler writes and discards the body.
 type statusOnly struct {
 	header http.Header
 	code   int
 }
 
-func (s *statusOnly) Header() http.Header         { return s.header }
+// Header returns the recorded header.
+func (s *statusOnly) Header() http.Header { return s.header }
+
+// Write discards b.
 func (s *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
-func (s *statusOnly) WriteHeader(code int)        { s.code = code }
+
+// WriteHeader records code.
+func (s *statusOnly) WriteHeader(code int) { s.code = code }
 
 // writeJSON answers v as JSON with the given status.
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -119,23 +261,39 @@ func writeError(w http.ResponseWriter, status int, code, message string) {
 	writeJSON(w, status, map[string]body{"error": {code, message}})
 }
 
-// fail answers err: known errors get their 4xx, an unreachable database 503, anything
-// else a 500 whose details are logged, never shown.
+// errKeyReused is an Idempotency-Key used before with another request.
+var errKeyReused = fmt.Errorf("%w: Idempotency-Key was already used with a different request", errConflict)
+
+// fail answers err; it is the one place where errors become statuses. A client's mistake
+// (requestError) carries its own; errNotFound and errConflict, wrapped with a message or
+// not, are 404 and 409; values PostgreSQL cannot store 422; an unreachable database 503;
+// anything else a 500 whose details are logged, never shown.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var unknown unknownAgentError
 	var bad *requestError
+	var pqErr *pq.Error
 	dataMsg, isData := dataException(err)
 	switch {
 	case errors.As(err, &bad):
+		if bad.status == http.StatusUnauthorized {
+			s.logAuthFailure(r, bad.message)
+		}
 		writeError(w, bad.status, bad.code, bad.message)
 	case isData:
 		writeError(w, http.StatusUnprocessableEntity, "invalid", "a value in the request cannot be stored: "+dataMsg)
-	case errors.Is(err, errNotFound):
-		writeError(w, http.StatusNotFound, "not_found", "not found")
+	case errors.Is(err, errNotFound), errors.As(err, &pqErr) && pqErr.Code == "23503":
+		// 23503, a foreign key violation: the workspace was deleted under the request.
+		writeError(w, http.StatusNotFound, "not_found", messageOf(err, errNotFound, "not found"))
+	case errors.Is(err, errKeyReused):
+		writeError(w, http.StatusConflict, "idempotency_conflict", messageOf(err, errConflict, "conflict"))
+	case errors.Is(err, errConflict):
+		writeError(w, http.StatusConflict, "conflict", messageOf(err, errConflict, "conflict"))
 	case errors.As(err, &unknown):
 		writeError(w, http.StatusUnprocessableEntity, "unknown_agent", unknown.Error())
 	case isUnavailable(err):
-		s.log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		if ok, suppressed := s.dbLog.allow(""); ok {
+			s.log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err, "suppressed", suppressed)
+		}
 		writeError(w, http.StatusServiceUnavailable, "unavailable", "the database is unavailable; try again shortly")
 	default:
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -143,48 +301,98 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 }
 
-// requestError is a client's mistake, answered with its status.
+// messageOf is the message that wraps sentinel in err ("not found: run x" → "run x"), or
+// def when err is the bare sentinel.
+func messageOf(err, sentinel error, def string) string {
+	if msg, ok := strings.CutPrefix(err.Error(), sentinel.Error()+": "); ok {
+		return msg
+	}
+	return def
+}
+
+// logAuthFailure logs a failed authentication, at most once per logEvery per client address.
+func (s *server) logAuthFailure(r *http.Request, why string) {
+	addr, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		addr = r.RemoteAddr
+	}
+	if ok, suppressed := s.authLog.allow(addr); ok {
+		s.log.Warn("authentication failed", "addr", addr, "method", r.Method, "path", r.URL.Path, "reason", why, "suppressed", suppressed)
+	}
+}
+
+// requestError is a client's mistake, answered with its status; the constructors below
+// are the only places that choose one.
 type requestError struct {
 	status        int
 	code, message string
 }
 
+// Error returns the message.
 func (e *requestError) Error() string { return e.message }
 
+// invalid is a well-formed request with a value out of its range: 422.
 func invalid(format string, args ...any) error {
 	return &requestError{http.StatusUnprocessableEntity, "invalid", fmt.Sprintf(format, args...)}
 }
 
+// badRequest is a malformed request: 400.
 func badRequest(format string, args ...any) error {
 	return &requestError{http.StatusBadRequest, "bad_request", fmt.Sprintf(format, args...)}
 }
 
-// decode reads one JSON value from the body into v: unknown fields, trailing data and
-// malformed JSON are 400, a wrong type 422, a body over the limit 413. An empty body is
-// allowed only when emptyOK.
+// tooLarge is a body over maxBody: 413.
+func tooLarge() error {
+	return &requestError{http.StatusRequestEntityTooLarge, "payload_too_large", "request body is over 1 MiB"}
+}
+
+// unauthorized is no or a wrong token: 401.
+func unauthorized(message string) error {
+	return &requestError{http.StatusUnauthorized, "unauthorized", message}
+}
+
+// bodyTimedOut is a body not received within bodyTimeout: 408.
+func bodyTimedOut() error {
+	return &requestError{http.StatusRequestTimeout, "request_timeout", "request body not received in time"}
+}
+
+// maxJSONDepth is how deeply a request body may nest, as encoding/json's own limit.
+const maxJSONDepth = 10000
+
+// decode reads one JSON value from the body into v: malformed JSON, unknown fields (keys
+// are matched exactly, case-sensitively), a key given twice and trailing data are 400, a
+// wrong type 422, a body over the limit 413. An empty body is allowed only when emptyOK.
 func decode(r *http.Request, v any, emptyOK bool) error {
-	dec := json.NewDecoder(r.Body)
-	dec.DisallowUnknownFields()
-	err := dec.Decode(v)
+	data, err := io.ReadAll(r.Body)
 	var tooBig *http.MaxBytesError
-	if err == nil {
-		// Trailing space past the limit is still a body over 1 MiB: 413, not 400.
-		if rest := dec.Decode(&json.RawMessage{}); errors.As(rest, &tooBig) {
-			err = rest
-		} else if rest != io.EOF {
-			err = errors.New("trailing data after the JSON value")
+	var netErr net.Error
+	switch {
+	case errors.As(err, &tooBig):
+		return tooLarge()
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return bodyTimedOut()
+	case err != nil:
+		return badRequest("reading the request body: %v", err)
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		if emptyOK {
+			return nil
 		}
+		return badRequest("request body is empty: want a JSON object")
+	}
+	if err := checkKeys(data, reflect.TypeOf(v)); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	err = dec.Decode(v)
+	if err == nil && dec.Decode(&json.RawMessage{}) != io.EOF {
+		err = errors.New("trailing data after the JSON value")
 	}
 	var typeErr *json.UnmarshalTypeError
 	switch {
 	case err == nil:
 		return nil
-	case errors.As(err, &tooBig):
-		return &requestError{http.StatusRequestEntityTooLarge, "payload_too_large", "request body is over 1 MiB"}
-	case errors.Is(err, io.EOF) && emptyOK:
-		return nil
-	case errors.Is(err, io.EOF):
-		return badRequest("request body is empty: want a JSON object")
 	case errors.As(err, &typeErr) && typeErr.Field == "":
 		return invalid("request body must be a JSON object, got %s", typeErr.Value)
 	case errors.As(err, &typeErr):
@@ -192,6 +400,108 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 	default:
 		return badRequest("malformed request body: %s", strings.TrimPrefix(err.Error(), "json: "))
 	}
+}
+
+// checkKeys refuses a key given twice in any object of the JSON value in data and, where
+// the value decodes into a struct of t, a key that is not exactly one of its fields' JSON
+// names (encoding/json would accept {"AGENT":…} for "agent"). Malformed JSON is left to
+// the decoder, whose message says where.
+func checkKeys(data []byte, t reflect.Type) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	err := walkJSON(dec, t, "", 0)
+	var bad *requestError
+	if errors.As(err, &bad) {
+		return err
+	}
+	return nil
+}
+
+// walkJSON reads one value from dec; t is the Go type it decodes into (nil: any) and
+// where its path in the body, for messages.
+func walkJSON(dec *json.Decoder, t reflect.Type, where string, depth int) error {
+	if depth > maxJSONDepth {
+		return badRequest("request body is nested too deeply")
+	}
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch tok {
+	case json.Delim('{'):
+		var fields map[string]reflect.Type
+		if t != nil && t.Kind() == reflect.Struct {
+			fields = jsonFields(t)
+		}
+		seen := map[string]bool{}
+		for dec.More() {
+			tok, err := dec.Token()
+			if err != nil {
+				return err
+			}
+			key, _ := tok.(string)
+			if seen[key] {
+				return badRequest("key %q given twice in %s", key, bodyPath(where))
+			}
+			seen[key] = true
+			var ft reflect.Type
+			if fields != nil {
+				var ok bool
+				if ft, ok = fields[key]; !ok {
+					return badRequest("unknown field %q in %s", key, bodyPath(where))
+				}
+			}
+			if err := walkJSON(dec, ft, where+"."+key, depth+1); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+		return err
+	case json.Delim('['):
+		var et reflect.Type
+		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
+			et = t.Elem()
+		}
+		for i := 0; dec.More(); i++ {
+			if err := walkJSON(dec, et, fmt.Sprintf("%s[%d]", where, i), depth+1); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+		return err
+	}
+	return nil
+}
+
+// bodyPath names a place in the body for messages.
+func bodyPath(where string) string {
+	if where == "" {
+		return "the request body"
+	}
+	return strings.TrimPrefix(where, ".")
+}
+
+// jsonFields maps the JSON names of struct t's fields to their types.
+func jsonFields(t reflect.Type) map[string]reflect.Type {
+	fields := make(map[string]reflect.Type, t.NumField())
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch name {
+		case "-":
+			continue
+		case "":
+			name = f.Name
+		}
+		fields[name] = f.Type
+	}
+	return fields
 }
 
 // bearer returns the request's bearer token.
@@ -203,15 +513,52 @@ func bearer(r *http.Request) string {
 	return strings.TrimSpace(token)
 }
 
+// isAdmin reports whether token is the admin token, compared in constant time.
 func (s *server) isAdmin(token string) bool {
 	return s.cfg.AdminToken != "" && subtle.ConstantTimeCompare([]byte(token), []byte(s.cfg.AdminToken)) == 1
+}
+
+// caller is who a request's token names: the admin, or a workspace's key.
+type caller struct {
+	admin     bool
+	workspace string // the key's workspace id
+}
+
+// authenticate finds the caller of r; no or a wrong token is a 401 error.
+func (s *server) authenticate(r *http.Request) (caller, error) {
+	token := bearer(r)
+	switch {
+	case token == "":
+		return caller{}, unauthorized("missing bearer token")
+	case s.isAdmin(token):
+		return caller{admin: true}, nil
+	}
+	// Keys are found by their hash, so the secret itself is never compared byte by byte.
+	sum := sha256.Sum256([]byte(token))
+	hash := hex.EncodeToString(sum[:])
+	if ws, ok := s.keys.get(hash); ok {
+		return caller{workspace: ws}, nil
+	}
+	ws, err := s.store.workspaceByKey(r.Context(), sum[:])
+	if errors.Is(err, errNotFound) {
+		return caller{}, unauthorized("invalid token")
+	}
+	if err != nil {
+		return caller{}, err
+	}
+	s.keys.put(hash, ws)
+	return caller{workspace: ws}, nil
 }
 
 // admin guards the admin API.
 func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if !s.isAdmin(bearer(r)) {
-			writeError(w, http.StatusUnauthorized, "unauthorized", "an admin token is required")
+		c, err := s.authenticate(r)
+		if err == nil && !c.admin {
+			err = unauthorized("an admin token is required")
+		}
+		if err != nil {
+			s.fail(w, r, err)
 			return
 		}
 		h(w, r)
@@ -219,54 +566,87 @@ func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 }
 
 // member guards a workspace's endpoints: the admin token, or the workspace's own key.
-// Another workspace's key gets 404, as if the workspace did not exist. Keys are found by
-// their hash, so the secret itself is never compared byte by byte.
+// The token is checked first, so a bad one gets 401 whatever the path. Another
+// workspace's key gets 404, as if the workspace did not exist.
 func (s *server) member(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		token := bearer(r)
-		if token == "" {
-			writeError(w, http.StatusUnauthorized, "unauthorized", "missing bearer token")
+		c, err := s.authenticate(r)
+		if err != nil {
+			s.fail(w, r, err)
 			return
 		}
 		ws, id := r.PathValue("ws"), r.PathValue("id")
-		if !isUUID(ws) || (id != "" && !isUUID(id)) {
-			writeError(w, http.StatusNotFound, "not_found", "not found")
+		if !isUUID(ws) || (id != "" && !isUUID(id)) || (!c.admin && !strings.EqualFold(c.workspace, ws)) {
+			s.fail(w, r, errNotFound)
 			return
 		}
-		if s.isAdmin(token) {
-			// A key always names an existing workspace; the admin may name any id, and
-			// one that does not exist is 404, not an empty list.
-			if _, _, err := s.st.getWorkspace(r.Context(), ws); err != nil {
+		if c.admin {
+			// A key names an existing workspace; the admin may name any id, and one that
+			// does not exist is 404, not an empty list.
+			if _, _, err := s.store.getWorkspace(r.Context(), ws); err != nil {
 				s.fail(w, r, err)
 				return
 			}
-			h(w, r)
-			return
-		}
-		sum := sha256.Sum256([]byte(token))
-		hash := hex.EncodeToString(sum[:])
-		owner, ok := s.keys.Load(hash)
-		if !ok {
-			id, err := s.st.workspaceByKey(r.Context(), sum[:])
-			if errors.Is(err, errNotFound) {
-				writeError(w, http.StatusUnauthorized, "unauthorized", "invalid token")
-				return
-			}
-			if err != nil {
-				s.fail(w, r, err)
-				return
-			}
-			s.keys.Store(hash, id)
-			owner = id
-		}
-		if !strings.EqualFold(owner.(string), ws) {
-			writeError(w, http.StatusNotFound, "not_found", "not found")
-			return
 		}
 		h(w, r)
 	}
 }
 
+// keyCache remembers which workspace a key hash belongs to for keyCacheTTL, so most
+// requests do not ask the database, and a rotated key dies within the TTL everywhere.
+type keyCache struct {
+	mu sync.Mutex
+	m  map[string]keyEntry
+}
+
+// keyEntry is one cached key.
+type keyEntry struct {
+	workspace string
+	expires   time.Time
+}
+
+// get returns the workspace of hash when it was found within keyCacheTTL.
+func (c *keyCache) get(hash string) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[hash]
+	if !ok || time.Now().After(e.expires) {
+		delete(c.m, hash)
+		return "", false
+	}
+	return e.workspace, true
+}
+
+// put remembers hash for keyCacheTTL, dropping expired entries when the map has grown.
+func (c *keyCache) put(hash, workspace string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	if c.m == nil {
+		c.m = map[string]keyEntry{}
+	}
+	if len(c.m) >= 1024 {
+		for h, e := range c.m {
+			if now.After(e.expires) {
+				delete(c.m, h)
+			}
+		}
+	}
+	c.m[hash] = keyEntry{workspace, now.Add(keyCacheTTL)}
+}
+
+// forget drops every cached key of workspace, so its old key dies at once in this process.
+func (c *keyCache) forget(workspace string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for h, e := range c.m {
+		if strings.EqualFold(e.workspace, workspace) {
+			delete(c.m, h)
+		}
+	}
+}
+
+// healthz is 200 while the process runs.
 func (s *server) healthz(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
@@ -278,13 +658,13 @@ func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	body := map[string]any{"status": "ok", "database": "ok"}
 	status := http.StatusOK
-	if err := s.st.db.PingContext(ctx); err != nil {
+	if err := s.store.db.PingContext(ctx); err != nil {
 		body["database"], body["status"], status = "unreachable", "unavailable", http.StatusServiceUnavailable
 	}
-	if s.embedded {
-		alive, last := s.w.alive()
-		state := map[string]any{"embedded": true, "alive": alive, "executing": s.w.executingCount(),
-			"listening": s.n != nil && s.n.listening.Load(), "last_cycle_at": nil}
+	if s.cfg.WorkerEmbedded {
+		alive, last := s.worker.alive()
+		state := map[string]any{"embedded": true, "alive": alive, "executing": s.worker.executingCount(),
+			"listening": s.notifier != nil && s.notifier.listening.Load(), "last_cycle_at": nil}
 		if !last.IsZero() && last.Unix() > 0 {
 			state["last_cycle_at"] = last.UTC().Format(time.RFC3339Nano)
 		}
@@ -298,11 +678,13 @@ func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, status, body)
 }
 
+// metricsHandler answers the Prometheus text format.
 func (s *server) metricsHandler(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	writeMetrics(r.Context(), w, s.st, s.m)
+	writeMetrics(r.Context(), w, s.store, s.metrics)
 }
 
+// createWorkspace creates a workspace (admin) and answers it with its API key.
 func (s *server) createWorkspace(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Name string `json:"name"`
@@ -315,7 +697,7 @@ func (s *server) createWorkspace(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	ws, err := s.st.createWorkspace(r.Context(), req.Name)
+	ws, err := s.store.createWorkspace(r.Context(), req.Name)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -323,16 +705,18 @@ func (s *server) createWorkspace(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, ws)
 }
 
-// checkName validates the name of a workspace or an agent.
+// checkName validates the name of a workspace or an agent: 1 to 200 characters (not
+// bytes), not only whitespace.
 func checkName(name string) error {
-	if strings.TrimSpace(name) == "" || len(name) > 200 {
-		return invalid("name must be 1 to 200 characters")
+	if strings.TrimSpace(name) == "" || utf8.RuneCountInString(name) > 200 {
+		return invalid("name must be 1 to 200 characters, not only whitespace")
 	}
 	return nil
 }
 
+// getWorkspace answers the workspace.
 func (s *server) getWorkspace(w http.ResponseWriter, r *http.Request) {
-	ws, _, err := s.st.getWorkspace(r.Context(), r.PathValue("ws"))
+	ws, _, err := s.store.getWorkspace(r.Context(), r.PathValue("ws"))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -340,6 +724,19 @@ func (s *server) getWorkspace(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, ws)
 }
 
+// rotateKey gives the workspace a new API key and answers it; the old key stops working
+// here at once and in other processes within keyCacheTTL.
+func (s *server) rotateKey(w http.ResponseWriter, r *http.Request) {
+	ws, err := s.store.rotateKey(r.Context(), r.PathValue("ws"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.keys.forget(ws.ID)
+	writeJSON(w, http.StatusOK, ws)
+}
+
+// createAgent creates an agent; a taken name is 409.
 func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Name   string          `json:"name"`
@@ -365,19 +762,20 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, invalid("%s", err.Error()))
 		return
 	}
-	a, err := s.st.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind, Config: req.Config})
-	switch {
-	case errors.Is(err, errConflict):
-		writeError(w, http.StatusConflict, "conflict", fmt.Sprintf("agent %q already exists", req.Name))
-	case err != nil:
-		s.fail(w, r, err)
-	default:
-		writeJSON(w, http.StatusCreated, a)
+	a, err := s.store.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind, Config: req.Config})
+	if errors.Is(err, errConflict) {
+		err = fmt.Errorf("%w: agent %q already exists", errConflict, req.Name)
 	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, a)
 }
 
+// listAgents answers the workspace's agents.
 func (s *server) listAgents(w http.ResponseWriter, r *http.Request) {
-	agents, err := s.st.listAgents(r.Context(), r.PathValue("ws"))
+	agents, err := s.store.listAgents(r.Context(), r.PathValue("ws"))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -415,6 +813,26 @@ func (q runRequest) validate(where string) (newRun, error) {
 	return n, nil
 }
 
+// canonicalJSON re-encodes a JSON value with its objects' keys sorted, so two spellings
+// of the same value (keys in another order, other spacing) are the same bytes.
+func canonicalJSON(v json.RawMessage) ([]byte, error) {
+	dec := json.NewDecoder(bytes.NewReader(v))
+	dec.UseNumber() // numbers keep their digits
+	var x any
+	if err := dec.Decode(&x); err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(x); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// createRun creates a run (201); with Idempotency-Key, a repeat of the same request
+// answers the first run (200), another request with the key is 409.
 func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	var req runRequest
 	if err := decode(r, &req, false); err != nil {
@@ -431,13 +849,19 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 			s.fail(w, r, invalid("Idempotency-Key must be at most 255 characters"))
 			return
 		}
-		sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%s", n.Agent, n.MaxAttempts, n.Input))
+		input, err := canonicalJSON(n.Input)
+		if err != nil {
+			s.fail(w, r, badRequest("input: %v", err))
+			return
+		}
+		sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%s", n.Agent, n.MaxAttempts, input))
 		n.IdempotencyKey, n.RequestHash = key, sum[:]
 	}
-	run, created, err := s.st.createRun(r.Context(), r.PathValue("ws"), n)
+	run, created, err := s.store.createRun(r.Context(), r.PathValue("ws"), n)
+	if errors.Is(err, errConflict) {
+		err = errKeyReused
+	}
 	switch {
-	case errors.Is(err, errConflict):
-		writeError(w, http.StatusConflict, "idempotency_conflict", "Idempotency-Key was already used with a different request")
 	case err != nil:
 		s.fail(w, r, err)
 	case created:
@@ -447,6 +871,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// createRuns creates up to 1000 runs, all or nothing.
 func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 	if r.Header.Get("Idempotency-Key") != "" {
 		// Ignoring it would let a retried batch create every run twice.
@@ -473,7 +898,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		}
 		ns[i] = n
 	}
-	runs, err := s.st.createRuns(r.Context(), r.PathValue("ws"), ns)
+	runs, err := s.store.createRuns(r.Context(), r.PathValue("ws"), ns)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -494,6 +919,28 @@ func intParam(r *http.Request, name string, def, lo, hi int) (int, error) {
 	return n, nil
 }
 
+// errBadCursor is a cursor this API did not give to this workspace.
+var errBadCursor = invalid("cursor is not one this API returned")
+
+// encodeCursor is the opaque next_cursor after the run with this id: it names a run of
+// the caller's own workspace only, never the global order that would reveal other
+// workspaces' activity.
+func encodeCursor(runID string) string {
+	b, _ := hex.DecodeString(strings.ReplaceAll(runID, "-", ""))
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// decodeCursor returns the run id in a cursor from encodeCursor.
+func decodeCursor(c string) (string, bool) {
+	b, err := base64.RawURLEncoding.DecodeString(c)
+	if err != nil || len(b) != 16 {
+		return "", false
+	}
+	h := hex.EncodeToString(b)
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:], true
+}
+
+// listRuns answers a page of the workspace's runs, newest first.
 func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 	status := r.URL.Query().Get("status")
 	switch status {
@@ -507,24 +954,28 @@ func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	cursor, ok := parseCursor(r.URL.Query().Get("cursor"))
-	if !ok {
-		s.fail(w, r, invalid("cursor is not one this API returned"))
-		return
+	var after string
+	if c := r.URL.Query().Get("cursor"); c != "" {
+		var ok bool
+		if after, ok = decodeCursor(c); !ok {
+			s.fail(w, r, errBadCursor)
+			return
+		}
 	}
-	runs, next, err := s.st.listRuns(r.Context(), r.PathValue("ws"), status, limit, cursor)
+	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, limit, after)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	var nextCursor *string
-	if next > 0 {
-		c := strconv.FormatInt(next, 10)
+	if next != "" {
+		c := encodeCursor(next)
 		nextCursor = &c
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"runs": runs, "next_cursor": nextCursor})
 }
 
+// getRun answers a run; with ?wait_ms it waits up to that long for the run to be final.
 func (s *server) getRun(w http.ResponseWriter, r *http.Request) {
 	wait, err := intParam(r, "wait_ms", 0, 0, 60000)
 	if err != nil {
@@ -546,17 +997,17 @@ func (s *server) waitRun(ctx context.Context, ws, id string, wait time.Duration)
 	for {
 		var woken <-chan struct{}
 		unsubscribe := func() {}
-		if s.n != nil && wait > 0 {
-			woken, unsubscribe = s.n.subscribe(id)
+		if s.notifier != nil && wait > 0 {
+			woken, unsubscribe = s.notifier.subscribe(id)
 		}
-		r, err := s.st.getRun(ctx, ws, id)
+		r, err := s.store.getRun(ctx, ws, id)
 		remaining := time.Until(deadline)
 		if err != nil || r.final() || remaining <= 0 || ctx.Err() != nil {
 			unsubscribe()
 			return r, err
 		}
 		recheck := remaining
-		if s.n == nil || !s.n.listening.Load() {
+		if s.notifier == nil || !s.notifier.listening.Load() {
 			recheck = min(remaining, 500*time.Millisecond)
 		}
 		t := time.NewTimer(recheck)
@@ -576,23 +1027,25 @@ func (s *server) waitRun(ctx context.Context, ws, id string, wait time.Duration)
 	}
 }
 
+// cancelRun cancels a run (200); an already final run is 409.
 func (s *server) cancelRun(w http.ResponseWriter, r *http.Request) {
-	run, err := s.st.cancelRun(r.Context(), r.PathValue("ws"), r.PathValue("id"))
-	switch {
-	case errors.Is(err, errConflict):
-		writeError(w, http.StatusConflict, "conflict", "run is already "+string(run.Status))
-	case err != nil:
-		s.fail(w, r, err)
-	default:
-		if run.Status == "running" {
-			s.w.cancelLocal(run.ID) // other processes hear of it through the notification
-		}
-		writeJSON(w, http.StatusOK, run)
+	run, err := s.store.cancelRun(r.Context(), r.PathValue("ws"), r.PathValue("id"))
+	if errors.Is(err, errConflict) {
+		err = fmt.Errorf("%w: run is already %s", errConflict, run.Status)
 	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if run.Status == "running" {
+		s.worker.cancelLocal(run.ID) // other processes hear of it through the notification
+	}
+	writeJSON(w, http.StatusOK, run)
 }
 
+// stats answers the workspace's runs counted by status.
 func (s *server) stats(w http.ResponseWriter, r *http.Request) {
-	st, err := s.st.stats(r.Context(), r.PathValue("ws"))
+	st, err := s.store.stats(r.Context(), r.PathValue("ws"))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -632,7 +1085,7 @@ func (s *server) process(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	sum, err := s.w.process(r.Context(), limit, ws)
+	sum, err := s.worker.process(r.Context(), limit, ws)
 	if err != nil {
 		s.fail(w, r, err)
 		return

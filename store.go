@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -122,11 +121,16 @@ func hashKey(key string) []byte {
 	return h[:]
 }
 
-// createWorkspace creates a workspace with a new random API key.
-func (s *store) createWorkspace(ctx context.Context, name string) (workspace, error) {
+// newAPIKey returns a new random workspace API key.
+func newAPIKey() string {
 	b := make([]byte, 24)
 	rand.Read(b)
-	key := "ak_" + base64.RawURLEncoding.EncodeToString(b)
+	return "ak_" + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// createWorkspace creates a workspace with a new random API key.
+func (s *store) createWorkspace(ctx context.Context, name string) (workspace, error) {
+	key := newAPIKey()
 	w := workspace{Name: name, APIKey: key}
 	err := s.db.QueryRowContext(ctx,
 		`INSERT INTO workspaces (name, api_key_hash) VALUES ($1, $2) RETURNING id, created_at`,
@@ -420,35 +424,43 @@ func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
 	return r, err
 }
 
-// listRuns returns up to limit runs of ws, newest first, older than the cursor (a seq;
-// 0 for the first page), optionally only those with the given status. next is the cursor
-// of the following page, or 0 when there is none.
-func (s *store) listRuns(ctx context.Context, ws, status string, limit int, cursor int64) (runs []runRecord, next int64, err error) {
-	if cursor <= 0 {
-		cursor = 1<<63 - 1
+// listRuns returns up to limit runs of ws, newest first, older than the run after (an id;
+// "" for the first page), optionally only those with the given status. next is the id of
+// the last run when a following page exists, else "". An after that is not a run of ws is
+// an invalid cursor.
+func (s *store) listRuns(ctx context.Context, ws, status string, limit int, after string) (runs []runRecord, next string, err error) {
+	cursor := int64(1<<63 - 1)
+	if after != "" {
+		err := s.db.QueryRowContext(ctx, `SELECT seq FROM runs WHERE id = $1 AND workspace_id = $2`, after, ws).Scan(&cursor)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, "", errBadCursor
+		}
+		if err != nil {
+			return nil, "", err
+		}
 	}
 	rows, err := s.db.QueryContext(ctx, `SELECT `+runColumns+`
 		FROM runs r JOIN agents a ON a.id = r.agent_id
 		WHERE r.workspace_id = $1 AND r.seq < $2 AND ($3 = '' OR r.status = $3)
 		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, status, limit+1)
 	if err != nil {
-		return nil, 0, err
+		return nil, "", err
 	}
 	defer rows.Close()
 	runs = []runRecord{}
 	for rows.Next() {
 		r, err := scanRun(rows)
 		if err != nil {
-			return nil, 0, err
+			return nil, "", err
 		}
 		runs = append(runs, r)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, 0, err
+		return nil, "", err
 	}
 	if len(runs) > limit {
 		runs = runs[:limit]
-		next = runs[limit-1].seq
+		next = runs[limit-1].ID
 	}
 	return runs, next, nil
 }
@@ -702,11 +714,17 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 // times written into JSON (errors[].at).
 const nowZ = `to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')`
 
-// parseCursor reads a list cursor; it is the seq of the last run of the previous page.
-func parseCursor(s string) (int64, bool) {
-	if s == "" {
-		return 0, true
+// rotateKey gives workspace id a new random API key and returns the workspace with it;
+// the old key no longer matches any workspace.
+func (s *store) rotateKey(ctx context.Context, id string) (workspace, error) {
+	key := newAPIKey()
+	w := workspace{APIKey: key}
+	err := s.db.QueryRowContext(ctx,
+		`UPDATE workspaces SET api_key_hash = $2 WHERE id = $1 RETURNING id, name, created_at`,
+		id, hashKey(key)).Scan(&w.ID, &w.Name, &w.CreatedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return workspace{}, errNotFound
 	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil && n > 0
+	w.CreatedAt = w.CreatedAt.UTC()
+	return w, err
 }
