@@ -14,7 +14,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -50,7 +49,7 @@ func benchEnv(b *testing.B, dsn string, embedded bool) map[string]string {
 // benchStart starts the non-race binary serving with env; it returns once /healthz answers.
 func benchStart(b *testing.B, env map[string]string) *proc {
 	b.Helper()
-	return startProcBin(b, agentappBenchBinary(b), env, "serve")
+	return startProcBin(b, agentappBinary(b, false), env, "serve")
 }
 
 // benchStop stops the process with SIGTERM and fails the benchmark unless it exits 0.
@@ -58,7 +57,7 @@ func benchStop(b *testing.B, p *proc) {
 	b.Helper()
 	p.signal(b, syscall.SIGTERM)
 	if code := p.wait(b, 90*time.Second); code != 0 {
-		b.Errorf("agentapp exited %d after SIGTERM; log:\n%s", code, p.log)
+		b.Errorf("agentapp after SIGTERM: got exit %d; want 0; log:\n%s", code, p.log)
 	}
 }
 
@@ -69,12 +68,6 @@ func benchClient() *http.Client {
 		MaxIdleConns: 128, MaxIdleConnsPerHost: 128, IdleConnTimeout: 90 * time.Second,
 		DisableCompression: true, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 	}}
-}
-
-// benchPost POSTs a JSON body with the bearer token and returns the status and body. It
-// never fails the benchmark itself, so any goroutine may call it.
-func benchPost(c *http.Client, url, token string, body []byte) (int, []byte, error) {
-	return sendRequest(c, "POST", url, token, bytes.NewReader(body))
 }
 
 // benchRunBody is the body of POST …/runs for an echo run; i makes inputs distinct.
@@ -133,28 +126,6 @@ func benchProcStats(b *testing.B, pid int) benchProc {
 	return s
 }
 
-// benchDBName is the name of the database a URL points at.
-func benchDBName(b *testing.B, dsn string) string {
-	u, err := url.Parse(dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return strings.TrimPrefix(u.Path, "/")
-}
-
-// benchAdminDB is a connection to DATABASE_URL's own database, from which the statistics
-// of a test database are read without adding a transaction to it.
-func benchAdminDB(b *testing.B) *sql.DB {
-	b.Helper()
-	return openTestDB(b, withDatabase(b, os.Getenv("DATABASE_URL"), benchDBName(b, os.Getenv("DATABASE_URL"))))
-}
-
-// benchWorkspace creates a workspace with an echo agent named "echo".
-func benchWorkspace(b *testing.B, p *proc) testWorkspace {
-	b.Helper()
-	return p.app().createWorkspace(b)
-}
-
 // benchQuantile is the nearest-rank quantile of sorted durations, in milliseconds.
 func benchQuantile(sorted []time.Duration, q float64) float64 {
 	if len(sorted) == 0 {
@@ -164,35 +135,28 @@ func benchQuantile(sorted []time.Duration, q float64) float64 {
 	return float64(sorted[i]) / float64(time.Millisecond)
 }
 
-// benchDrained polls, every interval on its own connection, until no run is queued or
-// running, and returns when that was first seen; it fails the benchmark after timeout or
-// if the process exits.
-func benchDrained(b *testing.B, db *sql.DB, p *proc, interval, timeout time.Duration) time.Time {
+// benchDrained polls until no run is queued or running and returns when that was first
+// seen; it fails the benchmark after timeout or if the process exits.
+func benchDrained(b *testing.B, db *sql.DB, p *proc, timeout time.Duration) time.Time {
 	b.Helper()
 	probe, err := db.Prepare(`SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('queued', 'running'))`)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer probe.Close()
-	deadline := time.Now().Add(timeout)
-	for {
+	eventually(b, timeout, "no run is queued or running", func() bool {
+		select {
+		case <-p.done:
+			b.Fatalf("agentapp while draining: got exit %v; want it running", p.err)
+		default:
+		}
 		var left bool
 		if err := probe.QueryRow().Scan(&left); err != nil {
 			b.Fatal(err)
 		}
-		if !left {
-			return time.Now()
-		}
-		select {
-		case <-p.done:
-			b.Fatalf("agentapp exited while draining: %v", p.err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("runs still queued or running after %v", timeout)
-		}
-		time.Sleep(interval)
-	}
+		return !left
+	})
+	return time.Now()
 }
 
 // benchStatusCounts counts the runs by status.
@@ -229,7 +193,7 @@ func BenchmarkDrain(b *testing.B) {
 	client := benchClient()
 
 	p := benchStart(b, benchEnv(b, dsn, false))
-	ws := benchWorkspace(b, p)
+	ws := p.app().createWorkspace(b)
 	var bodies [][]byte
 	for i := 0; i < n; i += batch {
 		bodies = append(bodies, benchBatchBody(i, batch))
@@ -237,7 +201,7 @@ func BenchmarkDrain(b *testing.B) {
 	url := p.base + "/v1/workspaces/" + ws.ID + "/runs/batch"
 	start := time.Now()
 	for _, body := range bodies {
-		if status, data, err := benchPost(client, url, ws.APIKey, body); err != nil || status != 201 {
+		if status, _, data, err := send(client, "POST", url, ws.APIKey, nil, body); err != nil || status != 201 {
 			b.Fatalf("POST %s: got %d %v %.300s; want 201", url, status, err, data)
 		}
 	}
@@ -253,7 +217,7 @@ func BenchmarkDrain(b *testing.B) {
 	p = benchStart(b, benchEnv(b, dsn, true))
 	t0 := time.Now()
 	cpu0 := benchProcStats(b, p.cmd.Process.Pid).cpu
-	done := benchDrained(b, db, p, 20*time.Millisecond, 10*time.Minute)
+	done := benchDrained(b, db, p, 10*time.Minute)
 	st := benchProcStats(b, p.cmd.Process.Pid)
 	benchStop(b, p)
 	c := benchStatusCounts(b, db)
@@ -278,7 +242,7 @@ func BenchmarkLatency(b *testing.B) {
 	db := openTestDB(b, dsn)
 	client := benchClient()
 	p := benchStart(b, benchEnv(b, dsn, true))
-	ws := benchWorkspace(b, p)
+	ws := p.app().createWorkspace(b)
 	time.Sleep(2 * time.Second)
 
 	var (
@@ -347,7 +311,7 @@ func BenchmarkLatency(b *testing.B) {
 
 	url := p.base + "/v1/workspaces/" + ws.ID + "/runs"
 	for i := range n {
-		status, data, err := benchPost(client, url, ws.APIKey, benchRunBody(i))
+		status, _, data, err := send(client, "POST", url, ws.APIKey, nil, benchRunBody(i))
 		returned := time.Now()
 		var run struct{ ID string }
 		if err != nil || status != 201 || json.Unmarshal(data, &run) != nil {
@@ -358,22 +322,14 @@ func BenchmarkLatency(b *testing.B) {
 		mu.Unlock()
 		time.Sleep(10*time.Millisecond + rand.N(10*time.Millisecond))
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	eventually(b, 30*time.Second, "every run succeeded after the last POST", func() bool {
 		mu.Lock()
-		left, err := len(pending), pollErr
-		mu.Unlock()
-		if err != nil {
-			b.Fatalf("poll: %v", err)
+		defer mu.Unlock()
+		if pollErr != nil {
+			b.Fatalf("poll: got %v; want the runs' statuses", pollErr)
 		}
-		if left == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("%d runs not succeeded 30s after the last POST", left)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return len(pending) == 0
+	})
 	close(stop)
 	<-stopped
 	benchStop(b, p)
@@ -385,6 +341,35 @@ func BenchmarkLatency(b *testing.B) {
 	b.ReportMetric(benchQuantile(latency, 1), "max-ms")
 }
 
+// benchLoad is clients goroutines POSTing runs; see startBenchLoad.
+type benchLoad struct {
+	wg              sync.WaitGroup // done when every client has stopped
+	created, failed atomic.Int64   // runs acknowledged with 201; requests that failed
+	firstErr        atomic.Value   // the first failure, as a string
+}
+
+// startBenchLoad starts clients goroutines, each POSTing body(i) to url with token until
+// deadline or max requests, a 201 counting perRequest runs.
+func startBenchLoad(c *http.Client, url, token string, clients, max, perRequest int, deadline time.Time, body func(i int) []byte) *benchLoad {
+	l := &benchLoad{}
+	for g := range clients {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for i := 0; i < max && time.Now().Before(deadline); i++ {
+				status, _, data, err := send(c, "POST", url, token, nil, body(g*max+i))
+				if err != nil || status != 201 {
+					l.failed.Add(1)
+					l.firstErr.CompareAndSwap(nil, fmt.Sprintf("got %d %v %.200s", status, err, data))
+					continue
+				}
+				l.created.Add(int64(perRequest))
+			}
+		}()
+	}
+	return l
+}
+
 // benchEnqueue runs clients goroutines POSTing body to path for d (each at most
 // maxRequests times) against a process with the worker off, checks that every run
 // acknowledged with 201 is in the table, and returns runs per second.
@@ -392,43 +377,25 @@ func benchEnqueue(b *testing.B, clients, perRequest int, body func(i int) []byte
 	const maxRequests = 1_000_000
 	dsn := testDB(b)
 	p := benchStart(b, benchEnv(b, dsn, false))
-	ws := benchWorkspace(b, p)
+	ws := p.app().createWorkspace(b)
 	client := benchClient()
 	url := p.base + "/v1/workspaces/" + ws.ID + path
-	var created, failed atomic.Int64
-	var firstErr atomic.Value
-	var wg sync.WaitGroup
 	start := time.Now()
-	deadline := start.Add(d)
-	for g := range clients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < maxRequests && time.Now().Before(deadline); i++ {
-				status, data, err := benchPost(client, url, ws.APIKey, body(g*maxRequests+i))
-				if err != nil || status != 201 {
-					failed.Add(1)
-					firstErr.CompareAndSwap(nil, fmt.Sprintf("got %d %v %.200s", status, err, data))
-					continue
-				}
-				created.Add(int64(perRequest))
-			}
-		}()
-	}
-	wg.Wait()
+	l := startBenchLoad(client, url, ws.APIKey, clients, maxRequests, perRequest, start.Add(d), body)
+	l.wg.Wait()
 	elapsed := time.Since(start)
 	benchStop(b, p)
-	if failed.Load() > 0 {
-		b.Errorf("%d requests failed; first: %v", failed.Load(), firstErr.Load())
+	if l.failed.Load() > 0 {
+		b.Errorf("requests: got %d failed, the first %v; want none", l.failed.Load(), l.firstErr.Load())
 	}
 	var inTable int64
 	if err := openTestDB(b, dsn).QueryRow(`SELECT count(*) FROM runs`).Scan(&inTable); err != nil {
 		b.Fatal(err)
 	}
-	if inTable != created.Load() {
-		b.Errorf("got %d runs in the table; want the %d acknowledged with 201", inTable, created.Load())
+	if inTable != l.created.Load() {
+		b.Errorf("got %d runs in the table; want the %d acknowledged with 201", inTable, l.created.Load())
 	}
-	return float64(created.Load()) / elapsed.Seconds()
+	return float64(l.created.Load()) / elapsed.Seconds()
 }
 
 // BenchmarkEnqueueSingle: worker off, 8 clients × single POST …/runs for 10 s.
@@ -451,8 +418,8 @@ func BenchmarkEnqueueBatch(b *testing.B) {
 // database (read from another database, so the reading adds none), its CPU and its RSS.
 func BenchmarkIdle(b *testing.B) {
 	dsn := testDB(b)
-	name := benchDBName(b, dsn)
-	admin := benchAdminDB(b)
+	name := dbName(b, dsn)
+	admin := adminDB(b)
 	p := benchStart(b, benchEnv(b, dsn, true))
 	pid := p.cmd.Process.Pid
 	xacts := func() int64 {
@@ -489,11 +456,11 @@ func BenchmarkSoak(b *testing.B) {
 	}
 	const clients, maxPerClient, load = 50, 100_000, 60 * time.Second
 	dsn := testDB(b)
-	name := benchDBName(b, dsn)
-	admin := benchAdminDB(b)
+	name := dbName(b, dsn)
+	admin := adminDB(b)
 	p := benchStart(b, benchEnv(b, dsn, true))
 	pid := p.cmd.Process.Pid
-	ws := benchWorkspace(b, p)
+	ws := p.app().createWorkspace(b)
 	client := benchClient()
 	url := p.base + "/v1/workspaces/" + ws.ID + "/runs"
 	conns := func() int {
@@ -504,38 +471,23 @@ func BenchmarkSoak(b *testing.B) {
 		return n
 	}
 
-	var created, failed atomic.Int64
-	var firstErr atomic.Value
-	var wg sync.WaitGroup
 	start := time.Now()
-	deadline := start.Add(load)
-	for g := range clients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < maxPerClient && time.Now().Before(deadline); i++ {
-				status, data, err := benchPost(client, url, ws.APIKey, benchRunBody(g*maxPerClient+i))
-				if err != nil || status != 201 {
-					failed.Add(1)
-					firstErr.CompareAndSwap(nil, fmt.Sprintf("got %d %v %.200s", status, err, data))
-					continue
-				}
-				created.Add(1)
-			}
-		}()
-	}
-	time.Sleep(10 * time.Second)
+	l := startBenchLoad(client, url, ws.APIKey, clients, maxPerClient, 1, start.Add(load), benchRunBody)
+	created, failed, firstErr := &l.created, &l.failed, &l.firstErr
+	time.Sleep(10 * time.Second) // a point in the load to sample at, not a wait for anything
 	at10, conns10 := benchProcStats(b, pid), conns()
-	wg.Wait()
+	l.wg.Wait()
 	loadEnd := time.Since(start)
 	atEnd, connsEnd := benchProcStats(b, pid), conns()
 
 	db := openTestDB(b, dsn)
 	db.SetMaxOpenConns(1)
 	queuedAtEnd := benchStatusCounts(b, db)["queued"]
-	drained := benchDrained(b, db, p, 100*time.Millisecond, 10*time.Minute)
-	db.Close()              // out of pg_stat_activity before the last count
-	time.Sleep(time.Second) // let the backend exit
+	drained := benchDrained(b, db, p, 10*time.Minute)
+	db.Close() // out of pg_stat_activity before the last count
+	// The backend exits after the client has gone, and the worker's pool may open or
+	// close connections meanwhile, so no count tells that it has: give it a second.
+	time.Sleep(time.Second)
 	atDrain, connsDrain := benchProcStats(b, pid), conns()
 	benchStop(b, p)
 
@@ -545,7 +497,7 @@ func BenchmarkSoak(b *testing.B) {
 		total += n
 	}
 	if failed.Load() > 0 {
-		b.Errorf("%d requests failed; first: %v", failed.Load(), firstErr.Load())
+		b.Errorf("requests: got %d failed, the first %v; want none", failed.Load(), firstErr.Load())
 	}
 	if int64(total) != created.Load() || int64(counts["succeeded"]) != created.Load() {
 		b.Errorf("got %v (%d runs); want all %d runs acknowledged with 201, all succeeded", counts, total, created.Load())

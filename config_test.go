@@ -525,7 +525,7 @@ func TestRunCommandLine(t *testing.T) {
 // every variable, and an unknown command is exit 2.
 func TestConfigBinary(t *testing.T) {
 	t.Parallel()
-	bin := agentappBinary(t)
+	bin := agentappBinary(t, true)
 	exec1 := func(t *testing.T, env map[string]string, args ...string) (code int, stdout, stderr string) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -64,14 +64,14 @@ func FuzzDecodeRunRequest(f *testing.F) {
 			return
 		}
 		if !json.Valid(n.Input) {
-			t.Fatalf("body %q: accepted with input %q, which is not valid JSON", body, n.Input)
+			t.Fatalf("body %q: got input %q accepted; want valid JSON", body, n.Input)
 		}
 		var compact bytes.Buffer
 		if json.Compact(&compact, n.Input) != nil || !bytes.Equal(compact.Bytes(), n.Input) {
-			t.Fatalf("body %q: input %q is not compact", body, n.Input)
+			t.Fatalf("body %q: got input %q; want it compact", body, n.Input)
 		}
 		if n.Agent == "" || n.MaxAttempts < 1 || n.MaxAttempts > 25 {
-			t.Fatalf("body %q: accepted agent %q, max_attempts %d", body, n.Agent, n.MaxAttempts)
+			t.Fatalf("body %q: got agent %q, max_attempts %d accepted; want it refused", body, n.Agent, n.MaxAttempts)
 		}
 	})
 }
@@ -107,37 +107,37 @@ func FuzzLoadConfig(f *testing.F) {
 				}
 				switch {
 				case named == "":
-					t.Fatalf("error line %q names no variable (env %q)", line, env)
+					t.Fatalf("error line: got %q (env %q); want it to name a variable", line, env)
 				case named == "DATABASE_URL" && !strings.HasPrefix(line, "DATABASE_URL is "),
 					named == "ADMIN_TOKEN" && !strings.HasPrefix(line, "ADMIN_TOKEN is invalid (value not shown)"):
-					t.Fatalf("error line %q may show a secret", line)
+					t.Fatalf("error line: got %q; want no secret in it", line)
 				case named != "DATABASE_URL" && named != "ADMIN_TOKEN" && !strings.Contains(line, fmt.Sprintf("%q", env[named])):
-					t.Fatalf("error line %q does not show the value %q", line, env[named])
+					t.Fatalf("error line: got %q; want it to show the value %q", line, env[named])
 				}
 			}
 			return
 		}
 		ms := func(d time.Duration) int64 { return d.Milliseconds() }
 		if d := ms(c.PollInterval); d < 10 || d > 3600000 {
-			t.Fatalf("poll %v out of range (env %q)", c.PollInterval, env)
+			t.Fatalf("poll: got %v (env %q); want it in range", c.PollInterval, env)
 		}
 		if c.Concurrency < 1 || c.Concurrency > 1000 || c.BatchLimit < 1 || c.BatchLimit > 1000 {
-			t.Fatalf("concurrency %d, batch limit %d out of range (env %q)", c.Concurrency, c.BatchLimit, env)
+			t.Fatalf("concurrency, batch limit: got %d, %d (env %q); want them in range", c.Concurrency, c.BatchLimit, env)
 		}
 		if strings.TrimSpace(batch) == "" && c.BatchLimit != c.Concurrency {
 			t.Fatalf("batch limit %d unset but not the concurrency %d", c.BatchLimit, c.Concurrency)
 		}
 		if d := ms(c.Lease); d < 1000 || d > 3600000 {
-			t.Fatalf("lease %v out of range (env %q)", c.Lease, env)
+			t.Fatalf("lease: got %v (env %q); want it in range", c.Lease, env)
 		}
 		if d := ms(c.ShutdownTimeout); d != 30000 {
 			t.Fatalf("shutdown timeout %v; want the default", c.ShutdownTimeout)
 		}
 		if c.WorkspaceID != "" && (!isUUID(c.WorkspaceID) || c.WorkspaceID != strings.ToLower(c.WorkspaceID)) {
-			t.Fatalf("workspace id %q is not a lower-case UUID", c.WorkspaceID)
+			t.Fatalf("workspace id: got %q; want a lower-case UUID", c.WorkspaceID)
 		}
 		if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
-			t.Fatalf("listen address %q: %v", c.ListenAddr, err)
+			t.Fatalf("listen address: got %q (%v); want host:port", c.ListenAddr, err)
 		}
 		if c.AdminToken != strings.TrimSpace(token) || (c.AdminToken != "" && utf8.RuneCountInString(c.AdminToken) < 16) {
 			t.Fatalf("admin token of %d bytes accepted from %d", len(c.AdminToken), len(token))
@@ -158,10 +158,10 @@ func FuzzLoadConfig(f *testing.F) {
 			t.Fatalf("webhook hosts %q from %q", c.WebhookHosts, hosts)
 		}
 		if c.LogFormat != "text" || (c.LogLevel != "debug" && c.LogLevel != "info" && c.LogLevel != "warn" && c.LogLevel != "error") {
-			t.Fatalf("log format %q level %q", c.LogFormat, c.LogLevel)
+			t.Fatalf("log format, level: got %q, %q; want known ones", c.LogFormat, c.LogLevel)
 		}
 		if c.DatabaseURL == "" {
-			t.Fatal("DATABASE_URL empty but accepted")
+			t.Fatal("DATABASE_URL: got empty and accepted; want it refused")
 		}
 		if c.Retention < 0 || c.Retention > 36500*24*time.Hour || c.Retention%(24*time.Hour) != 0 {
 			t.Fatalf("retention %v from %q", c.Retention, retention)

@@ -7,16 +7,13 @@ package main
 // surviving a database outage. Helpers local to this file start with pt.
 
 import (
-	"bytes"
 	"context"
-	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -30,14 +27,15 @@ import (
 	"time"
 )
 
-// ptStart starts a serving agentapp process and, when the test ends, checks its log for
-// what must never appear: a data race, a query on a closed pool, a panic.
-func ptStart(t *testing.T, env map[string]string) *proc {
+// ptStart starts an agentapp process (serving, unless args say otherwise) and, when the
+// test ends, checks its log for what must never appear: a data race, a query on a closed
+// pool, a panic.
+func ptStart(t *testing.T, env map[string]string, args ...string) *proc {
 	t.Helper()
 	if _, ok := env["GORACE"]; !ok {
 		env["GORACE"] = "atexit_sleep_ms=0" // the race runtime's default 1 s pause at exit would blur timings
 	}
-	p := startProc(t, env)
+	p := startProc(t, env, args...)
 	t.Cleanup(func() { ptCheckLog(t, p) })
 	return p
 }
@@ -52,28 +50,6 @@ func ptCheckLog(t testing.TB, p *proc) {
 			t.Errorf("agentapp (pid %d) log: got %q in it; want it absent", p.cmd.Process.Pid, bad)
 		}
 	}
-}
-
-// ptEventually polls cond every 10 ms until it is true and returns how long that took;
-// limit is only the failure limit.
-func ptEventually(t testing.TB, limit time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > limit {
-			t.Fatalf("%s: got nothing after %v; want it to happen", what, limit)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return time.Since(start)
-}
-
-// ptWaitLog waits until the process's log contains s at least n times.
-func ptWaitLog(t testing.TB, p *proc, s string, n int, limit time.Duration) {
-	t.Helper()
-	ptEventually(t, limit, fmt.Sprintf("log line %q (%d times)", s, n), func() bool {
-		return strings.Count(p.log.String(), s) >= n
-	})
 }
 
 // ptLogOrder fails the test unless each of lines first appears in the log after the
@@ -93,170 +69,16 @@ func ptLogOrder(t testing.TB, log string, lines ...string) {
 	}
 }
 
-// ptRunRow is a run as read straight from the runs table.
-type ptRunRow struct {
-	Status     string
-	Attempt    int
-	Error      sql.NullString
-	Errors     []ptRunError
-	WorkerID   sql.NullString
-	Leased     bool // lease_expires_at is set
-	FinishedAt sql.NullTime
-	Output     []byte
-}
-
-// ptRunError is one entry of a run's errors.
-type ptRunError struct {
-	Attempt int       `json:"attempt"`
-	At      time.Time `json:"at"`
-	Message string    `json:"message"`
-}
-
-// ptReadRun reads a run straight from the table.
-func ptReadRun(t testing.TB, db *sql.DB, id string) ptRunRow {
-	t.Helper()
-	var r ptRunRow
-	var errs []byte
-	err := db.QueryRow(`SELECT status, attempt, error, errors, worker_id, lease_expires_at IS NOT NULL,
-		finished_at, output FROM runs WHERE id = $1`, id).
-		Scan(&r.Status, &r.Attempt, &r.Error, &errs, &r.WorkerID, &r.Leased, &r.FinishedAt, &r.Output)
-	if err != nil {
-		t.Fatalf("read run %s: %v", id, err)
-	}
-	if err := json.Unmarshal(errs, &r.Errors); err != nil {
-		t.Fatalf("run %s errors %s: %v", id, errs, err)
-	}
-	return r
-}
-
-// ptWaitRunRow polls the table until the run has the status and returns it and how long
-// that took.
-func ptWaitRunRow(t testing.TB, db *sql.DB, id, status string, limit time.Duration) (ptRunRow, time.Duration) {
-	t.Helper()
-	var r ptRunRow
-	took := ptEventually(t, limit, fmt.Sprintf("run %s to be %s", id, status), func() bool {
-		r = ptReadRun(t, db, id)
-		return r.Status == status
-	})
-	return r, took
-}
-
-// ptHTTP sends a request with a client timeout (so a hanging server fails the test
-// instead of blocking it) and returns the status and body, or the transport error.
-func ptHTTP(method, url, token string, body any, timeout time.Duration) (int, []byte, error) {
-	var r io.Reader
-	if body != nil {
-		data, err := json.Marshal(body)
-		if err != nil {
-			return 0, nil, err
-		}
-		r = bytes.NewReader(data)
-	}
-	c := &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true}}
-	return sendRequest(c, method, url, token, r)
-}
-
-// ptReadyz is what /readyz answers.
-type ptReadyz struct {
-	Status   string `json:"status"`
-	Database string `json:"database"`
-	Worker   struct {
-		Embedded    bool    `json:"embedded"`
-		Alive       bool    `json:"alive"`
-		Listening   bool    `json:"listening"`
-		LastCycleAt *string `json:"last_cycle_at"`
-	} `json:"worker"`
-}
-
-// ptGetReadyz asks base for /readyz and returns its status and body.
-func ptGetReadyz(t testing.TB, base string) (int, ptReadyz) {
-	t.Helper()
-	status, body, err := ptHTTP("GET", base+"/readyz", "", nil, 10*time.Second)
-	if err != nil {
-		t.Fatalf("GET /readyz: %v", err)
-	}
-	var r ptReadyz
-	if err := json.Unmarshal(body, &r); err != nil {
-		t.Fatalf("GET /readyz: decode %s: %v", body, err)
-	}
-	return status, r
-}
-
-// ptWaitListening waits until the process's embedded worker has done a cycle and its
-// notifier says it listens. lib/pq reports the first connection before the LISTEN
-// statements issued right after it have run (three round trips), so the wait ends with
-// a short settle; wake-up tests measured from here would otherwise race those statements.
-func ptWaitListening(t testing.TB, base string, want bool) {
-	t.Helper()
-	ptEventually(t, 15*time.Second, fmt.Sprintf("%s /readyz worker.listening %v", base, want), func() bool {
-		status, r := ptGetReadyz(t, base)
-		return status == 200 && r.Worker.LastCycleAt != nil && r.Worker.Listening == want
-	})
-	if want {
-		time.Sleep(200 * time.Millisecond)
-	}
-}
-
-// ptMetric returns the value of one series (name with labels, as printed) on /metrics;
-// 0 when it is absent.
-func ptMetric(t testing.TB, base, series string) float64 {
-	t.Helper()
-	status, body, err := ptHTTP("GET", base+"/metrics", "", nil, 10*time.Second)
-	if err != nil || status != 200 {
-		t.Fatalf("GET /metrics: got %d, %v; want 200", status, err)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, series+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatalf("/metrics: %q: %v", line, err)
-			}
-			return f
-		}
-	}
-	return 0
-}
-
-// ptAdminWS is a workspace addressed with the admin token, which the API accepts for
-// every workspace (no API key needed for workspaces seeded straight in the database).
-func ptAdminWS(id string) testWorkspace { return testWorkspace{ID: id, APIKey: testAdminToken} }
-
-// ptSeedWorkspace creates a workspace with an echo agent named "echo" straight in the
-// database, for processes that must be started already filtered on it.
-func ptSeedWorkspace(t testing.TB, db *sql.DB) testWorkspace {
-	t.Helper()
-	st := &store{db: db}
-	ctx := context.Background()
-	w, err := st.createWorkspace(ctx, "process-test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.createAgent(ctx, agent{WorkspaceID: w.ID, Name: "echo", Kind: "echo", Config: json.RawMessage(`{}`)}); err != nil {
-		t.Fatal(err)
-	}
-	return ptAdminWS(w.ID)
-}
-
-// ptDBName returns the database a postgres:// URL names.
-func ptDBName(t testing.TB, dsn string) string {
-	t.Helper()
-	u, err := url.Parse(dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return strings.TrimPrefix(u.Path, "/")
-}
-
 // ptPidOfWorker returns the process id inside a worker id (host/pid/random).
 func ptPidOfWorker(t testing.TB, workerID string) int {
 	t.Helper()
 	parts := strings.Split(workerID, "/")
 	if len(parts) != 3 {
-		t.Fatalf("worker id %q: want host/pid/random", workerID)
+		t.Fatalf("worker id: got %q; want host/pid/random", workerID)
 	}
 	pid, err := strconv.Atoi(parts[1])
 	if err != nil {
-		t.Fatalf("worker id %q: %v", workerID, err)
+		t.Fatalf("worker id %q: got pid %q; want a number", workerID, parts[1])
 	}
 	return pid
 }
@@ -273,12 +95,12 @@ func TestShutdownDrainsEmbeddedRun(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 2000})
 	r := a.createRun(t, ws, "slow", map[string]any{"n": 1})
-	ptWaitRunRow(t, db, r.ID, "running", 10*time.Second)
+	waitRunRow(t, db, r.ID, "running", 10*time.Second)
 
 	signaled := time.Now()
 	p.signal(t, syscall.SIGTERM)
-	ptWaitLog(t, p, "worker stopping", 1, 5*time.Second)
-	ptEventually(t, 3*time.Second, "the HTTP listener to refuse connections", func() bool {
+	p.waitLog(t, "worker stopping", 1, 5*time.Second)
+	eventually(t, 3*time.Second, "the HTTP listener to refuse connections", func() bool {
 		c, err := net.DialTimeout("tcp", env["LISTEN_ADDR"], time.Second)
 		if err == nil {
 			c.Close()
@@ -290,7 +112,7 @@ func TestShutdownDrainsEmbeddedRun(t *testing.T) {
 		t.Fatalf("process exited before its 2 s run could have finished; want it draining")
 	default:
 	}
-	if got := ptReadRun(t, db, r.ID); got.Status != "running" {
+	if got := readRunRow(t, db, r.ID); got.Status != "running" {
 		t.Fatalf("run while the listener is closed: got %q; want running (still draining)", got.Status)
 	}
 
@@ -298,7 +120,7 @@ func TestShutdownDrainsEmbeddedRun(t *testing.T) {
 		t.Errorf("exit status: got %d; want 0", code)
 	}
 	t.Logf("exited %v after SIGTERM", time.Since(signaled).Round(time.Millisecond))
-	got := ptReadRun(t, db, r.ID)
+	got := readRunRow(t, db, r.ID)
 	if got.Status != "succeeded" || got.Attempt != 1 || string(got.Output) != `{"n": 1}` {
 		t.Errorf("run after shutdown: got %s attempt %d output %s; want succeeded, 1, {\"n\": 1}", got.Status, got.Attempt, got.Output)
 	}
@@ -329,7 +151,7 @@ func TestCrashRecovery(t *testing.T) {
 	r := a.createRun(t, ws, "slow", "crash me")
 
 	// Whichever process claimed the run is the one to kill.
-	first, _ := ptWaitRunRow(t, db, r.ID, "running", 10*time.Second)
+	first, _ := waitRunRow(t, db, r.ID, "running", 10*time.Second)
 	victim := procs[ptPidOfWorker(t, first.WorkerID.String)]
 	if victim == nil || first.Attempt != 1 {
 		t.Fatalf("running run: got worker %q attempt %d; want one of the test's processes, attempt 1", first.WorkerID.String, first.Attempt)
@@ -343,13 +165,13 @@ func TestCrashRecovery(t *testing.T) {
 	victim.signal(t, syscall.SIGKILL)
 	victim.wait(t, 10*time.Second)
 
-	var row ptRunRow
-	recovered := ptEventually(t, 15*time.Second, "the killed process's run to be recovered", func() bool {
-		row = ptReadRun(t, db, r.ID)
+	var row runRow
+	recovered := eventually(t, 15*time.Second, "the killed process's run to be recovered", func() bool {
+		row = readRunRow(t, db, r.ID)
 		return len(row.Errors) > 0
 	})
-	reclaimed := ptEventually(t, 15*time.Second, "the recovered run to be claimed again", func() bool {
-		row = ptReadRun(t, db, r.ID)
+	reclaimed := eventually(t, 15*time.Second, "the recovered run to be claimed again", func() bool {
+		row = readRunRow(t, db, r.ID)
 		return row.Attempt == 2 && (row.Status == "running" || row.Status == "succeeded")
 	}) + recovered
 	t.Logf("lease %v, poll 100ms: recovered %v after SIGKILL, claimed again after %v",
@@ -358,7 +180,7 @@ func TestCrashRecovery(t *testing.T) {
 		t.Errorf("attempt 2 runs on worker %q; want the surviving process (pid %d)", row.WorkerID.String, survivor.cmd.Process.Pid)
 	}
 
-	row, _ = ptWaitRunRow(t, db, r.ID, "succeeded", 15*time.Second)
+	row, _ = waitRunRow(t, db, r.ID, "succeeded", 15*time.Second)
 	if row.Attempt != 2 {
 		t.Errorf("attempt: got %d; want 2", row.Attempt)
 	}
@@ -366,7 +188,7 @@ func TestCrashRecovery(t *testing.T) {
 	if len(row.Errors) != 1 || row.Errors[0].Attempt != 1 || row.Errors[0].Message != want {
 		t.Errorf("errors: got %+v; want one entry for attempt 1 with message %q", row.Errors, want)
 	}
-	if got := ptMetric(t, survivor.base, "agentapp_runs_recovered_total"); got != 1 {
+	if got := survivor.app().metric(t, "agentapp_runs_recovered_total"); got != 1 {
 		t.Errorf("survivor's agentapp_runs_recovered_total: got %g; want 1", got)
 	}
 	if !strings.Contains(survivor.log.String(), "recovered runs whose lease expired") {
@@ -426,7 +248,7 @@ func TestExactlyOnceAcrossProcesses(t *testing.T) {
 	}
 
 	var done int
-	ptEventually(t, 120*time.Second, fmt.Sprintf("%d runs to succeed", n), func() bool {
+	eventually(t, 120*time.Second, fmt.Sprintf("%d runs to succeed", n), func() bool {
 		if err := db.QueryRow(`SELECT count(*) FROM runs WHERE status = 'succeeded'`).Scan(&done); err != nil {
 			t.Fatal(err)
 		}
@@ -456,10 +278,10 @@ func TestExactlyOnceAcrossProcesses(t *testing.T) {
 	// Each process counts the outcomes it wrote; the counters are bumped just after the
 	// write, so allow them a moment to catch up with the table.
 	var per []float64
-	ptEventually(t, 10*time.Second, "the processes' succeeded counters to add up", func() bool {
+	eventually(t, 10*time.Second, "the processes' succeeded counters to add up", func() bool {
 		per, done = nil, 0
 		for _, p := range procs {
-			v := ptMetric(t, p.base, `agentapp_run_attempts_total{status="succeeded"}`)
+			v := p.app().metric(t, `agentapp_run_attempts_total{status="succeeded"}`)
 			per = append(per, v)
 			done += int(v)
 		}
@@ -488,7 +310,7 @@ func TestDrainDeadline(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "long", "echo", map[string]any{"delay_ms": 60000})
 	r := a.createRun(t, ws, "long", nil)
-	ptWaitRunRow(t, db, r.ID, "running", 10*time.Second)
+	waitRunRow(t, db, r.ID, "running", 10*time.Second)
 
 	signaled := time.Now()
 	p.signal(t, syscall.SIGTERM)
@@ -501,7 +323,7 @@ func TestDrainDeadline(t *testing.T) {
 	if took < 500*time.Millisecond || took > 10*time.Second {
 		t.Errorf("exit after SIGTERM: got %v; want the 500ms drain and then promptly out", took)
 	}
-	got := ptReadRun(t, db, r.ID)
+	got := readRunRow(t, db, r.ID)
 	if got.Status != "queued" || got.Attempt != 0 || got.Error.Valid || len(got.Errors) != 0 ||
 		got.WorkerID.Valid || got.Leased || got.FinishedAt.Valid {
 		t.Errorf("run after shutdown: got %+v; want queued, attempt 0, no error, no worker, no lease, not finished", got)
@@ -522,14 +344,14 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "long", "echo", map[string]any{"delay_ms": 60000})
 	r := a.createRun(t, ws, "long", nil)
-	running, _ := ptWaitRunRow(t, db, r.ID, "running", 10*time.Second)
+	running, _ := waitRunRow(t, db, r.ID, "running", 10*time.Second)
 
 	p.signal(t, syscall.SIGTERM)
 	// Signals do not queue: the second must come once the first has been handled, which
 	// the drain's first log line shows.
-	ptWaitLog(t, p, "worker stopping", 1, 5*time.Second)
-	ptWaitLog(t, p, "shutting down", 1, 5*time.Second)
-	time.Sleep(100 * time.Millisecond) // the drain is now under way (60 s of it)
+	p.waitLog(t, "worker stopping", 1, 5*time.Second)
+	p.waitLog(t, "shutting down", 1, 5*time.Second)
+	// Both lines are out, so the drain (60 s of it) is under way.
 	select {
 	case <-p.done:
 		t.Fatalf("process exited after one SIGTERM; want it draining its 60 s run")
@@ -545,15 +367,15 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	if strings.Contains(p.log.String(), "worker stopped") {
 		t.Errorf("log: got %q; want the process gone before the drain ended", "worker stopped")
 	}
-	got := ptReadRun(t, db, r.ID)
+	got := readRunRow(t, db, r.ID)
 	if got.Status != "running" || got.Attempt != 1 || got.WorkerID != running.WorkerID || !got.Leased {
 		t.Fatalf("run after the second signal: got %+v; want still running, attempt 1, leased by %s", got, running.WorkerID.String)
 	}
 
 	// Its lease (1 s) recovers it: another process takes it over as attempt 2.
 	q := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "100"}))
-	ptEventually(t, 15*time.Second, "the run to be recovered and claimed again", func() bool {
-		got = ptReadRun(t, db, r.ID)
+	eventually(t, 15*time.Second, "the run to be recovered and claimed again", func() bool {
+		got = readRunRow(t, db, r.ID)
 		return got.Status == "running" && got.Attempt == 2
 	})
 	if pid := ptPidOfWorker(t, got.WorkerID.String); pid != q.cmd.Process.Pid || len(got.Errors) != 1 {
@@ -567,8 +389,8 @@ func TestWorkerProcessDrains(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	ws := ptSeedWorkspace(t, db)
 	st := &store{db: db}
+	ws := seedWorkspace(t, st)
 	ctx := context.Background()
 	if _, err := st.createAgent(ctx, agent{WorkspaceID: ws.ID, Name: "slow", Kind: "echo", Config: json.RawMessage(`{"delay_ms": 1500}`)}); err != nil {
 		t.Fatal(err)
@@ -577,16 +399,14 @@ func TestWorkerProcessDrains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := testEnv(t, dsn, map[string]string{"GORACE": "atexit_sleep_ms=0"})
-	p := startProc(t, env, "worker")
-	t.Cleanup(func() { ptCheckLog(t, p) })
-	ptWaitRunRow(t, db, r.ID, "running", 15*time.Second)
+	p := ptStart(t, testEnv(t, dsn, nil), "worker")
+	waitRunRow(t, db, r.ID, "running", 15*time.Second)
 
 	p.signal(t, syscall.SIGTERM)
 	if code := p.wait(t, 30*time.Second); code != 0 {
 		t.Errorf("exit status: got %d; want 0", code)
 	}
-	if got := ptReadRun(t, db, r.ID); got.Status != "succeeded" || got.Attempt != 1 || string(got.Output) != `"drained"` {
+	if got := readRunRow(t, db, r.ID); got.Status != "succeeded" || got.Attempt != 1 || string(got.Output) != `"drained"` {
 		t.Errorf("run after shutdown: got %s attempt %d output %s; want succeeded, 1, \"drained\"", got.Status, got.Attempt, got.Output)
 	}
 	ptLogOrder(t, p.log.String(), "worker started", "worker stopping", "run succeeded", "worker stopped")
@@ -761,8 +581,9 @@ func TestDatabaseOutage(t *testing.T) {
 	a.waitRunStatus(t, ws, inFlight.ID, "running", 10*time.Second)
 
 	logBefore := len(p.log.String())
+	const failedCycles = `agentapp_worker_cycles_total{result="error"}`
+	failedBefore := a.metric(t, failedCycles)
 	pg.stop(t)
-	down := time.Now()
 	wsPath := "/v1/workspaces/" + ws.ID
 	requests := []struct {
 		method, path, token string
@@ -782,7 +603,7 @@ func TestDatabaseOutage(t *testing.T) {
 	for round := range 2 {
 		for _, q := range requests {
 			start := time.Now()
-			status, body, err := ptHTTP(q.method, a.base+q.path, q.token, q.body, 10*time.Second)
+			status, _, body, err := send(testClient, q.method, a.base+q.path, q.token, nil, q.body)
 			took := time.Since(start)
 			var e struct {
 				Error struct{ Code string } `json:"error"`
@@ -794,24 +615,26 @@ func TestDatabaseOutage(t *testing.T) {
 			}
 		}
 	}
-	if status, _, err := ptHTTP("GET", a.base+"/healthz", "", nil, 10*time.Second); err != nil || status != 200 {
-		t.Errorf("/healthz with the database down: got %d, %v; want 200", status, err)
+	if status, _, _ := a.do(t, "GET", "/healthz", "", nil, nil); status != 200 {
+		t.Errorf("/healthz with the database down: got %d; want 200", status)
 	}
-	ptEventually(t, 10*time.Second, "/readyz to answer 503", func() bool {
-		status, r := ptGetReadyz(t, a.base)
+	eventually(t, 10*time.Second, "/readyz to answer 503", func() bool {
+		status, r := a.readyz(t)
 		return status == 503 && r.Database == "unreachable"
 	})
-	if got := ptMetric(t, a.base, "agentapp_database_up"); got != 0 {
+	if got := a.metric(t, "agentapp_database_up"); got != 0 {
 		t.Errorf("agentapp_database_up with the database down: got %g; want 0", got)
 	}
-	// Stay down for many poll intervals, so a loop that logged every failed cycle would show.
-	time.Sleep(time.Until(down.Add(2 * time.Second)))
+	// Stay down for many failed cycles, so a loop that logged every one would show.
+	eventually(t, 30*time.Second, "20 worker cycles failed with the database down", func() bool {
+		return a.metric(t, failedCycles) >= failedBefore+20
+	})
 	outage := p.log.String()[logBefore:]
 
 	pg.start(t)
 	back := time.Now()
-	ptEventually(t, 20*time.Second, "/readyz to answer 200 again", func() bool {
-		status, _ := ptGetReadyz(t, a.base)
+	eventually(t, 20*time.Second, "/readyz to answer 200 again", func() bool {
+		status, _ := a.readyz(t)
 		return status == 200
 	})
 	t.Logf("ready again %v after PostgreSQL restarted", time.Since(back).Round(time.Millisecond))
@@ -823,8 +646,8 @@ func TestDatabaseOutage(t *testing.T) {
 	if got := strings.Count(p.log.String(), "worker cycle succeeded again"); got != 1 {
 		t.Errorf("log: got %d %q; want 1", got, "worker cycle succeeded again")
 	}
-	ptEventually(t, 15*time.Second, "/readyz worker.listening true again", func() bool {
-		_, r := ptGetReadyz(t, a.base)
+	eventually(t, 15*time.Second, "/readyz worker.listening true again", func() bool {
+		_, r := a.readyz(t)
 		return r.Worker.Listening
 	})
 
@@ -853,24 +676,24 @@ func TestDatabaseOutage(t *testing.T) {
 func TestWakeAcrossProcesses(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
-	agentappBinary(t)      // built before the clock starts
-	bStarted := time.Now() // B's loop starts later, so its first tick is more than 10 s after this
+	agentappBinary(t, true) // built before the clock starts
+	bStarted := time.Now()  // B's loop starts later, so its first tick is more than 10 s after this
 	b := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "10000"}))
 	a := ptStart(t, testEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
-	ptWaitListening(t, b.base, true)
+	b.app().waitListening(t, true)
 
 	created := time.Now()
 	r := a.createRun(t, ws, "echo", "wake")
-	ptEventually(t, 3*time.Second, "the run to succeed through B's wake-up", func() bool {
+	eventually(t, 3*time.Second, "the run to succeed through B's wake-up", func() bool {
 		return a.getRun(t, ws, r.ID).Status == "succeeded"
 	})
 	took := time.Since(created)
 	t.Logf("run created through A succeeded on B %v later (B polls every 10 s)", took.Round(time.Millisecond))
 	if since := time.Since(bStarted); since > 9*time.Second {
-		t.Fatalf("the test took %v since B started: B's first tick may have run the run; cannot tell a wake-up from a tick", since)
+		t.Fatalf("time since B started: got %v; want under 9s, or B's first tick may have run the run (cannot tell a wake-up from a tick)", since)
 	}
-	if got := ptMetric(t, b.base, `agentapp_run_attempts_total{status="succeeded"}`); got != 1 {
+	if got := b.app().metric(t, `agentapp_run_attempts_total{status="succeeded"}`); got != 1 {
 		t.Errorf("B's succeeded attempts: got %g; want 1", got)
 	}
 }
@@ -893,16 +716,16 @@ func TestWakeAcrossProcesses(t *testing.T) {
 func TestListenerReconnect(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
-	name := ptDBName(t, dsn)
-	db := openTestDB(t, dsn)
-	fastWS, slowWS := ptSeedWorkspace(t, db), ptSeedWorkspace(t, db)
+	name := dbName(t, dsn)
+	st := &store{db: openTestDB(t, dsn)}
+	fastWS, slowWS := seedWorkspace(t, st), seedWorkspace(t, st)
 	fast := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "200",
 		"RUN_WORKER_WORKSPACE_ID": fastWS.ID}))
 	slowStarted := time.Now() // slow's loop starts later, so its first tick is more than 30 s after this
 	slow := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "30000",
 		"RUN_WORKER_WORKSPACE_ID": slowWS.ID}))
-	ptWaitListening(t, fast.base, true)
-	ptWaitListening(t, slow.base, true)
+	fast.app().waitListening(t, true)
+	slow.app().waitListening(t, true)
 	a := fast.app() // the API of either process serves every workspace
 
 	// Warm up: both workers execute a run, so their pools hold open connections.
@@ -912,12 +735,12 @@ func TestListenerReconnect(t *testing.T) {
 	}
 
 	// PostgreSQL cannot disallow connections to the database a session is in: the admin
-	// connection is to the server's postgres database.
-	admin := openTestDB(t, withDatabase(t, os.Getenv("DATABASE_URL"), "postgres"))
+	// connection is to DATABASE_URL's own database.
+	admin := adminDB(t)
 	allowConnections := func(allow bool) {
 		t.Helper()
 		if _, err := admin.Exec(fmt.Sprintf(`ALTER DATABASE %s ALLOW_CONNECTIONS %t`, name, allow)); err != nil {
-			t.Fatalf("allow connections %t: %v", allow, err)
+			t.Fatalf("allow connections %t: got %v; want it done", allow, err)
 		}
 	}
 	allowConnections(false)
@@ -930,20 +753,20 @@ func TestListenerReconnect(t *testing.T) {
 		t.Fatalf("terminated LISTEN backends: got %d; want 2 (one per process)", killed)
 	}
 	for _, p := range []*proc{fast, slow} {
-		ptWaitLog(t, p, "notification connection lost", 1, 5*time.Second)
-		ptEventually(t, 5*time.Second, "/readyz worker.listening false", func() bool {
-			_, r := ptGetReadyz(t, p.base)
+		p.waitLog(t, "notification connection lost", 1, 5*time.Second)
+		eventually(t, 5*time.Second, "/readyz worker.listening false", func() bool {
+			_, r := p.app().readyz(t)
 			return !r.Worker.Listening
 		})
 	}
 
 	pending := a.createRun(t, slowWS, "echo", "missed notification")
 	r1 := a.createRun(t, fastWS, "echo", "polled")
-	took := ptEventually(t, 5*time.Second, "a fast run to succeed by polling", func() bool {
+	took := eventually(t, 5*time.Second, "a fast run to succeed by polling", func() bool {
 		return a.getRun(t, fastWS, r1.ID).Status == "succeeded"
 	})
 	t.Logf("with the listener down, a run succeeded by polling (200 ms) in %v", took.Round(time.Millisecond))
-	if _, r := ptGetReadyz(t, fast.base); r.Worker.Listening {
+	if _, r := fast.app().readyz(t); r.Worker.Listening {
 		t.Fatalf("fast's /readyz: got listening true; want false (the listener must still be down)")
 	}
 	if got := a.getRun(t, slowWS, pending.ID).Status; got != "queued" {
@@ -953,19 +776,19 @@ func TestListenerReconnect(t *testing.T) {
 	allowConnections(true)
 	allowed := time.Now()
 	for _, p := range []*proc{fast, slow} {
-		ptWaitLog(t, p, "listening for notifications", 2, 15*time.Second)
+		p.waitLog(t, "listening for notifications", 2, 15*time.Second)
 	}
 	t.Logf("listeners back %v after connections were allowed again", time.Since(allowed).Round(time.Millisecond))
 	a.waitRunStatus(t, slowWS, pending.ID, "succeeded", 5*time.Second)
 
-	ptWaitListening(t, slow.base, true)
+	slow.app().waitListening(t, true)
 	r3 := a.createRun(t, slowWS, "echo", "woken")
-	took = ptEventually(t, 5*time.Second, "a slow run to succeed through a wake-up", func() bool {
+	took = eventually(t, 5*time.Second, "a slow run to succeed through a wake-up", func() bool {
 		return a.getRun(t, slowWS, r3.ID).Status == "succeeded"
 	})
 	t.Logf("after the reconnect, a run succeeded on the 30 s-poll worker in %v", took.Round(time.Millisecond))
 	if since := time.Since(slowStarted); since > 29*time.Second {
-		t.Fatalf("the test took %v since slow started: its first tick may have run the runs; cannot tell wake-ups from ticks", since)
+		t.Fatalf("time since slow started: got %v; want under 29s, or its first tick may have run the runs (cannot tell wake-ups from ticks)", since)
 	}
 	for _, p := range []*proc{fast, slow} {
 		if got := strings.Count(p.log.String(), "notification connection lost"); got != 1 {
@@ -985,25 +808,19 @@ func TestWaitAcrossProcesses(t *testing.T) {
 	a := ap.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 1000})
-	ptWaitLog(t, ap, "listening for notifications", 1, 10*time.Second)
-	ptWaitListening(t, b.base, true)
+	ap.waitLog(t, "listening for notifications", 1, 10*time.Second)
+	b.app().waitListening(t, true)
 
 	r := a.createRun(t, ws, "slow", "waited")
 	start := time.Now()
-	status, body, err := ptHTTP("GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+r.ID+"?wait_ms=10000", ws.APIKey, nil, 20*time.Second)
+	var got runRecord
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+r.ID+"?wait_ms=10000", ws.APIKey, nil, 200, &got)
 	took := time.Since(start)
 	answered := time.Now()
-	if err != nil || status != 200 {
-		t.Fatalf("GET run ?wait_ms=10000: got %d %s, %v; want 200", status, body, err)
-	}
-	var got runRecord
-	if err := json.Unmarshal(body, &got); err != nil {
-		t.Fatal(err)
-	}
 	if got.Status != "succeeded" {
 		t.Fatalf("GET run ?wait_ms=10000: got status %q after %v; want succeeded", got.Status, took)
 	}
-	row := ptReadRun(t, db, r.ID)
+	row := readRunRow(t, db, r.ID)
 	lag := answered.Sub(row.FinishedAt.Time)
 	t.Logf("long poll answered after %v, %v after the run finished", took.Round(time.Millisecond), lag.Round(time.Millisecond))
 	if took > 5*time.Second {
@@ -1024,9 +841,9 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 1500})
 	draining := a.createRun(t, ws, "slow", "draining")
-	ptWaitRunRow(t, db, draining.ID, "running", 10*time.Second)
+	waitRunRow(t, db, draining.ID, "running", 10*time.Second)
 	queued := a.createRun(t, ws, "slow", "queued")
-	ptWaitListening(t, a.base, true)
+	a.waitListening(t, true)
 
 	type answer struct {
 		status int
@@ -1039,7 +856,7 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 		ch := make(chan answer, 1)
 		go func() {
 			var ans answer
-			ans.status, ans.body, ans.err = ptHTTP("GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+id+"?wait_ms=60000", ws.APIKey, nil, 90*time.Second)
+			ans.status, _, ans.body, ans.err = send(testClient, "GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+id+"?wait_ms=60000", ws.APIKey, nil, nil)
 			if ans.err == nil && ans.status == 200 {
 				ans.err = json.Unmarshal(ans.body, &ans.run)
 			}
@@ -1049,10 +866,10 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 		return ch
 	}
 	drainingAns, queuedAns := poll(draining.ID), poll(queued.ID)
-	// Nothing shows that the requests have arrived; give them a moment, then make sure they
-	// are still waiting.
+	// Nothing shows that the requests have arrived (no log line or metric marks a request
+	// until it ends): a sleep is all there is. Then make sure they are still waiting.
 	time.Sleep(300 * time.Millisecond)
-	if got := ptReadRun(t, db, draining.ID); got.Status != "running" {
+	if got := readRunRow(t, db, draining.ID); got.Status != "running" {
 		t.Fatalf("run %s before SIGTERM: got %q; want running", draining.ID, got.Status)
 	}
 	signaled := time.Now()
@@ -1069,7 +886,7 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 			}
 			t.Logf("long poll on the %s answered %v after SIGTERM", c.name, got.at.Sub(signaled).Round(time.Millisecond))
 			if c.want == "queued" {
-				finished := ptReadRun(t, db, draining.ID).FinishedAt
+				finished := readRunRow(t, db, draining.ID).FinishedAt
 				if !finished.Valid || got.at.Before(finished.Time) {
 					t.Errorf("long poll on the queued run answered at %v; want after the drain (the other run finished at %v)", got.at, finished.Time)
 				}
@@ -1109,11 +926,11 @@ func TestShutdownFinishesInflightRequest(t *testing.T) {
 	}
 	answered := make(chan answer, 1)
 	go func() {
-		status, body, err := ptHTTP("POST", a.base+"/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
-			map[string]any{"agent": "echo", "input": "in flight"}, 60*time.Second)
+		status, _, body, err := send(testClient, "POST", a.base+"/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, nil,
+			map[string]any{"agent": "echo", "input": "in flight"})
 		answered <- answer{status, body, err}
 	}()
-	ptEventually(t, 10*time.Second, "the insert to wait for the table lock", func() bool {
+	eventually(t, 10*time.Second, "the insert to wait for the table lock", func() bool {
 		var n int
 		if err := db.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
 			AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO runs%'`).Scan(&n); err != nil {
@@ -1124,7 +941,9 @@ func TestShutdownFinishesInflightRequest(t *testing.T) {
 
 	p.signal(t, syscall.SIGTERM)
 	// Past this line shutdown only waits for requests, then closes the pools.
-	ptWaitLog(t, p, "stopped listening for notifications", 1, 10*time.Second)
+	p.waitLog(t, "stopped listening for notifications", 1, 10*time.Second)
+	// Nothing marks the moment shutdown starts waiting for requests (the next line, "database
+	// pool closed", comes only after): give a wrong shutdown a moment to cut the request.
 	time.Sleep(300 * time.Millisecond)
 	select {
 	case got := <-answered:
@@ -1145,7 +964,7 @@ func TestShutdownFinishesInflightRequest(t *testing.T) {
 	if code := p.wait(t, 15*time.Second); code != 0 {
 		t.Errorf("exit status: got %d; want 0", code)
 	}
-	if got := ptReadRun(t, db, run.ID); got.Status != "queued" {
+	if got := readRunRow(t, db, run.ID); got.Status != "queued" {
 		t.Errorf("run created by the finished request: got %q; want queued", got.Status)
 	}
 }

@@ -63,7 +63,7 @@ func TestSlowClientsAreCut(t *testing.T) {
 		a.createRun(t, ws, "echo", big)
 	}
 	listPath := "/v1/workspaces/" + ws.ID + "/runs?limit=200"
-	_, full := a.do(t, "GET", listPath, ws.APIKey, nil)
+	_, _, full := a.do(t, "GET", listPath, ws.APIKey, nil, nil)
 
 	dial := func(d *net.Dialer) net.Conn {
 		c, err := d.Dial("tcp", addr)
@@ -134,7 +134,7 @@ func TestSlowClientsAreCut(t *testing.T) {
 	// Meanwhile everyone else is answered at once.
 	for time.Since(start) < 12*time.Second {
 		t0 := time.Now()
-		if status, _ := a.do(t, "GET", "/healthz", "", nil); status != 200 || time.Since(t0) > time.Second {
+		if status, _, _ := a.do(t, "GET", "/healthz", "", nil, nil); status != 200 || time.Since(t0) > time.Second {
 			t.Errorf("GET /healthz during the stalls: got %d after %v; want 200 within 1s", status, time.Since(t0))
 		}
 		time.Sleep(time.Second)
@@ -170,7 +170,7 @@ func TestStrictJSONKeys(t *testing.T) {
 		{"process key in wrong case", "/v1/worker/process", testAdminToken, `{"Limit":1}`},
 	}
 	for _, c := range cases {
-		status, hdr, body := apiRequest(t, a, "POST", c.path, c.token, nil, strings.NewReader(c.body))
+		status, hdr, body := a.do(t, "POST", c.path, c.token, nil, strings.NewReader(c.body))
 		checkAPIError(t, c.name+" "+c.body, status, hdr, body, 400, "bad_request")
 	}
 	var r runRecord
@@ -178,7 +178,7 @@ func TestStrictJSONKeys(t *testing.T) {
 	if string(r.Input) != `{"A": 2, "a": 1}` && string(r.Input) != `{"A":2,"a":1}` {
 		t.Errorf("input with keys a and A: got %s; want both kept", r.Input)
 	}
-	if st := apiStats(t, a, ws); st.Queued != 1 {
+	if st := a.stats(t, ws); st.Queued != 1 {
 		t.Errorf("after the refused bodies: got %d queued runs; want 1", st.Queued)
 	}
 }
@@ -202,10 +202,10 @@ func TestAuthBeforeNotFound(t *testing.T) {
 	}
 	for _, p := range paths {
 		for _, token := range []string{"", "wrong", ws.APIKey + "x"} {
-			status, hdr, body := apiRequest(t, a, p.method, p.path, token, nil, nil)
+			status, hdr, body := a.do(t, p.method, p.path, token, nil, nil)
 			checkAPIError(t, fmt.Sprintf("%s %s with token %q", p.method, p.path, token), status, hdr, body, 401, "unauthorized")
 		}
-		status, _, body := apiRequest(t, a, p.method, p.path, ws.APIKey, nil, nil)
+		status, _, body := a.do(t, p.method, p.path, ws.APIKey, nil, nil)
 		if status != 404 && status != 405 {
 			t.Errorf("%s %s with the key: got %d; want 404 (or 405); body %s", p.method, p.path, status, body)
 		}
@@ -247,7 +247,7 @@ func TestNamesCountCharacters(t *testing.T) {
 	}
 	for i, c := range cases {
 		body, _ := json.Marshal(map[string]string{"name": c.name})
-		if status, data := a.do(t, "POST", "/v1/workspaces", testAdminToken, string(body)); status != c.want {
+		if status, _, data := a.do(t, "POST", "/v1/workspaces", testAdminToken, nil, string(body)); status != c.want {
 			t.Errorf("workspace name of %d bytes, %d runes: got %d; want %d; body %s", len(c.name), len([]rune(c.name)), status, c.want, data)
 		}
 		// Agent names follow the same rule; a suffix keeps the accepted ones distinct.
@@ -256,7 +256,7 @@ func TestNamesCountCharacters(t *testing.T) {
 			agentName = string([]rune(c.name)[:199]) + strconv.Itoa(i)
 		}
 		body, _ = json.Marshal(map[string]string{"name": agentName, "kind": "echo"})
-		if status, data := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, string(body)); status != c.want {
+		if status, _, data := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil, string(body)); status != c.want {
 			t.Errorf("agent name of %d runes: got %d; want %d; body %s", len([]rune(agentName)), status, c.want, data)
 		}
 	}
@@ -282,21 +282,21 @@ func TestRotateKey(t *testing.T) {
 	if rotated.ID != ws.ID || rotated.Name != "test" || rotated.APIKey == nil || *rotated.APIKey == ws.APIKey || !strings.HasPrefix(*rotated.APIKey, "ak_") {
 		t.Fatalf("rotate-key: got %+v; want workspace %s with a new ak_ key", rotated, ws.ID)
 	}
-	status, hdr, body := apiRequest(t, a, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
+	status, hdr, body := a.do(t, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
 	checkAPIError(t, "old key right after rotation", status, hdr, body, 401, "unauthorized")
 	newWS := testWorkspace{ID: ws.ID, APIKey: *rotated.APIKey}
 	a.createRun(t, newWS, "echo", 1)
 
 	time.Sleep(1100 * time.Millisecond)
-	status, hdr, body = apiRequest(t, b, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
+	status, hdr, body = b.do(t, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
 	checkAPIError(t, "old key 1.1 s after rotation in another process", status, hdr, body, 401, "unauthorized")
 	b.mustDo(t, "GET", "/v1/workspaces/"+ws.ID, newWS.APIKey, nil, 200, nil)
 
 	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/rotate-key", testAdminToken, nil, 200, &rotated)
-	status, hdr, body = apiRequest(t, a, "POST", "/v1/workspaces/"+unknownUUID+"/rotate-key", testAdminToken, nil, nil)
+	status, hdr, body = a.do(t, "POST", "/v1/workspaces/"+unknownUUID+"/rotate-key", testAdminToken, nil, nil)
 	checkAPIError(t, "rotate an unknown workspace", status, hdr, body, 404, "not_found")
 	other := a.createWorkspace(t)
-	status, hdr, body = apiRequest(t, a, "POST", "/v1/workspaces/"+ws.ID+"/rotate-key", other.APIKey, nil, nil)
+	status, hdr, body = a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/rotate-key", other.APIKey, nil, nil)
 	checkAPIError(t, "rotate with another workspace's key", status, hdr, body, 404, "not_found")
 }
 
@@ -323,13 +323,13 @@ func TestDeletedWorkspace(t *testing.T) {
 		if e.body != "" {
 			r = strings.NewReader(e.body)
 		}
-		status, _, body := apiRequest(t, a, e.method, "/v1/workspaces/"+ws.ID+e.path, ws.APIKey, nil, r)
+		status, _, body := a.do(t, e.method, "/v1/workspaces/"+ws.ID+e.path, ws.APIKey, nil, r)
 		if status != 404 && status != 422 && status != 401 {
 			t.Errorf("%s %s after the delete: got %d; want 404, 422 or 401; body %s", e.method, e.path, status, body)
 		}
 	}
 	time.Sleep(1100 * time.Millisecond)
-	status, hdr, body := apiRequest(t, a, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
+	status, hdr, body := a.do(t, "GET", "/v1/workspaces/"+ws.ID, ws.APIKey, nil, nil)
 	checkAPIError(t, "deleted workspace's key after 1.1 s", status, hdr, body, 401, "unauthorized")
 }
 
@@ -364,7 +364,7 @@ func TestCursorOpaque(t *testing.T) {
 		t.Errorf("second page: got %v; want [%s]", runIDs(page.Runs), ids[1])
 	}
 	for _, c := range []string{cursor, strconv.FormatInt(seq, 10), "AAAAAAAAAAAAAAAAAAAAAA", "!!"} {
-		status, hdr, body := apiRequest(t, a, "GET", "/v1/workspaces/"+ws2.ID+"/runs?cursor="+c, ws2.APIKey, nil, nil)
+		status, hdr, body := a.do(t, "GET", "/v1/workspaces/"+ws2.ID+"/runs?cursor="+c, ws2.APIKey, nil, nil)
 		checkAPIError(t, "ws2 with cursor "+c, status, hdr, body, 422, "invalid")
 	}
 }
@@ -376,7 +376,7 @@ func TestIdempotencyKeyOrder(t *testing.T) {
 	a := startApp(t, testEnv(t, testDB(t), nil))
 	ws := a.createWorkspace(t)
 	post := func(body string) (int, runRecord) {
-		status, _, data := apiRequest(t, a, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
+		status, _, data := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
 			map[string]string{"Idempotency-Key": "k"}, strings.NewReader(body))
 		var r runRecord
 		json.Unmarshal(data, &r)
@@ -430,14 +430,14 @@ func TestFailedAuthLogRateLimited(t *testing.T) {
 	const burst = 30
 	start := time.Now()
 	for range burst {
-		a.do(t, "GET", "/v1/workspaces/"+unknownUUID, "wrong-token", nil)
+		a.do(t, "GET", "/v1/workspaces/"+unknownUUID, "wrong-token", nil, nil)
 	}
 	lines := strings.Count(a.log.String(), "authentication failed")
 	if max := int(time.Since(start)/time.Second) + 1; lines < 1 || lines > max {
 		t.Errorf("after %d failed authentications in %v: got %d log lines; want 1 to %d", burst, time.Since(start), lines, max)
 	}
 	time.Sleep(1100 * time.Millisecond)
-	a.do(t, "GET", "/v1/workspaces/"+unknownUUID, "", nil)
+	a.do(t, "GET", "/v1/workspaces/"+unknownUUID, "", nil, nil)
 	if !strings.Contains(a.log.String(), "suppressed="+strconv.Itoa(burst-lines)) {
 		t.Errorf("log after the pause: got %q; want a line with suppressed=%d", a.log.String(), burst-lines)
 	}

@@ -36,19 +36,12 @@ func TestEmbeddedWorker(t *testing.T) {
 	}
 }
 
-// runError is one entry of a run's errors.
-type runError struct {
-	Attempt int       `json:"attempt"`
-	At      time.Time `json:"at"`
-	Message string    `json:"message"`
-}
-
 // runErrors decodes a run's errors.
 func runErrors(t testing.TB, r runRecord) []runError {
 	t.Helper()
 	var errs []runError
 	if err := json.Unmarshal(r.Errors, &errs); err != nil {
-		t.Fatalf("run %s: decode errors %s: %v", r.ID, r.Errors, err)
+		t.Fatalf("run %s: got errors %s (%v); want a JSON array", r.ID, r.Errors, err)
 	}
 	return errs
 }
@@ -62,83 +55,6 @@ func errorText(r runRecord) string {
 		return ""
 	}
 	return *r.Error
-}
-
-// process asks the app for one worker cycle through the worker API.
-func (a *app) process(t testing.TB, body any) summary {
-	t.Helper()
-	var s summary
-	a.mustDo(t, "POST", "/v1/worker/process", testAdminToken, body, 200, &s)
-	return s
-}
-
-// stats returns a workspace's run counts.
-func (a *app) stats(t testing.TB, ws testWorkspace) runStats {
-	t.Helper()
-	var st runStats
-	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/stats", ws.APIKey, nil, 200, &st)
-	return st
-}
-
-// waitListening waits until the app's embedded worker listens for notifications, so that
-// a test relying on wake-ups does not race the listener's connection.
-func (a *app) waitListening(t testing.TB) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var ready struct {
-			Worker struct {
-				Listening bool `json:"listening"`
-			} `json:"worker"`
-		}
-		status, body := a.do(t, "GET", "/readyz", "", nil)
-		if status == 200 && json.Unmarshal(body, &ready) == nil && ready.Worker.Listening {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/readyz: got %d %s after 10s; want 200 with worker.listening true", status, body)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// seedRuns creates, directly in the store, a workspace with an echo agent and n queued
-// runs of it, oldest first.
-func seedRuns(t testing.TB, st *store, n, maxAttempts int) (ws string, ids []string) {
-	t.Helper()
-	ctx := context.Background()
-	w, err := st.createWorkspace(ctx, "seed")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.createAgent(ctx, agent{WorkspaceID: w.ID, Name: "echo", Kind: "echo", Config: json.RawMessage(`{}`)}); err != nil {
-		t.Fatal(err)
-	}
-	for i := range n {
-		r, _, err := st.createRun(ctx, w.ID, newRun{Agent: "echo", Input: json.RawMessage(fmt.Sprintf(`{"i":%d}`, i)), MaxAttempts: maxAttempts})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids = append(ids, r.ID)
-	}
-	return w.ID, ids
-}
-
-// runRow is what the tests read of a run straight from the table.
-type runRow struct {
-	status   string
-	attempt  int
-	workerID sql.NullString
-}
-
-func readRunRow(t testing.TB, db *sql.DB, id string) runRow {
-	t.Helper()
-	var r runRow
-	err := db.QueryRow(`SELECT status, attempt, worker_id FROM runs WHERE id = $1`, id).Scan(&r.status, &r.attempt, &r.workerID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
 }
 
 // expireLease makes a running run's lease expire now.
@@ -155,13 +71,15 @@ func TestWorkerNotEmbeddedByDefault(t *testing.T) {
 	t.Parallel()
 	env := testEnv(t, testDB(t), nil)
 	if _, ok := env["RUN_WORKER_EMBEDDED"]; ok {
-		t.Fatal("testEnv sets RUN_WORKER_EMBEDDED; this test needs the default")
+		t.Fatal("testEnv: got RUN_WORKER_EMBEDDED set; want it unset (this test needs the default)")
 	}
 	a := startApp(t, env)
 	ws := a.createWorkspace(t)
 
 	r := a.createRun(t, ws, "echo", map[string]any{"via": "api"})
-	time.Sleep(500 * time.Millisecond) // ten poll intervals
+	// Without a worker there is no cycle to count or line to wait for: a sleep of ten poll
+	// intervals is the only way to give a stray executor the time to show.
+	time.Sleep(500 * time.Millisecond)
 	if got := a.getRun(t, ws, r.ID); got.Status != "queued" || got.Attempt != 0 {
 		t.Fatalf("without an embedded worker, after 500ms: got status %q attempt %d; want queued, 0", got.Status, got.Attempt)
 	}
@@ -176,7 +94,7 @@ func TestWorkerNotEmbeddedByDefault(t *testing.T) {
 	r = a.createRun(t, ws, "echo", map[string]any{"via": "once"})
 	var stdout, stderr syncBuffer
 	if err := run(context.Background(), []string{"worker", "-once"}, func(k string) string { return env[k] }, &stdout, &stderr); err != nil {
-		t.Fatalf("agentapp worker -once: %v\nstderr:\n%s", err, stderr.String())
+		t.Fatalf("agentapp worker -once: got %v; want success\nstderr:\n%s", err, stderr.String())
 	}
 	var once summary
 	dec := json.NewDecoder(strings.NewReader(stdout.String()))
@@ -200,26 +118,18 @@ func TestWorkerWorkspaceFilter(t *testing.T) {
 	setup := func(t *testing.T) (dsn string, wsA, wsB testWorkspace) {
 		dsn = testDB(t)
 		st := &store{db: openTestDB(t, dsn)}
-		for _, ws := range []*testWorkspace{&wsA, &wsB} {
-			w, err := st.createWorkspace(context.Background(), "ws")
-			if err != nil {
-				t.Fatal(err)
-			}
-			*ws = testWorkspace{ID: w.ID, APIKey: w.APIKey}
-		}
-		return dsn, wsA, wsB
+		return dsn, seedWorkspace(t, st), seedWorkspace(t, st)
 	}
 
 	t.Run("embedded", func(t *testing.T) {
 		t.Parallel()
 		dsn, wsA, wsB := setup(t)
 		a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_WORKSPACE_ID": wsA.ID}))
-		a.createAgent(t, wsA, "echo", "echo", map[string]any{})
-		a.createAgent(t, wsB, "echo", "echo", map[string]any{})
 		rb := a.createRun(t, wsB, "echo", "b") // older: the filter, not the order, leaves it
 		ra := a.createRun(t, wsA, "echo", "a")
 		a.waitRunStatus(t, wsA, ra.ID, "succeeded", 10*time.Second)
-		time.Sleep(300 * time.Millisecond) // several more poll intervals
+		after := a.cycles(t)
+		eventually(t, 10*time.Second, "three more worker cycles", func() bool { return a.cycles(t) >= after+3 })
 		if got := a.getRun(t, wsB, rb.ID); got.Status != "queued" {
 			t.Errorf("run of workspace B with a worker limited to A: got status %q; want queued", got.Status)
 		}
@@ -229,8 +139,6 @@ func TestWorkerWorkspaceFilter(t *testing.T) {
 		t.Parallel()
 		dsn, wsA, wsB := setup(t)
 		a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_WORKSPACE_ID": wsA.ID}))
-		a.createAgent(t, wsA, "echo", "echo", map[string]any{})
-		a.createAgent(t, wsB, "echo", "echo", map[string]any{})
 		rb := a.createRun(t, wsB, "echo", "b")
 		ra := a.createRun(t, wsA, "echo", "a")
 		if s := a.process(t, nil); s.Claimed != 1 || s.Succeeded != 1 {
@@ -244,7 +152,7 @@ func TestWorkerWorkspaceFilter(t *testing.T) {
 		}
 		// The variable binds the process's worker however it is triggered: asking it for
 		// another workspace is refused, not obeyed.
-		status, body := a.do(t, "POST", "/v1/worker/process", testAdminToken, map[string]any{"workspace_id": wsB.ID})
+		status, _, body := a.do(t, "POST", "/v1/worker/process", testAdminToken, nil, map[string]any{"workspace_id": wsB.ID})
 		if status != 422 {
 			t.Errorf("worker API with workspace_id B on a worker limited to A: got %d %s; want 422", status, body)
 		}
@@ -260,8 +168,6 @@ func TestWorkerWorkspaceFilter(t *testing.T) {
 		t.Parallel()
 		dsn, wsA, wsB := setup(t)
 		a := startApp(t, testEnv(t, dsn, nil))
-		a.createAgent(t, wsA, "echo", "echo", map[string]any{})
-		a.createAgent(t, wsB, "echo", "echo", map[string]any{})
 		rb := a.createRun(t, wsB, "echo", "b")
 		ra := a.createRun(t, wsA, "echo", "a")
 		if s := a.process(t, map[string]any{"workspace_id": wsA.ID}); s.Claimed != 1 || s.Succeeded != 1 {
@@ -324,22 +230,15 @@ func TestWorkerBatchLimit(t *testing.T) {
 // waitLockWaiter waits until some session waits for a lock on the runs table.
 func waitLockWaiter(t testing.TB, db *sql.DB) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	eventually(t, 10*time.Second, "a session waits for the locked runs table", func() bool {
 		var n int
 		err := db.QueryRow(`SELECT count(*) FROM pg_locks WHERE locktype = 'relation'
 			AND relation = 'runs'::regclass AND NOT granted`).Scan(&n)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("read pg_locks: got %v; want the count", err)
 		}
-		if n > 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no cycle blocked on the locked runs table after 10s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return n > 0
+	})
 }
 
 // lockRuns holds LOCK TABLE runs IN EXCLUSIVE MODE until the returned function is called
@@ -383,25 +282,18 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 			body   []byte
 			err    error
 		}
-		// process may be called outside the test goroutine; a timeout of 0 means none.
-		process := func(timeout time.Duration) answer {
-			req, _ := http.NewRequest("POST", a.base+"/v1/worker/process", nil)
-			req.Header.Set("Authorization", "Bearer "+testAdminToken)
-			resp, err := (&http.Client{Timeout: timeout}).Do(req)
-			if err != nil {
-				return answer{err: err}
-			}
-			defer resp.Body.Close()
-			body, err := io.ReadAll(resp.Body)
-			return answer{resp.StatusCode, body, err}
+		// process may be called outside the test goroutine.
+		process := func(c *http.Client) answer {
+			status, _, body, err := send(c, "POST", a.base+"/v1/worker/process", testAdminToken, nil, nil)
+			return answer{status, body, err}
 		}
 		first := make(chan answer, 1)
-		go func() { first <- process(0) }()
+		go func() { first <- process(testClient) }()
 		waitLockWaiter(t, db)
 
 		// A cycle that waited for the first instead of skipping would not answer while
 		// the table is locked.
-		second := process(10 * time.Second)
+		second := process(&http.Client{Timeout: 10 * time.Second})
 		var s summary
 		if second.err != nil || second.status != 200 || json.Unmarshal(second.body, &s) != nil || !s.Skipped || s.Claimed != 0 {
 			t.Errorf("worker API while a cycle is blocked in its claim: got %d %s %v; want 200 and a summary skipped, claimed 0",
@@ -409,7 +301,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		}
 		select {
 		case ans := <-first:
-			t.Fatalf("first cycle answered while the table was locked: %d %s %v", ans.status, ans.body, ans.err)
+			t.Fatalf("first cycle while the table was locked: got answer %d %s %v; want none yet", ans.status, ans.body, ans.err)
 		default:
 		}
 		release()
@@ -417,7 +309,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		select {
 		case ans = <-first:
 		case <-time.After(20 * time.Second):
-			t.Fatal("first cycle did not answer within 20s of releasing the lock")
+			t.Fatal("first cycle: got no answer within 20s of releasing the lock; want one")
 		}
 		s = summary{}
 		if ans.err != nil || ans.status != 200 || json.Unmarshal(ans.body, &s) != nil {
@@ -467,7 +359,7 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		select {
 		case <-second:
 		case <-time.After(10 * time.Second):
-			t.Error("second cycle did not return within 10s while the first was blocked: it waited instead of skipping")
+			t.Error("second cycle while the first was blocked: got no return within 10s; want it skipped at once")
 		}
 		release()
 		<-second
@@ -475,14 +367,14 @@ func TestWorkerCycleSkipsWhileOneRuns(t *testing.T) {
 		select {
 		case r = <-first:
 		case <-time.After(20 * time.Second):
-			t.Fatal("first cycle did not return within 20s of releasing the lock")
+			t.Fatal("first cycle: got no return within 20s of releasing the lock; want one")
 		}
 		if r.err != nil || r.s.Skipped || r.s.Claimed != 3 || r.s.Succeeded != 3 {
 			t.Errorf("first cycle: got %+v, err %v; want claimed 3, succeeded 3", r.s, r.err)
 		}
 		for _, id := range ids {
-			if row := readRunRow(t, db, id); row.status != "succeeded" || row.attempt != 1 {
-				t.Errorf("run %s: got status %q attempt %d; want succeeded, 1", id, row.status, row.attempt)
+			if row := readRunRow(t, db, id); row.Status != "succeeded" || row.Attempt != 1 {
+				t.Errorf("run %s: got status %q attempt %d; want succeeded, 1", id, row.Status, row.Attempt)
 			}
 		}
 	})
@@ -551,8 +443,8 @@ func TestWorkerFencing(t *testing.T) {
 	if err != nil || len(held) != 0 {
 		t.Errorf("A's renew: got %v, err %v; want nothing held", held, err)
 	}
-	if row := readRunRow(t, db, id); row.status != "running" || row.attempt != 2 || row.workerID.String != "worker-B" {
-		t.Fatalf("after A's writes: got status %q attempt %d worker %q; want running, 2, worker-B", row.status, row.attempt, row.workerID.String)
+	if row := readRunRow(t, db, id); row.Status != "running" || row.Attempt != 2 || row.WorkerID.String != "worker-B" {
+		t.Fatalf("after A's writes: got status %q attempt %d worker %q; want running, 2, worker-B", row.Status, row.Attempt, row.WorkerID.String)
 	}
 
 	refB := attemptRef{id, 2}
@@ -563,7 +455,7 @@ func TestWorkerFencing(t *testing.T) {
 	if err != nil || got[id] != "succeeded" {
 		t.Fatalf("B's finish: got %v, err %v; want %s succeeded", got, err, id)
 	}
-	r, err := st.getRun(ctx, ws, id)
+	r, err := st.getRun(ctx, ws.ID, id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -595,7 +487,7 @@ func TestWorkerLeaseExpiredNoAttemptsLeft(t *testing.T) {
 	if err != nil || len(res.claimed) != 0 || res.requeued != 0 || res.failed != 1 {
 		t.Fatalf("B's claim: got claimed %d, requeued %d, failed %d, err %v; want 0, 0, 1", len(res.claimed), res.requeued, res.failed, err)
 	}
-	r, err := st.getRun(ctx, ws, ids[0])
+	r, err := st.getRun(ctx, ws.ID, ids[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -764,7 +656,7 @@ func TestWorkerWebhookContract(t *testing.T) {
 		select {
 		case req = <-got:
 		default:
-			t.Fatal("the webhook was not called")
+			t.Fatal("webhook: got no call; want one")
 		}
 		if req.method != "POST" || req.path != "/ok" || req.contentType != "application/json" || req.idempotencyKey != r.ID {
 			t.Errorf("request: got %s %s, Content-Type %q, Idempotency-Key %q; want POST /ok, application/json, %s",
@@ -772,7 +664,7 @@ func TestWorkerWebhookContract(t *testing.T) {
 		}
 		var body map[string]json.RawMessage
 		if err := json.Unmarshal(req.body, &body); err != nil {
-			t.Fatalf("request body %s: %v", req.body, err)
+			t.Fatalf("request body: got %s (%v); want a JSON object", req.body, err)
 		}
 		wantInput, _ := json.Marshal(input)
 		want := map[string]string{"run_id": `"` + r.ID + `"`, "workspace_id": `"` + ws.ID + `"`, "agent": `"ok"`,
@@ -847,7 +739,7 @@ func TestWorkerWebhookAllowedHosts(t *testing.T) {
 	a := startApp(t, testEnv(t, dsn, map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": "example.com," + allowed.Listener.Addr().String()}))
 	ws := a.createWorkspace(t)
 
-	status, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey,
+	status, _, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil,
 		map[string]any{"name": "other", "kind": "webhook", "config": map[string]any{"url": other.URL}})
 	if status != 422 {
 		t.Errorf("agent with a URL outside AGENT_WEBHOOK_ALLOWED_HOSTS: got %d %s; want 422", status, body)
@@ -896,10 +788,10 @@ func TestWorkerAgentPanic(t *testing.T) {
 		st := &store{db: db}
 		ws, echoIDs := seedRuns(t, st, 1, 3)
 		ctx := context.Background()
-		if _, err := st.createAgent(ctx, agent{WorkspaceID: ws, Name: "hook", Kind: "webhook", Config: webhook.AgentConfig}); err != nil {
+		if _, err := st.createAgent(ctx, agent{WorkspaceID: ws.ID, Name: "hook", Kind: "webhook", Config: webhook.AgentConfig}); err != nil {
 			t.Fatal(err)
 		}
-		hook, _, err := st.createRun(ctx, ws, newRun{Agent: "hook", Input: json.RawMessage(`{}`), MaxAttempts: 1})
+		hook, _, err := st.createRun(ctx, ws.ID, newRun{Agent: "hook", Input: json.RawMessage(`{}`), MaxAttempts: 1})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -911,21 +803,21 @@ func TestWorkerAgentPanic(t *testing.T) {
 		if err != nil || s.Claimed != 2 || s.Succeeded != 1 || s.Failed != 1 {
 			t.Fatalf("cycle with a panicking agent: got %+v, err %v; want claimed 2, succeeded 1, failed 1", s, err)
 		}
-		r, err := st.getRun(ctx, ws, hook.ID)
+		r, err := st.getRun(ctx, ws.ID, hook.ID)
 		if err != nil || r.Status != "failed" || !strings.Contains(errorText(r), "agent panicked") {
 			t.Errorf("run whose agent panicked: got status %q error %q (err %v); want failed, an error saying the agent panicked", r.Status, errorText(r), err)
 		}
-		if r, err := st.getRun(ctx, ws, echoIDs[0]); err != nil || r.Status != "succeeded" {
+		if r, err := st.getRun(ctx, ws.ID, echoIDs[0]); err != nil || r.Status != "succeeded" {
 			t.Errorf("echo run in the same cycle: got status %q (err %v); want succeeded", r.Status, err)
 		}
-		next, _, err := st.createRun(ctx, ws, newRun{Agent: "echo", Input: json.RawMessage(`"after"`), MaxAttempts: 1})
+		next, _, err := st.createRun(ctx, ws.ID, newRun{Agent: "echo", Input: json.RawMessage(`"after"`), MaxAttempts: 1})
 		if err != nil {
 			t.Fatal(err)
 		}
 		if s, err := w.process(ctx, 10, ""); err != nil || s.Claimed != 1 || s.Succeeded != 1 {
 			t.Errorf("next cycle: got %+v, err %v; want claimed 1, succeeded 1", s, err)
 		}
-		if r, err := st.getRun(ctx, ws, next.ID); err != nil || r.Status != "succeeded" || string(r.Output) != `"after"` {
+		if r, err := st.getRun(ctx, ws.ID, next.ID); err != nil || r.Status != "succeeded" || string(r.Output) != `"after"` {
 			t.Errorf("run after the panic: got status %q output %s (err %v); want succeeded, \"after\"", r.Status, r.Output, err)
 		}
 	})
@@ -934,11 +826,11 @@ func TestWorkerAgentPanic(t *testing.T) {
 // cancel asks for a run to be canceled and returns the answer's status and run.
 func (a *app) cancel(t testing.TB, ws testWorkspace, id string) (int, runRecord) {
 	t.Helper()
-	status, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+id+"/cancel", ws.APIKey, nil)
+	status, _, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+id+"/cancel", ws.APIKey, nil, nil)
 	var r runRecord
 	if status == 200 {
 		if err := json.Unmarshal(body, &r); err != nil {
-			t.Fatalf("cancel %s: decode %s: %v", id, body, err)
+			t.Fatalf("cancel %s: got %s (%v); want the run as JSON", id, body, err)
 		}
 	}
 	return status, r
@@ -1014,7 +906,7 @@ func TestWorkerCancel(t *testing.T) {
 		apiOnly := startApp(t, testEnv(t, dsn, long))
 		long["RUN_WORKER_EMBEDDED"] = "true"
 		executor := startApp(t, testEnv(t, dsn, long))
-		executor.waitListening(t)
+		executor.waitListening(t, true)
 		ws := apiOnly.createWorkspace(t)
 		apiOnly.createAgent(t, ws, "slow", "echo", slow)
 		r := apiOnly.createRun(t, ws, "slow", 1)
@@ -1041,7 +933,7 @@ func TestWorkerSlots(t *testing.T) {
 		t.Parallel()
 		a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true",
 			"RUN_WORKER_CONCURRENCY": "4", "RUN_WORKER_POLL_MS": "60000", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "0"}))
-		a.waitListening(t)
+		a.waitListening(t, true)
 		ws := a.createWorkspace(t)
 		a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 8000})
 		long := a.createRun(t, ws, "slow", "long")
@@ -1062,7 +954,7 @@ func TestWorkerSlots(t *testing.T) {
 		t.Parallel()
 		a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true",
 			"RUN_WORKER_CONCURRENCY": "1", "RUN_WORKER_POLL_MS": "60000"}))
-		a.waitListening(t)
+		a.waitListening(t, true)
 		ws := a.createWorkspace(t)
 		// One statement, so one notification: with one slot, the second and third runs
 		// can only start when the slot frees, or at the next tick a minute later.
