@@ -102,9 +102,16 @@ RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jso
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_locked uuid[];
-    v_ids    uuid[];
-    v_ws     uuid[];
+    v_locked  uuid[];
+    v_ids     uuid[];         -- claimed so far
+    v_ws      uuid[];         -- their workspaces
+    v_skipped uuid[] := '{}'; -- picked but held by a concurrent claim
+    v_new     uuid[];
+    v_new_ws  uuid[];
+    v_missed  uuid[];
+    v_want    integer;
+    v_share   integer;
+    v_round   integer;
 BEGIN
     IF p_recover THEN
         RETURN QUERY
@@ -137,44 +144,64 @@ BEGIN
           AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
         FOR NO KEY UPDATE OF a SKIP LOCKED) c;
 
-    WITH elig AS (
-        SELECT a.id AS agent_id, a.workspace_id, w.served_at,
-               CASE WHEN a.max_concurrency IS NULL THEN p_limit
-                    ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
-                                  WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
-        FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-        WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-          AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
-          AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
-    ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
-        SELECT ceil(p_limit::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
-        FROM elig e WHERE e.room > 0
-    ), cand AS (
-        SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
-        FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
-            SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-            WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
-            ORDER BY r.priority, r.run_at, r.seq
-            LIMIT least(e.room, s.n)
-            FOR UPDATE SKIP LOCKED) c
-        WHERE e.room > 0
-    ), picked AS (
-        SELECT t.id FROM (
-            SELECT cand.id, cand.workspace_id, cand.served_at,
-                   row_number() OVER (PARTITION BY cand.workspace_id
-                                      ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
-            FROM cand) t
-        ORDER BY t.turn, t.served_at, t.workspace_id
-        LIMIT p_limit
-    ), claimed AS (
-        UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
-            lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
-            started_at = now(), updated_at = now()
-        FROM picked p WHERE r.id = p.id
-        RETURNING r.id, r.workspace_id)
-    SELECT array_agg(claimed.id), array_agg(DISTINCT claimed.workspace_id) INTO v_ids, v_ws FROM claimed;
+    -- Candidates are read without locking (locking every candidate would write a lock on
+    -- many rows that are never claimed); only the picked runs are locked, skipping those a
+    -- concurrent claim holds. A round left short by them, or by a workspace's share, is
+    -- followed by another that passes over the skipped runs.
+    FOR v_round IN 1..3 LOOP
+        v_want := p_limit - coalesce(cardinality(v_ids), 0);
+        EXIT WHEN v_want <= 0;
+        WITH elig AS (
+            SELECT a.id AS agent_id, a.workspace_id, w.served_at,
+                   CASE WHEN a.max_concurrency IS NULL THEN v_want
+                        ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
+                                      WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
+            FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+            WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+              AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
+              AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
+        ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
+            SELECT ceil(v_want::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
+            FROM elig e WHERE e.room > 0
+        ), cand AS (
+            SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
+            FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
+                SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
+                WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
+                  AND r.id <> ALL (v_skipped)
+                ORDER BY r.priority, r.run_at, r.seq
+                LIMIT least(e.room, s.n)) c
+            WHERE e.room > 0
+        ), picked AS (
+            SELECT t.id FROM (
+                SELECT cand.id, cand.workspace_id, cand.served_at,
+                       row_number() OVER (PARTITION BY cand.workspace_id
+                                          ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
+                FROM cand) t
+            ORDER BY t.turn, t.served_at, t.workspace_id
+            LIMIT v_want
+        ), locked AS (
+            SELECT r.id FROM runs r WHERE r.id IN (SELECT picked.id FROM picked) AND r.status = 'queued'
+            FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
+                lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
+                started_at = now(), updated_at = now()
+            FROM locked l WHERE r.id = l.id
+            RETURNING r.id, r.workspace_id)
+        SELECT coalesce(array_agg(claimed.id), '{}'), coalesce(array_agg(DISTINCT claimed.workspace_id), '{}'),
+               (SELECT coalesce(array_agg(p.id), '{}') FROM picked p WHERE p.id NOT IN (SELECT claimed.id FROM claimed)),
+               (SELECT share.n FROM share)
+        INTO v_new, v_new_ws, v_missed, v_share FROM claimed;
+        v_ids := coalesce(v_ids, '{}') || v_new;
+        v_ws := coalesce(v_ws, '{}') || v_new_ws;
+        v_skipped := v_skipped || v_missed;
+        -- Another round helps only past runs a concurrent claim held, or when the shares
+        -- (more than one workspace) left room that the workspaces with more runs can fill.
+        EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR coalesce(v_share, 0) >= v_want);
+    END LOOP;
 
-    IF v_ws IS NOT NULL THEN
+    IF cardinality(v_ids) > 0 THEN
         -- A turn another claim is recording at this moment is left to it: never wait here.
         UPDATE workspaces w SET served_at = clock_timestamp()
         FROM (SELECT x.id FROM workspaces x WHERE x.id = ANY (v_ws) ORDER BY x.id
