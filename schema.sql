@@ -74,6 +74,8 @@ END $$;
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait.
 CREATE INDEX IF NOT EXISTS runs_due_idx ON runs (run_at) WHERE status = 'queued';
+-- Retention: final runs by age.
+CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
 -- An agent's running runs, counted against its max_concurrency.
 CREATE INDEX IF NOT EXISTS runs_running_agent_idx ON runs (agent_id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS runs_running_lease_idx ON runs (lease_expires_at) WHERE status = 'running';
@@ -82,6 +84,63 @@ CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
+-- console never count the runs table: their cost does not grow with history. Each
+-- statement adds its changes to one of 16 shards, chosen by its backend, so concurrent
+-- inserts and finishes do not queue on one hot row; readers sum the shards.
+CREATE TABLE IF NOT EXISTS run_counts (
+    workspace_id uuid NOT NULL,
+    status       text NOT NULL,
+    shard        smallint NOT NULL,
+    n            bigint NOT NULL,
+    PRIMARY KEY (workspace_id, status, shard)
+);
+
+CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_shard smallint := pg_backend_pid() % 16;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT workspace_id, status, v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT workspace_id, status, v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSE
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT d.workspace_id, d.status, v_shard, sum(d.n) FROM (
+            SELECT o.workspace_id, o.status, -1 AS n FROM old_runs o JOIN new_runs w ON w.id = o.id
+            WHERE w.status <> o.status
+            UNION ALL
+            SELECT w.workspace_id, w.status, 1 FROM old_runs o JOIN new_runs w ON w.id = o.id
+            WHERE w.status <> o.status) d
+        GROUP BY 1, 2 HAVING sum(d.n) <> 0 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- A database from before the counters: count once, with writers held off meanwhile.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'runs_counts_insert' AND tgrelid = 'runs'::regclass) THEN
+        LOCK TABLE runs IN SHARE MODE;
+        DELETE FROM run_counts;
+        INSERT INTO run_counts (workspace_id, status, shard, n)
+        SELECT workspace_id, status, 0, count(*) FROM runs GROUP BY 1, 2;
+        CREATE TRIGGER runs_counts_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS new_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+        CREATE TRIGGER runs_counts_update AFTER UPDATE ON runs
+            REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+        CREATE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+    END IF;
+END $$;
 
 -- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
 --  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
