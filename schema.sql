@@ -147,8 +147,8 @@ END $$;
 --  2. up to p_limit due runs are claimed for worker p_worker. Workspaces take turns: the
 --     claim spreads over the workspaces that have claimable runs, the least recently served
 --     first; within a workspace lower priority first, then the earliest due. Paused agents
---     are skipped; an agent's max_concurrency holds across processes because a capped agent
---     is claimed only under its row lock (skipped while another claim holds it) and its
+--     are skipped. An agent's max_concurrency holds across processes: a capped agent is
+--     claimed only under its advisory lock (skipped while another claim holds it), and its
 --     running runs are counted by a statement that starts after that lock was taken;
 --  3. the served workspaces' turn is recorded.
 -- It returns a row per recovered run (kind = its new status), per claimed run (kind
@@ -161,15 +161,16 @@ RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jso
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_locked  uuid[];
-    v_ids     uuid[];         -- claimed so far
-    v_ws      uuid[];         -- their workspaces
+    v_capped  uuid[];         -- capped agents with due runs whose lock this claim holds
+    v_ids     uuid[] := '{}'; -- claimed so far
+    v_ws      uuid[] := '{}'; -- their workspaces
     v_skipped uuid[] := '{}'; -- picked but held by a concurrent claim
     v_new     uuid[];
     v_new_ws  uuid[];
     v_missed  uuid[];
     v_want    integer;
     v_share   integer;
+    v_active  integer;        -- workspaces that had candidates in the last round
     v_round   integer;
 BEGIN
     IF p_recover THEN
@@ -196,40 +197,44 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT coalesce(array_agg(c.id), '{}') INTO v_locked FROM (
-        SELECT a.id FROM agents a
+    -- Advisory locks live in memory: taking one writes nothing, unlike a row lock. At most
+    -- p_limit of them, the least recently served first: no claim needs more.
+    SELECT coalesce(array_agg(c.id), '{}') INTO v_capped FROM (
+        SELECT a.id FROM agents a JOIN workspaces w ON w.id = a.workspace_id
         WHERE a.max_concurrency IS NOT NULL AND NOT a.paused
           AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
           AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
-        FOR NO KEY UPDATE OF a SKIP LOCKED) c;
+        ORDER BY w.served_at LIMIT p_limit) c
+    WHERE pg_try_advisory_xact_lock(734629, hashtext(c.id::text));
 
-    -- Candidates are read without locking (locking every candidate would write a lock on
-    -- many rows that are never claimed); only the picked runs are locked, skipping those a
-    -- concurrent claim holds. A round left short by them, or by a workspace's share, is
-    -- followed by another that passes over the skipped runs.
+    SELECT count(DISTINCT a.workspace_id) INTO v_active FROM agents a
+    WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+      AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped));
+
+    -- Candidates are read without locking them (a lock is a write, and most candidates are
+    -- not picked); only the picked runs are locked, skipping those a concurrent claim holds.
+    -- Another round follows when runs were skipped that way, or when a workspace's share
+    -- left room that workspaces with more runs can fill.
     FOR v_round IN 1..3 LOOP
-        v_want := p_limit - coalesce(cardinality(v_ids), 0);
-        EXIT WHEN v_want <= 0;
+        v_want := p_limit - cardinality(v_ids);
+        EXIT WHEN v_want <= 0 OR v_active = 0;
+        v_share := ceil(v_want::numeric / v_active)::integer;
         WITH elig AS (
             SELECT a.id AS agent_id, a.workspace_id, w.served_at,
-                   CASE WHEN a.max_concurrency IS NULL THEN v_want
-                        ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
-                                      WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
+                   CASE WHEN a.max_concurrency IS NULL THEN v_share
+                        ELSE least(v_share, a.max_concurrency - (SELECT count(*) FROM runs r
+                                   WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
             FROM agents a JOIN workspaces w ON w.id = a.workspace_id
             WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-              AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
-              AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
-        ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
-            SELECT ceil(v_want::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
-            FROM elig e WHERE e.room > 0
+              AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped))
         ), cand AS (
             SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
-            FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
+            FROM elig e CROSS JOIN LATERAL (
                 SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
                 WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
                   AND r.id <> ALL (v_skipped)
                 ORDER BY r.priority, r.run_at, r.seq
-                LIMIT least(e.room, s.n)) c
+                LIMIT e.room) c
             WHERE e.room > 0
         ), picked AS (
             SELECT t.id FROM (
@@ -237,6 +242,7 @@ BEGIN
                        row_number() OVER (PARTITION BY cand.workspace_id
                                           ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
                 FROM cand) t
+            WHERE t.turn <= v_share
             ORDER BY t.turn, t.served_at, t.workspace_id
             LIMIT v_want
         ), locked AS (
@@ -250,14 +256,14 @@ BEGIN
             RETURNING r.id, r.workspace_id)
         SELECT coalesce(array_agg(claimed.id), '{}'), coalesce(array_agg(DISTINCT claimed.workspace_id), '{}'),
                (SELECT coalesce(array_agg(p.id), '{}') FROM picked p WHERE p.id NOT IN (SELECT claimed.id FROM claimed)),
-               (SELECT share.n FROM share)
-        INTO v_new, v_new_ws, v_missed, v_share FROM claimed;
-        v_ids := coalesce(v_ids, '{}') || v_new;
-        v_ws := coalesce(v_ws, '{}') || v_new_ws;
+               (SELECT count(DISTINCT cand.workspace_id) FROM cand)
+        INTO v_new, v_new_ws, v_missed, v_active FROM claimed;
+        v_ids := v_ids || v_new;
+        v_ws := v_ws || v_new_ws;
         v_skipped := v_skipped || v_missed;
         -- Another round helps only past runs a concurrent claim held, or when the shares
-        -- (more than one workspace) left room that the workspaces with more runs can fill.
-        EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR coalesce(v_share, 0) >= v_want);
+        -- of several workspaces left room.
+        EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR v_active <= 1);
     END LOOP;
 
     IF cardinality(v_ids) > 0 THEN
@@ -271,11 +277,11 @@ BEGIN
                r.timeout_ms, NULL::timestamptz
         FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = ANY (v_ids);
     END IF;
-    IF cardinality(v_locked) > 0 THEN
+    IF cardinality(v_capped) > 0 THEN
         RETURN QUERY SELECT 'capped'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
                             NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
     END IF;
-    IF coalesce(cardinality(v_ids), 0) < p_limit THEN
+    IF cardinality(v_ids) < p_limit THEN
         RETURN QUERY SELECT 'next'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
                             NULL::text, NULL::jsonb, NULL::integer, min(r.run_at)
         FROM runs r WHERE r.status = 'queued' AND r.run_at > now()
