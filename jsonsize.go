@@ -115,7 +115,7 @@ func jsonStringSize(raw []byte, i int) (size, end int, err error) {
 		case c == '\\':
 			size += 2 // \" \\ \b \f \n \r \t print as they came; \/ prints as /
 			if raw[j+1] == '/' {
-				size -= 0
+				size--
 			}
 			j += 2
 		default:
