@@ -9,8 +9,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -64,8 +67,16 @@ func validateAgent(kind string, config json.RawMessage, allowedHosts []string) e
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return errors.New("config.url must be an absolute http:// or https:// URL")
 		}
+		if err := checkHostPort(u); err != nil {
+			return fmt.Errorf("config.url host %q is malformed: %v", u.Host, err)
+		}
 		if !hostAllowed(u, allowedHosts) {
 			return fmt.Errorf("config.url host %q is not in AGENT_WEBHOOK_ALLOWED_HOSTS", u.Host)
+		}
+		if len(allowedHosts) == 0 {
+			if class := literalClass(u.Hostname()); class != "" {
+				return fmt.Errorf("config.url host %q refused: %s address (with AGENT_WEBHOOK_ALLOWED_HOSTS unset, webhooks reach public addresses only)", u.Host, class)
+			}
 		}
 	default:
 		return fmt.Errorf("kind %q is unknown: want echo or webhook", kind)
@@ -91,10 +102,240 @@ func hostAllowed(u *url.URL, allowed []string) bool {
 	return false
 }
 
-// newWebhookClient returns the client webhook agents use. It follows no redirects: a
-// redirect is a non-2xx answer, so a webhook cannot lead the worker off the allowed hosts.
+// checkHostPort refuses a URL host:port that no dialer should be asked to reach: an empty
+// host, a colon outside brackets, a bracketed host that is not an IPv6 address, or a port
+// that is empty or outside 1 … 65535.
+func checkHostPort(u *url.URL) error {
+	host, port := u.Hostname(), u.Port()
+	switch {
+	case host == "":
+		return errors.New("the host is empty")
+	case strings.HasPrefix(u.Host, "["):
+		if a, err := netip.ParseAddr(host); err != nil || !a.Is6() {
+			return errors.New("the bracketed host is not an IPv6 address")
+		}
+	case strings.Contains(host, ":"):
+		return errors.New("a colon outside brackets")
+	}
+	if port == "" {
+		if strings.HasSuffix(u.Host, ":") {
+			return errors.New("the port is empty")
+		}
+		return nil
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port %s is not from 1 to 65535", port)
+	}
+	return nil
+}
+
+// literalClass names the class of a forbidden address that host spells, in any spelling a
+// resolver would accept (inet_aton's decimal, octal, hex and short forms, IPv6, IPv4-mapped
+// IPv6), or localhost and *.localhost; "" for anything else, names included: a name is
+// checked when it is resolved, at execution.
+func literalClass(host string) string {
+	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	if name == "localhost" || strings.HasSuffix(name, ".localhost") {
+		return "loopback"
+	}
+	if a, ok := parseIPv4Loose(name); ok {
+		return addressClass(a)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		return addressClass(a)
+	}
+	return ""
+}
+
+// parseIPv4Loose parses s as inet_aton does: one to four parts separated by dots, each
+// decimal, octal (leading 0) or hex (leading 0x), the last part filling the bytes that
+// remain ("127.1" is 127.0.0.1, "2130706433" too). Go's net.ParseIP accepts none of these
+// forms, but a libc resolver would dial them.
+func parseIPv4Loose(s string) (netip.Addr, bool) {
+	parts := strings.Split(s, ".")
+	if len(parts) > 4 {
+		return netip.Addr{}, false
+	}
+	var v uint64
+	for i, p := range parts {
+		base, digits := 10, p
+		switch {
+		case len(p) > 1 && (p[:2] == "0x" || p[:2] == "0X"):
+			base, digits = 16, p[2:]
+			if digits == "" {
+				digits = "0" // inet_aton takes a bare "0x" as zero
+			}
+		case len(p) > 1 && p[0] == '0':
+			base, digits = 8, p[1:]
+		}
+		n, err := strconv.ParseUint(digits, base, 32)
+		if err != nil || p == "" {
+			return netip.Addr{}, false
+		}
+		if i < len(parts)-1 {
+			if n > 0xff {
+				return netip.Addr{}, false
+			}
+			v = v<<8 | n
+			continue
+		}
+		rest := uint(8 * (4 - i)) // the bits the last part fills
+		if n >= 1<<rest {
+			return netip.Addr{}, false
+		}
+		v = v<<rest | n
+	}
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
+}
+
+// forbiddenPrefixes are the addresses a webhook may not reach while
+// AGENT_WEBHOOK_ALLOWED_HOSTS is unset, with the class an error names. The narrower prefix
+// comes first where two overlap. Beyond SPEC's list, "reserved" covers what no public
+// service answers on: 0/8 (Linux dials 0.x as this host), 192.0.0/24 (IETF protocol
+// assignments), 198.18/15 (benchmarking), 240/4 (future use) and fec0::/10 (old site-local).
+var forbiddenPrefixes = []struct {
+	prefix netip.Prefix
+	class  string
+}{
+	{netip.MustParsePrefix("0.0.0.0/32"), "unspecified"},
+	{netip.MustParsePrefix("0.0.0.0/8"), "reserved"},
+	{netip.MustParsePrefix("10.0.0.0/8"), "private"},
+	{netip.MustParsePrefix("100.64.0.0/10"), "shared"},
+	{netip.MustParsePrefix("127.0.0.0/8"), "loopback"},
+	{netip.MustParsePrefix("169.254.0.0/16"), "link-local"},
+	{netip.MustParsePrefix("172.16.0.0/12"), "private"},
+	{netip.MustParsePrefix("192.0.0.0/24"), "reserved"},
+	{netip.MustParsePrefix("192.168.0.0/16"), "private"},
+	{netip.MustParsePrefix("198.18.0.0/15"), "reserved"},
+	{netip.MustParsePrefix("224.0.0.0/4"), "multicast"},
+	{netip.MustParsePrefix("255.255.255.255/32"), "broadcast"},
+	{netip.MustParsePrefix("240.0.0.0/4"), "reserved"},
+	{netip.MustParsePrefix("::/128"), "unspecified"},
+	{netip.MustParsePrefix("::1/128"), "loopback"},
+	{netip.MustParsePrefix("fc00::/7"), "private"},
+	{netip.MustParsePrefix("fe80::/10"), "link-local"},
+	{netip.MustParsePrefix("fec0::/10"), "reserved"},
+	{netip.MustParsePrefix("ff00::/8"), "multicast"},
+}
+
+// addressClass names the class of a forbidden address ("loopback", "private", …), or ""
+// for a public one. An IPv4-mapped IPv6 address is judged as the IPv4 address it maps.
+func addressClass(a netip.Addr) string {
+	a = a.Unmap().WithZone("") // Prefix.Contains never matches an address with a zone
+	for _, f := range forbiddenPrefixes {
+		if f.prefix.Contains(a) {
+			return f.class
+		}
+	}
+	return ""
+}
+
+// refusedDestination is the error of a webhook dial to an address it may not reach.
+type refusedDestination struct {
+	dest  string // host:port as the URL names it
+	addr  string // the ip:port dialed
+	class string
+}
+
+func (e *refusedDestination) Error() string {
+	dest := e.addr
+	if e.dest != "" && e.dest != e.addr {
+		dest = e.dest + " (" + e.addr + ")"
+	}
+	return fmt.Sprintf("webhook destination %s refused: %s address (AGENT_WEBHOOK_ALLOWED_HOSTS lists the hosts that may be reached)", dest, e.class)
+}
+
+// listedDestination is the context key runWebhook sets when the URL's host is in
+// AGENT_WEBHOOK_ALLOWED_HOSTS: the operator chose that host, so the dialer reaches whatever
+// it resolves to. Without it the dialer reaches public addresses only, so a client used
+// without runWebhook fails closed. A process has one list, so a pooled connection, dialed
+// for one request and reused by the next to the same host:port, never crosses policies.
+type listedDestination struct{}
+
+// webhookDialer is the only way webhook requests reach the network. It resolves a name
+// through lookup (a seam for tests), then dials each resolved address itself, so the
+// address checked is the address connected to: a name cannot resolve once for a check and
+// again, elsewhere, for the connection.
+type webhookDialer struct {
+	lookup func(ctx context.Context, host string) ([]netip.Addr, error)
+	dialer net.Dialer
+}
+
+// dialContext is the webhook transport's DialContext.
+func (d *webhookDialer) dialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, portText, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	port, err := strconv.ParseUint(portText, 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("webhook port %q: %v", portText, err)
+	}
+	var ips []netip.Addr
+	if a, err := netip.ParseAddr(host); err == nil {
+		ips = []netip.Addr{a}
+	} else {
+		if ips, err = d.lookup(ctx, host); err != nil {
+			return nil, err
+		}
+	}
+	var firstErr error
+	for _, ip := range ips {
+		conn, err := d.dialer.DialContext(ctx, network, netip.AddrPortFrom(ip.Unmap(), uint16(port)).String())
+		if err == nil {
+			return conn, nil
+		}
+		var refused *refusedDestination
+		if errors.As(err, &refused) {
+			refused.dest = addr
+			return nil, refused // the policy reason outranks another address's connection error
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	if firstErr == nil {
+		firstErr = fmt.Errorf("webhook host %s resolves to no address", host)
+	}
+	return nil, firstErr
+}
+
+// checkDestination is the dialer's ControlContext: it runs on the socket about to connect,
+// with the numeric address, so nothing reaches a forbidden address unless runWebhook found
+// the URL's host in the allow-list.
+func checkDestination(ctx context.Context, network, address string, _ syscall.RawConn) error {
+	if ctx.Value(listedDestination{}) != nil {
+		return nil
+	}
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return fmt.Errorf("webhook destination %s: %v", address, err)
+	}
+	if class := addressClass(ap.Addr()); class != "" {
+		return &refusedDestination{addr: address, class: class}
+	}
+	return nil
+}
+
+// newWebhookClient returns the client webhook agents use, resolving names with the
+// system's resolver.
 func newWebhookClient() *http.Client {
+	return newWebhookClientWith(func(ctx context.Context, host string) ([]netip.Addr, error) {
+		return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	})
+}
+
+// newWebhookClientWith returns the webhook client resolving names with lookup. Every
+// connection goes through the checked dialer: no proxy from the environment (it would dial
+// the proxy, not the destination), and no redirects (a redirect is a non-2xx answer, so a
+// webhook cannot lead the worker off the allowed hosts).
+func newWebhookClientWith(lookup func(ctx context.Context, host string) ([]netip.Addr, error)) *http.Client {
+	d := &webhookDialer{lookup: lookup, dialer: net.Dialer{
+		Timeout: 30 * time.Second, KeepAlive: 30 * time.Second, ControlContext: checkDestination,
+	}}
 	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.Proxy = nil
+	t.DialContext = d.dialContext
 	t.MaxIdleConnsPerHost = 64
 	return &http.Client{
 		Transport: t,
@@ -150,6 +391,9 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	if !hostAllowed(u, allowedHosts) {
 		return nil, fmt.Errorf("webhook host %q is not in AGENT_WEBHOOK_ALLOWED_HOSTS", u.Host)
 	}
+	if len(allowedHosts) > 0 {
+		ctx = context.WithValue(ctx, listedDestination{}, true)
+	}
 	timeout := 30 * time.Second
 	if cfg.TimeoutMS != nil {
 		timeout = time.Duration(*cfg.TimeoutMS) * time.Millisecond
@@ -173,6 +417,10 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	timedOut := func() bool { return ctx.Err() == nil && reqCtx.Err() != nil }
 	resp, err := client.Do(req)
 	if err != nil {
+		var refused *refusedDestination
+		if errors.As(err, &refused) {
+			return nil, refused
+		}
 		if ctx.Err() != nil {
 			return nil, context.Cause(ctx)
 		}
@@ -196,6 +444,9 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 		return nil, errors.New("webhook response body is over 1 MiB")
 	case !json.Valid(data):
 		return nil, fmt.Errorf("webhook response is not JSON (%d bytes, Content-Type %q)", len(data), resp.Header.Get("Content-Type"))
+	}
+	if err := checkStorable(data); err != nil {
+		return nil, fmt.Errorf("webhook output %v", err)
 	}
 	var out bytes.Buffer
 	if err := json.Compact(&out, data); err != nil {

@@ -134,6 +134,8 @@ func testEnv(t testing.TB, dsn string, overrides map[string]string) map[string]s
 		"ADMIN_TOKEN":        testAdminToken,
 		"RUN_WORKER_POLL_MS": "50",
 		"LOG_LEVEL":          "debug",
+
+		"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", // unset, webhooks reach public addresses only (SPEC)
 	}
 	for k, v := range overrides {
 		env[k] = v

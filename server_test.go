@@ -233,7 +233,7 @@ func TestAPIErrors(t *testing.T) {
 // exactly 1 MiB are not too big.
 func TestAPIValidEdges(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, testEnv(t, testDB(t), nil))
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": ""})) // unset: public hosts only
 	ws := a.createWorkspace(t)
 	runs := "/v1/workspaces/" + ws.ID + "/runs"
 	for _, n := range []int{1, 25} {
