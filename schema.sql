@@ -82,6 +82,8 @@ CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- Listing a workspace's runs of one agent (?agent=), newest first.
+CREATE INDEX IF NOT EXISTS runs_workspace_agent_seq_idx ON runs (workspace_id, agent_id, seq);
 
 -- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
 --  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
