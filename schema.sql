@@ -84,6 +84,8 @@ CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- Listing a workspace's runs of one agent (?agent=), newest first.
+CREATE INDEX IF NOT EXISTS runs_workspace_agent_seq_idx ON runs (workspace_id, agent_id, seq);
 
 -- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
 -- console never count the runs table: their cost does not grow with history. Each

@@ -89,11 +89,15 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/workspaces/{ws}/rotate-key", s.member(s.rotateKey))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/agents", s.member(s.createAgent))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/agents", s.member(s.listAgents))
+	mux.HandleFunc("GET /v1/workspaces/{ws}/agents/{name}", s.member(s.getAgent))
+	mux.HandleFunc("PATCH /v1/workspaces/{ws}/agents/{name}", s.member(s.updateAgent))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs", s.member(s.createRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/batch", s.member(s.createRuns))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs", s.member(s.listRuns))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}", s.member(s.getRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/cancel", s.member(s.cancelRun))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/retry", s.member(s.retryRun))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/cancel", s.member(s.cancelRuns))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/stats", s.member(s.stats))
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
 	return s.middleware(mux)
@@ -739,9 +743,11 @@ func (s *server) rotateKey(w http.ResponseWriter, r *http.Request) {
 // createAgent creates an agent; a taken name is 409.
 func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Name   string          `json:"name"`
-		Kind   string          `json:"kind"`
-		Config json.RawMessage `json:"config"`
+		Name           string          `json:"name"`
+		Kind           string          `json:"kind"`
+		Config         json.RawMessage `json:"config"`
+		MaxConcurrency *int            `json:"max_concurrency"`
+		Paused         bool            `json:"paused"`
 	}
 	if err := decode(r, &req, false); err != nil {
 		s.fail(w, r, err)
@@ -751,18 +757,16 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	if len(req.Config) == 0 || string(req.Config) == "null" {
-		req.Config = json.RawMessage("{}")
+	config, err := s.agentConfig(req.Kind, req.Config)
+	if err == nil {
+		err = checkConcurrency(req.MaxConcurrency)
 	}
-	if req.Config[0] != '{' {
-		s.fail(w, r, invalid("config must be a JSON object"))
+	if err != nil {
+		s.fail(w, r, err)
 		return
 	}
-	if err := validateAgent(req.Kind, req.Config, s.cfg.WebhookHosts); err != nil {
-		s.fail(w, r, invalid("%s", err.Error()))
-		return
-	}
-	a, err := s.store.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind, Config: req.Config})
+	a, err := s.store.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind,
+		Config: config, MaxConcurrency: req.MaxConcurrency, Paused: req.Paused})
 	if errors.Is(err, errConflict) {
 		err = fmt.Errorf("%w: agent %q already exists", errConflict, req.Name)
 	}
@@ -771,6 +775,95 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusCreated, a)
+}
+
+// agentConfig validates an agent's config for its kind and returns it as stored: absent
+// or null is {}.
+func (s *server) agentConfig(kind string, config json.RawMessage) (json.RawMessage, error) {
+	if len(config) == 0 || string(config) == "null" {
+		config = json.RawMessage("{}")
+	}
+	if config[0] != '{' {
+		return nil, invalid("config must be a JSON object")
+	}
+	if err := validateAgent(kind, config, s.cfg.WebhookHosts); err != nil {
+		return nil, invalid("%s", err.Error())
+	}
+	return config, nil
+}
+
+// maxAgentConcurrency is the largest max_concurrency an agent may set (SPEC), as
+// RUN_WORKER_CONCURRENCY's own limit: a larger cap could never bind.
+const maxAgentConcurrency = 1000
+
+// checkConcurrency validates an agent's max_concurrency; nil is no cap.
+func checkConcurrency(n *int) error {
+	if n != nil && (*n < 1 || *n > maxAgentConcurrency) {
+		return invalid("max_concurrency must be from 1 to %d, or null for no cap", maxAgentConcurrency)
+	}
+	return nil
+}
+
+// getAgent answers one agent of the workspace, by name.
+func (s *server) getAgent(w http.ResponseWriter, r *http.Request) {
+	a, err := s.store.getAgent(r.Context(), r.PathValue("ws"), r.PathValue("name"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a)
+}
+
+// updateAgent changes any of an agent's config (replaced whole, validated for its kind),
+// max_concurrency (null: no cap) and paused, and answers the agent; {} changes nothing.
+func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Config         json.RawMessage `json:"config"`
+		MaxConcurrency json.RawMessage `json:"max_concurrency"` // absent and null differ
+		Paused         *bool           `json:"paused"`
+	}
+	if err := decode(r, &req, false); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ws, name := r.PathValue("ws"), r.PathValue("name")
+	p := agentPatch{Paused: req.Paused}
+	if req.MaxConcurrency != nil {
+		p.SetConcurrency = true
+		if string(req.MaxConcurrency) != "null" {
+			var n int
+			if err := json.Unmarshal(req.MaxConcurrency, &n); err != nil {
+				s.fail(w, r, invalid("max_concurrency must be an integer from 1 to %d, or null for no cap", maxAgentConcurrency))
+				return
+			}
+			p.MaxConcurrency = &n
+		}
+		if err := checkConcurrency(p.MaxConcurrency); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if req.Config != nil || !p.SetConcurrency && p.Paused == nil {
+		// The config is validated for the agent's kind; an empty patch answers the agent.
+		a, err := s.store.getAgent(r.Context(), ws, name)
+		if err == nil && req.Config != nil {
+			p.Config, err = s.agentConfig(a.Kind, req.Config)
+		}
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		if p.Config == nil {
+			writeJSON(w, http.StatusOK, a)
+			return
+		}
+	}
+	a, err := s.store.updateAgent(r.Context(), ws, name, p)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a)
 }
 
 // listAgents answers the workspace's agents.
@@ -788,7 +881,23 @@ type runRequest struct {
 	Agent       string          `json:"agent"`
 	Input       json.RawMessage `json:"input"`
 	MaxAttempts *int            `json:"max_attempts"`
+	Priority    *int            `json:"priority"`
+	RunAt       *string         `json:"run_at"`
+	DelayMS     *int64          `json:"delay_ms"`
+	TimeoutMS   *int            `json:"timeout_ms"`
 }
+
+// The ranges of a run's scheduling fields (SPEC "Scheduling").
+const (
+	maxPriority    = 9                   // 0 … 9, lower first, as Oban
+	maxDelayMS     = 365 * 24 * 3600_000 // a year: further ahead is a calendar's job, not a queue's
+	maxTimeoutMS   = 24 * 3600_000       // a day
+	maxRunAttempts = 25                  // of a new run, and added by one retry
+)
+
+// runAtFloor stands in for every run_at before it: all of them mean now, and PostgreSQL has no
+// year 0 for Go's earliest times.
+var runAtFloor = time.Unix(0, 0).UTC()
 
 // validate turns a request into a newRun; where names the request in error messages.
 func (q runRequest) validate(where string) (newRun, error) {
@@ -797,10 +906,45 @@ func (q runRequest) validate(where string) (newRun, error) {
 		return n, invalid("%sagent is required", where)
 	}
 	if q.MaxAttempts != nil {
-		if *q.MaxAttempts < 1 || *q.MaxAttempts > 25 {
-			return n, invalid("%smax_attempts must be from 1 to 25", where)
+		if *q.MaxAttempts < 1 || *q.MaxAttempts > maxRunAttempts {
+			return n, invalid("%smax_attempts must be from 1 to %d", where, maxRunAttempts)
 		}
 		n.MaxAttempts = *q.MaxAttempts
+	}
+	if q.Priority != nil {
+		if *q.Priority < 0 || *q.Priority > maxPriority {
+			return n, invalid("%spriority must be from 0 to %d", where, maxPriority)
+		}
+		n.Priority = *q.Priority
+	}
+	if q.RunAt != nil && q.DelayMS != nil {
+		return n, invalid("%srun_at and delay_ms: give one or the other, not both", where)
+	}
+	if q.RunAt != nil {
+		t, err := time.Parse(time.RFC3339, *q.RunAt)
+		if err == nil && t.UTC().Year() > 9999 {
+			// Its offset carried it past 9999: the API could not write it back in RFC 3339.
+			err = errors.New("after year 9999")
+		}
+		if err != nil {
+			return n, invalid("%srun_at must be an RFC 3339 time such as 2030-01-02T15:04:05Z, got %q", where, *q.RunAt)
+		}
+		n.RunAt = t.UTC()
+		if n.RunAt.Before(runAtFloor) {
+			n.RunAt = runAtFloor
+		}
+	}
+	if q.DelayMS != nil {
+		if *q.DelayMS < 0 || *q.DelayMS > maxDelayMS {
+			return n, invalid("%sdelay_ms must be from 0 to %d", where, maxDelayMS)
+		}
+		n.DelayMS = *q.DelayMS
+	}
+	if q.TimeoutMS != nil {
+		if *q.TimeoutMS < 1 || *q.TimeoutMS > maxTimeoutMS {
+			return n, invalid("%stimeout_ms must be from 1 to %d", where, maxTimeoutMS)
+		}
+		n.TimeoutMS = *q.TimeoutMS
 	}
 	if len(n.Input) == 0 {
 		n.Input = json.RawMessage("null")
@@ -854,8 +998,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 			s.fail(w, r, badRequest("input: %v", err))
 			return
 		}
-		sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%s", n.Agent, n.MaxAttempts, input))
-		n.IdempotencyKey, n.RequestHash = key, sum[:]
+		n.IdempotencyKey, n.RequestHash = key, requestHash(n, input)
 	}
 	run, created, err := s.store.createRun(r.Context(), r.PathValue("ws"), n)
 	if errors.Is(err, errConflict) {
@@ -869,6 +1012,18 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	default:
 		writeJSON(w, http.StatusOK, run)
 	}
+}
+
+// requestHash tells a repeat of a create request from another request with the same
+// Idempotency-Key; input is the canonical form of n.Input.
+func requestHash(n newRun, input []byte) []byte {
+	b := fmt.Appendf(nil, "%s\x00%d\x00%s", n.Agent, n.MaxAttempts, input)
+	if n.Priority != 0 || !n.RunAt.IsZero() || n.DelayMS != 0 || n.TimeoutMS != 0 {
+		// Only when given: a key used before these fields existed still matches its repeat.
+		b = fmt.Appendf(b, "\x00%d\x00%s\x00%d\x00%d", n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS)
+	}
+	sum := sha256.Sum256(b)
+	return sum[:]
 }
 
 // createRuns creates up to 1000 runs, all or nothing.
@@ -962,7 +1117,7 @@ func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, limit, after)
+	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, r.URL.Query().Get("agent"), limit, after)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -1041,6 +1196,68 @@ func (s *server) cancelRun(w http.ResponseWriter, r *http.Request) {
 		s.worker.cancelLocal(run.ID) // other processes hear of it through the notification
 	}
 	writeJSON(w, http.StatusOK, run)
+}
+
+// retryRun puts a failed or canceled run back to queued with {"attempts"} more attempts
+// (default 1; the body may be empty) and answers it; a run in another status is 409.
+func (s *server) retryRun(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Attempts *int `json:"attempts"`
+	}
+	if err := decode(r, &req, true); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	attempts := 1
+	if req.Attempts != nil {
+		if *req.Attempts < 1 || *req.Attempts > maxRunAttempts {
+			s.fail(w, r, invalid("attempts must be from 1 to %d", maxRunAttempts))
+			return
+		}
+		attempts = *req.Attempts
+	}
+	run, err := s.store.retryRun(r.Context(), r.PathValue("ws"), r.PathValue("id"), attempts)
+	if errors.Is(err, errConflict) {
+		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, run.Status)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, run)
+}
+
+// cancelRuns cancels every queued and running run of the workspace, or only those of
+// {"agent"} or in {"status"}, and answers how many: each as its own cancel would.
+func (s *server) cancelRuns(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Agent  *string `json:"agent"`
+		Status *string `json:"status"`
+	}
+	// The body is required, if only {}: an empty POST must not cancel everything.
+	if err := decode(r, &req, false); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	statuses := []runStatus{statusQueued, statusRunning}
+	if req.Status != nil {
+		switch st := runStatus(*req.Status); st {
+		case statusQueued, statusRunning:
+			statuses = []runStatus{st}
+		default:
+			s.fail(w, r, invalid("status must be queued or running, got %q", *req.Status))
+			return
+		}
+	}
+	n, running, err := s.store.cancelRuns(r.Context(), r.PathValue("ws"), req.Agent, statuses)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	for _, id := range running {
+		s.worker.cancelLocal(id) // other processes hear of it through the notification
+	}
+	writeJSON(w, http.StatusOK, map[string]int64{"canceled": n})
 }
 
 // stats answers the workspace's runs counted by status.

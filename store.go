@@ -165,46 +165,111 @@ func (s *store) workspaceByKey(ctx context.Context, hash []byte) (string, error)
 
 // agent is a named, configured agent of a workspace.
 type agent struct {
-	ID          string          `json:"id"`
-	WorkspaceID string          `json:"workspace_id"`
-	Name        string          `json:"name"`
-	Kind        string          `json:"kind"`
-	Config      json.RawMessage `json:"config"`
-	CreatedAt   time.Time       `json:"created_at"`
+	ID             string          `json:"id"`
+	WorkspaceID    string          `json:"workspace_id"`
+	Name           string          `json:"name"`
+	Kind           string          `json:"kind"`
+	Config         json.RawMessage `json:"config"`
+	MaxConcurrency *int            `json:"max_concurrency"` // nil: no cap
+	Paused         bool            `json:"paused"`
+	CreatedAt      time.Time       `json:"created_at"`
 }
 
-// createAgent inserts an agent; a taken name is errConflict.
-func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
-	err := s.db.QueryRowContext(ctx,
-		`INSERT INTO agents (workspace_id, name, kind, config) VALUES ($1, $2, $3, $4)
-		 RETURNING id, created_at`,
-		a.WorkspaceID, a.Name, a.Kind, string(a.Config)).Scan(&a.ID, &a.CreatedAt)
-	if isUniqueViolation(err) {
-		return a, errConflict
+// agentColumns is what scanAgent reads from agents.
+const agentColumns = `id, workspace_id, name, kind, config, max_concurrency, paused, created_at`
+
+// scanAgent reads one row of agentColumns.
+func scanAgent(row interface{ Scan(...any) error }) (agent, error) {
+	var a agent
+	var limit sql.NullInt64
+	err := row.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &limit, &a.Paused, &a.CreatedAt)
+	if limit.Valid {
+		n := int(limit.Int64)
+		a.MaxConcurrency = &n
 	}
 	a.CreatedAt = a.CreatedAt.UTC()
 	return a, err
 }
 
+// createAgent inserts an agent; a taken name is errConflict.
+func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
+	a, err := scanAgent(s.db.QueryRowContext(ctx,
+		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused) VALUES ($1, $2, $3, $4, $5, $6)
+		 RETURNING `+agentColumns,
+		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused))
+	if isUniqueViolation(err) {
+		return a, errConflict
+	}
+	return a, err
+}
+
+// nullInt is p as a query argument: NULL when p is nil.
+func nullInt(p *int) any {
+	if p == nil {
+		return nil
+	}
+	return int64(*p)
+}
+
 // listAgents returns a workspace's agents by name.
 func (s *store) listAgents(ctx context.Context, ws string) ([]agent, error) {
 	rows, err := s.db.QueryContext(ctx,
-		`SELECT id, workspace_id, name, kind, config, created_at FROM agents
-		 WHERE workspace_id = $1 ORDER BY name`, ws)
+		`SELECT `+agentColumns+` FROM agents WHERE workspace_id = $1 ORDER BY name`, ws)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	agents := []agent{}
 	for rows.Next() {
-		var a agent
-		if err := rows.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &a.CreatedAt); err != nil {
+		a, err := scanAgent(rows)
+		if err != nil {
 			return nil, err
 		}
-		a.CreatedAt = a.CreatedAt.UTC()
 		agents = append(agents, a)
 	}
 	return agents, rows.Err()
+}
+
+// getAgent returns the agent of ws with this name.
+func (s *store) getAgent(ctx context.Context, ws, name string) (agent, error) {
+	a, err := scanAgent(s.db.QueryRowContext(ctx,
+		`SELECT `+agentColumns+` FROM agents WHERE workspace_id = $1 AND name = $2`, ws, name))
+	if errors.Is(err, sql.ErrNoRows) {
+		return a, fmt.Errorf("%w: agent %q", errNotFound, name)
+	}
+	return a, err
+}
+
+// agentPatch is a change to an agent: nil fields stay as they are.
+type agentPatch struct {
+	Config         json.RawMessage // nil: unchanged
+	SetConcurrency bool            // MaxConcurrency is the new cap (nil: none)
+	MaxConcurrency *int
+	Paused         *bool
+}
+
+// updateAgent applies p to the agent of ws with this name and returns it. The claim reads
+// the agents row, so a changed cap or pause holds from the next claim.
+func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) (agent, error) {
+	var config, paused any
+	if p.Config != nil {
+		config = string(p.Config)
+	}
+	if p.Paused != nil {
+		paused = *p.Paused
+	}
+	a, err := scanAgent(s.db.QueryRowContext(ctx, `
+		UPDATE agents SET
+			config = coalesce($3::jsonb, config),
+			max_concurrency = CASE WHEN $4 THEN $5::integer ELSE max_concurrency END,
+			paused = coalesce($6::boolean, paused)
+		WHERE workspace_id = $1 AND name = $2
+		RETURNING `+agentColumns,
+		ws, name, config, p.SetConcurrency, nullInt(p.MaxConcurrency), paused))
+	if errors.Is(err, sql.ErrNoRows) {
+		return a, fmt.Errorf("%w: agent %q", errNotFound, name)
+	}
+	return a, err
 }
 
 // runRecord is a run as the API shows it.
@@ -219,6 +284,9 @@ type runRecord struct {
 	Errors      json.RawMessage `json:"errors"`
 	Attempt     int             `json:"attempt"`
 	MaxAttempts int             `json:"max_attempts"`
+	Priority    int             `json:"priority"`
+	RunAt       time.Time       `json:"run_at"`     // not claimed before this
+	TimeoutMS   *int            `json:"timeout_ms"` // nil: none
 	CreatedAt   time.Time       `json:"created_at"`
 	StartedAt   *time.Time      `json:"started_at"`
 	FinishedAt  *time.Time      `json:"finished_at"`
@@ -247,17 +315,26 @@ func (r runRecord) final() bool { return r.Status.final() }
 
 // runColumns is what scanRun reads, from runs r joined with agents a.
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
-	r.attempt, r.max_attempts, r.created_at, r.started_at, r.finished_at, r.updated_at, r.seq`
+	r.attempt, r.max_attempts, r.priority, r.run_at, r.timeout_ms, r.created_at, r.started_at, r.finished_at,
+	r.updated_at, r.seq`
 
+// scanRun reads one row of runColumns.
 func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	var r runRecord
 	var output []byte
 	var started, finished sql.NullTime
+	var timeout sql.NullInt64
 	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
-		&r.Attempt, &r.MaxAttempts, &r.CreatedAt, &started, &finished, &r.UpdatedAt, &r.seq)
+		&r.Attempt, &r.MaxAttempts, &r.Priority, &r.RunAt, &timeout, &r.CreatedAt, &started, &finished,
+		&r.UpdatedAt, &r.seq)
 	if err != nil {
 		return r, err
 	}
+	if timeout.Valid {
+		ms := int(timeout.Int64)
+		r.TimeoutMS = &ms
+	}
+	r.RunAt = r.RunAt.UTC()
 	if output != nil {
 		r.Output = output
 	}
@@ -305,8 +382,12 @@ type newRun struct {
 	Agent          string
 	Input          json.RawMessage
 	MaxAttempts    int
-	IdempotencyKey string // optional
-	RequestHash    []byte // with IdempotencyKey: tells a repeat from a different request
+	Priority       int       // 0 … 9, lower first
+	RunAt          time.Time // zero: now; a time in the past means now
+	DelayMS        int64     // due this long after the database's now(); not with RunAt
+	TimeoutMS      int       // 0: none
+	IdempotencyKey string    // optional
+	RequestHash    []byte    // with IdempotencyKey: tells a repeat from a different request
 }
 
 // createRun inserts one queued run. With an idempotency key already used in the
@@ -319,13 +400,16 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 	}
 	row := s.db.QueryRowContext(ctx, `
 		WITH ins AS (
-			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash)
-			SELECT $1, a.id, $3, $4, $5, $6 FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
+			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
+			                  priority, run_at, timeout_ms)
+			SELECT $1, a.id, $3, $4, $5, $6, $7, `+runAtSQL("$8", "$9")+`, NULLIF($10::integer, 0)
+			FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
 			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 			RETURNING *
 		)
 		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`,
-		ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash)
+		ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
+		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS)
 	r, err = scanRun(row)
 	if err == nil {
 		return r, true, nil
@@ -350,6 +434,21 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 		}
 	}
 	return runRecord{}, false, unknownAgentError{n.Agent}
+}
+
+// runAtSQL is the due time of a new run in SQL, from runAt (timestamptz text, ” for
+// none) and delayMS (bigint): the database's clock decides, so that a delay does not
+// depend on this process's clock, and a run_at in the past is now.
+func runAtSQL(runAt, delayMS string) string {
+	return `greatest(now() + ` + delayMS + `::bigint * interval '1 millisecond', NULLIF(` + runAt + `::text, '')::timestamptz)`
+}
+
+// timeArg is t as a timestamptz text argument, ” for the zero time.
+func timeArg(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
 }
 
 // unknownAgentError is a run request naming an agent its workspace does not have.
@@ -382,23 +481,28 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 		return nil, err
 	}
 	ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
+	priorities, runAts, delays, timeouts := make([]int64, len(ns)), make([]string, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
 	for i, n := range ns {
 		id, ok := agentIDs[n.Agent]
 		if !ok {
 			return nil, unknownAgentError{n.Agent}
 		}
 		ids[i], inputs[i], maxes[i] = id, string(n.Input), int64(n.MaxAttempts)
+		priorities[i], runAts[i], delays[i], timeouts[i] = int64(n.Priority), timeArg(n.RunAt), n.DelayMS, int64(n.TimeoutMS)
 	}
 	rows, err = s.db.QueryContext(ctx, `
 		WITH ins AS (
-			INSERT INTO runs (workspace_id, agent_id, input, max_attempts)
-			SELECT $1, w.agent_id, w.input, w.max_attempts
-			FROM unnest($2::uuid[], $3::jsonb[], $4::int[]) WITH ORDINALITY AS w(agent_id, input, max_attempts, ord)
+			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
+			SELECT $1, w.agent_id, w.input, w.max_attempts, w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`,
+			       NULLIF(w.timeout_ms, 0)
+			FROM unnest($2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
+			     WITH ORDINALITY AS w(agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
 			ORDER BY w.ord
 			RETURNING *
 		)
 		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id ORDER BY r.seq`,
-		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes))
+		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes), pq.Int64Array(priorities),
+		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts))
 	if err != nil {
 		return nil, err
 	}
@@ -425,10 +529,10 @@ func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
 }
 
 // listRuns returns up to limit runs of ws, newest first, older than the run after (an id;
-// "" for the first page), optionally only those with the given status. next is the id of
-// the last run when a following page exists, else "". An after that is not a run of ws is
-// an invalid cursor.
-func (s *store) listRuns(ctx context.Context, ws, status string, limit int, after string) (runs []runRecord, next string, err error) {
+// "" for the first page), optionally only those with the given status and of the agent
+// with the given name (an unknown name has none). next is the id of the last run when a
+// following page exists, else "". An after that is not a run of ws is an invalid cursor.
+func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limit int, after string) (runs []runRecord, next string, err error) {
 	cursor := int64(1<<63 - 1)
 	if after != "" {
 		err := s.db.QueryRowContext(ctx, `SELECT seq FROM runs WHERE id = $1 AND workspace_id = $2`, after, ws).Scan(&cursor)
@@ -442,7 +546,8 @@ func (s *store) listRuns(ctx context.Context, ws, status string, limit int, afte
 	rows, err := s.db.QueryContext(ctx, `SELECT `+runColumns+`
 		FROM runs r JOIN agents a ON a.id = r.agent_id
 		WHERE r.workspace_id = $1 AND r.seq < $2 AND ($3 = '' OR r.status = $3)
-		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, status, limit+1)
+		  AND ($5 = '' OR r.agent_id = (SELECT id FROM agents WHERE workspace_id = $1 AND name = $5))
+		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, status, limit+1, agentName)
 	if err != nil {
 		return nil, "", err
 	}
@@ -488,6 +593,67 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 		err = errConflict
 	}
 	return r, err
+}
+
+// retryRun puts a failed or canceled run back to queued, due now, with attempts more
+// attempts; its errors are kept. One statement, so of two concurrent retries one wins. A
+// run in another status is errConflict, answered with the run as it stands.
+func (s *store) retryRun(ctx context.Context, ws, id string, attempts int) (runRecord, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, `
+		WITH upd AS (
+			UPDATE runs SET status = 'queued', max_attempts = attempt + $3, error = NULL, output = NULL,
+				started_at = NULL, finished_at = NULL, cancel_requested = false, worker_id = NULL,
+				lease_expires_at = NULL, run_at = now(), updated_at = now()
+			WHERE id = $1 AND workspace_id = $2 AND status IN ('failed', 'canceled')
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM upd r JOIN agents a ON a.id = r.agent_id`, id, ws, attempts))
+	if !errors.Is(err, sql.ErrNoRows) {
+		return r, err
+	}
+	r, err = s.getRun(ctx, ws, id)
+	if err == nil {
+		err = errConflict
+	}
+	return r, err
+}
+
+// cancelRuns cancels, in one statement, the runs of ws in the given statuses (queued,
+// running), only those of the named agent unless agentName is nil: queued ones at once,
+// running ones by asking where they execute (the trigger notifies every process). It
+// returns how many it canceled and the ids of the running ones. An unknown agent is an
+// unknownAgentError.
+func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, statuses []runStatus) (n int64, running []string, err error) {
+	var name any
+	if agentName != nil {
+		name = *agentName
+	}
+	list := make(pq.StringArray, len(statuses))
+	for i, st := range statuses {
+		list[i] = string(st)
+	}
+	var known bool
+	var ids pq.StringArray
+	err = s.db.QueryRowContext(ctx, `
+		WITH ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
+		upd AS (
+			UPDATE runs r SET
+				cancel_requested = true,
+				status = CASE WHEN r.status = 'queued' THEN 'canceled' ELSE r.status END,
+				error = CASE WHEN r.status = 'queued' THEN 'canceled by request' ELSE r.error END,
+				finished_at = CASE WHEN r.status = 'queued' THEN now() ELSE r.finished_at END,
+				updated_at = now()
+			WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
+			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))
+			RETURNING r.id, r.status
+		)
+		SELECT $2::text IS NULL OR EXISTS (SELECT 1 FROM ag), count(*),
+		       coalesce(array_agg(upd.id) FILTER (WHERE upd.status = 'running'), '{}')
+		FROM upd`, ws, name, list).Scan(&known, &n, &ids)
+	if err == nil && !known {
+		err = unknownAgentError{*agentName}
+	}
+	return n, ids, err
 }
 
 // runStats counts runs by status.
