@@ -96,6 +96,7 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/cancel", s.member(s.cancelRun))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/stats", s.member(s.stats))
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
+	mux.HandleFunc("GET /v1/workers", s.admin(s.listWorkers))
 	return s.middleware(mux)
 }
 

@@ -31,6 +31,9 @@ type workerConfig struct {
 	Lease           time.Duration
 	ShutdownTimeout time.Duration
 	WebhookHosts    []string
+	Mode            processMode   // how the process runs, for the workers table (see as)
+	Version         string        // "": buildVersion()
+	Heartbeat       time.Duration // 0: heartbeatInterval
 }
 
 // workerConfigOf takes the worker's part of the configuration.
@@ -176,6 +179,10 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	renewCtx, stopRenewer := context.WithCancel(context.Background())
 	renewerDone := make(chan struct{})
 	go w.renewLeases(renewCtx, renewerDone)
+	// The heartbeat registers the process now and removes its row once all else has ended.
+	beatCtx, stopBeat := context.WithCancel(context.Background())
+	beatDone := make(chan struct{})
+	go w.beat(beatCtx, beatDone)
 
 	executing := map[string]*execution{}
 	start := func(batch []*execution) {
@@ -301,6 +308,8 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	<-writerDone
 	stopRenewer()
 	<-renewerDone
+	stopBeat()
+	<-beatDone
 	w.log.Info("worker stopped", "worker", w.id)
 	return nil
 }
