@@ -126,8 +126,9 @@ func TestValidateAgentWebhookDestinations(t *testing.T) {
 	a := startApp(t, testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": ""}))
 	ws := a.createWorkspace(t)
 	create := func(name, u string) (int, []byte) {
-		return a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey,
+		status, _, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil,
 			map[string]any{"name": name, "kind": "webhook", "config": map[string]any{"url": u}})
+		return status, body
 	}
 	for i, f := range forbiddenURLs {
 		if status, body := create(fmt.Sprint("f", i), f.url); status != 422 || !strings.Contains(string(body), "refused: "+f.class+" address") {

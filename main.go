@@ -160,7 +160,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	m := newMetrics()
-	w := newWorker(&store{db: workerDB}, log, workerConfigOf(cfg), m)
+	w := newWorker(&store{db: workerDB}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
 	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
@@ -222,7 +222,7 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 		return err
 	}
 	defer st.db.Close()
-	w := newWorker(st, log, workerConfigOf(cfg), newMetrics())
+	w := newWorker(st, log, workerConfigOf(cfg).as(modeWorker), newMetrics())
 	if once {
 		wctx, stop := context.WithCancel(ctx)
 		done := make(chan error, 1)

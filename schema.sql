@@ -322,3 +322,18 @@ CREATE OR REPLACE TRIGGER runs_notify_update AFTER UPDATE OF status, cancel_requ
     FOR EACH ROW WHEN ((OLD.status IS DISTINCT FROM NEW.status AND NEW.status <> 'running')
                        OR (NEW.cancel_requested AND NOT OLD.cancel_requested))
     EXECUTE FUNCTION agentapp_runs_notify_update();
+
+-- The live agentapp processes, one row each: inserted when a process starts serving or
+-- working, heartbeated (heartbeat_at, executing) at most every 10 s, deleted when it stops
+-- cleanly, and removed by any other process a minute after its last heartbeat otherwise.
+CREATE TABLE IF NOT EXISTS workers (
+    id           text PRIMARY KEY,                -- the worker id in runs.worker_id: host/pid/random
+    hostname     text NOT NULL,
+    pid          integer NOT NULL,
+    version      text NOT NULL,                   -- the binary's version (module version or VCS revision)
+    mode         text NOT NULL CHECK (mode IN ('serve', 'serve+worker', 'worker')),
+    concurrency  integer NOT NULL,                -- RUN_WORKER_CONCURRENCY
+    executing    integer NOT NULL DEFAULT 0,      -- runs executing at the last heartbeat
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);

@@ -75,12 +75,13 @@ type server struct {
 	keys    keyCache    // workspace keys recently found, by hash
 	dbLog   *logLimiter // "database unavailable" lines
 	authLog *logLimiter // "authentication failed" lines, per client address
+	routes  []string    // every pattern handler registered, in order (for the OpenAPI test)
 }
 
 // handler returns agentapp's HTTP API: every route is listed here.
 func (s *server) handler() http.Handler {
 	s.dbLog, s.authLog = newLogLimiter(logEvery), newLogLimiter(logEvery)
-	mux := http.NewServeMux()
+	mux := routeMux{http.NewServeMux(), &s.routes}
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.HandleFunc("GET /metrics", s.metricsHandler)
@@ -100,7 +101,9 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/cancel", s.member(s.cancelRuns))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/stats", s.member(s.stats))
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
-	return s.middleware(mux)
+	mux.HandleFunc("GET /v1/workers", s.admin(s.listWorkers))
+	mux.HandleFunc("GET /openapi.json", s.openAPI)
+	return s.middleware(mux.ServeMux)
 }
 
 // middleware bounds the client's writes and body upload, limits bodies, turns a handler's

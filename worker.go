@@ -32,6 +32,9 @@ type workerConfig struct {
 	ShutdownTimeout time.Duration
 	WebhookHosts    []string
 	Retention       time.Duration // 0: final runs are kept forever
+	Mode            processMode   // how the process runs, for the workers table (see as)
+	Version         string        // "": buildVersion()
+	Heartbeat       time.Duration // 0: heartbeatInterval
 }
 
 // workerConfigOf takes the worker's part of the configuration.
@@ -181,6 +184,10 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	// The pruner stops with ctx: it never holds up the drain.
 	prunerDone := make(chan struct{})
 	go w.pruneRuns(ctx, prunerDone)
+	// The heartbeat registers the process now and removes its row once all else has ended.
+	beatCtx, stopBeat := context.WithCancel(context.Background())
+	beatDone := make(chan struct{})
+	go w.beat(beatCtx, beatDone)
 
 	executing := map[string]*execution{}
 	start := func(batch []*execution) {
@@ -307,6 +314,8 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	stopRenewer()
 	<-renewerDone
 	<-prunerDone
+	stopBeat()
+	<-beatDone
 	w.log.Info("worker stopped", "worker", w.id)
 	return nil
 }
