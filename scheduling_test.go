@@ -384,7 +384,7 @@ func TestSchedMaxConcurrencyAcrossProcesses(t *testing.T) {
 	freeN, freeMost := hook.stats("free")
 	t.Logf("%d runs in %v; most in flight: capped %d (%d requests), uncapped %d (%d requests); the uncapped agent's last run finished %v before the capped agent's",
 		2*perAgent, took.Round(time.Millisecond), cappedMost, cappedN, freeMost, freeN, cappedLast.Sub(freeLast).Round(time.Millisecond))
-	if cappedMost > 2 || cappedMost < 2 {
+	if cappedMost != 2 {
 		t.Errorf("capped agent's most requests in flight: got %d; want 2 (never more than max_concurrency, and the cap used)", cappedMost)
 	}
 	if cappedN != perAgent || freeN != perAgent {
@@ -564,9 +564,9 @@ func TestSchedTimeout(t *testing.T) {
 // reading adds none).
 func TestSchedIdleLoad(t *testing.T) {
 	t.Parallel()
-	// The idle loop ticks every second; statistics of an idle backend reach
-	// pg_stat_database within a second or so, the window smooths the rest.
-	const settle, window, most = 5 * time.Second, 10 * time.Second, 3.0
+	// PostgreSQL flushes an idle backend's statistics within 10 s (as BenchmarkIdle
+	// found), so the creates before the settle are counted before the window opens.
+	const settle, window, most = 10 * time.Second, 10 * time.Second, 3.0
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	admin := adminDB(t)
