@@ -526,3 +526,72 @@ func BenchmarkSoak(b *testing.B) {
 	b.ReportMetric(float64(conns10), "conns10s")
 	b.ReportMetric(float64(connsDrain), "conns-drained")
 }
+
+// BenchmarkFairClaim: the drain of FAIR_N (default 1,000,000) queued echo runs by one
+// process with the embedded worker at defaults, first spread over 100 workspaces × 10
+// agents (3 of each workspace's agents capped at max_concurrency 5), then all in one
+// workspace with 10 uncapped agents: what taking turns and honouring caps cost the claim.
+// Reports both drain rates and their ratio. FAIR_N=100000 runs it small.
+func BenchmarkFairClaim(b *testing.B) {
+	n := 1_000_000
+	if v := os.Getenv("FAIR_N"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			b.Fatalf("FAIR_N: got %q; want a positive number of runs", v)
+		}
+	}
+	fair := benchFairDrain(b, n, 100, 10, 3)
+	one := benchFairDrain(b, n, 1, 10, 0)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(fair, "fair-runs/s")
+	b.ReportMetric(one, "one-ws-runs/s")
+	b.ReportMetric(fair/one, "fair/one-ws")
+}
+
+// benchFairDrain seeds n queued echo runs, in a database of their own, over workspaces ×
+// agents (the first capped agents of each workspace at max_concurrency 5), dealt round
+// the agents in insertion order; then it times one process with the embedded worker at
+// defaults until no run is queued or running, checks that all n succeeded, and returns
+// runs per second.
+func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
+	b.Helper()
+	// Rows a seeding statement inserts: big enough to be quick, small enough not to
+	// hold one transaction for minutes.
+	const chunk = 100_000
+	dsn := testDB(b)
+	db := openTestDB(b, dsn)
+	seed := func(query string, args ...any) {
+		b.Helper()
+		if _, err := db.Exec(query, args...); err != nil {
+			b.Fatalf("seed: %s: %v", query, err)
+		}
+	}
+	seed(`INSERT INTO workspaces (name, api_key_hash)
+		SELECT 'fair-' || w, sha256(convert_to('fair-key-' || w, 'UTF8')) FROM generate_series(1, $1) w`, workspaces)
+	seed(`INSERT INTO agents (workspace_id, name, kind, max_concurrency)
+		SELECT w.id, 'agent-' || i, 'echo', CASE WHEN i <= $2 THEN 5 END FROM workspaces w, generate_series(1, $1) i`,
+		agents, capped)
+	for from := 0; from < n; from += chunk {
+		seed(`INSERT INTO runs (workspace_id, agent_id, input)
+			SELECT a.workspace_id, a.id, jsonb_build_object('i', g)
+			FROM generate_series($1::int, $2::int) g
+			JOIN (SELECT id, workspace_id, row_number() OVER (ORDER BY id) - 1 AS k FROM agents) a ON a.k = g % $3
+			ORDER BY g`, from, min(from+chunk, n)-1, workspaces*agents)
+	}
+	seed(`ANALYZE`)
+	if c := benchStatusCounts(b, db); c["queued"] != n {
+		b.Fatalf("seeded: got %v; want %d queued", c, n)
+	}
+
+	p := benchStart(b, benchEnv(b, dsn, true))
+	start := time.Now()
+	done := benchDrained(b, db, p, time.Hour)
+	benchStop(b, p)
+	if c := benchStatusCounts(b, db); c["succeeded"] != n {
+		b.Errorf("%d workspaces × %d agents after the drain: got %v; want all %d succeeded", workspaces, agents, c, n)
+	}
+	rate := float64(n) / done.Sub(start).Seconds()
+	b.Logf("%d runs over %d workspaces × %d agents (%d capped each): drained in %v, %.0f runs/s",
+		n, workspaces, agents, capped, done.Sub(start).Round(time.Millisecond), rate)
+	return rate
+}

@@ -69,6 +69,8 @@ BEGIN
         DROP INDEX IF EXISTS runs_queued_idx; -- claiming by seq alone
     END IF;
 END $$;
+-- An older binary started on an upgraded database creates its claim index again.
+DROP INDEX IF EXISTS runs_queued_idx;
 
 -- Claiming: an agent's queued runs, lower priority first, then the earliest due.
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';

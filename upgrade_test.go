@@ -1,0 +1,402 @@
+package main
+
+// Upgrades (SPEC "Upgrades"): a database left by the previous release — its schema is
+// testdata/schema-v1.sql, exactly what that release applied — is upgraded in place when
+// the new binary starts, and everything in it keeps working. Helpers local to this file
+// start with up.
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// upFutureDelay is how far after the fill the previous release's scheduled run falls due:
+// long enough for the new binary (built with -race, on a loaded machine) to start and run
+// the due runs first, so that the test sees the scheduled one still waiting.
+const upFutureDelay = 12 * time.Second
+
+// upV1 is the previous release's schema.
+func upV1(t testing.TB) string {
+	t.Helper()
+	b, err := os.ReadFile("testdata/schema-v1.sql")
+	if err != nil {
+		t.Fatalf("read testdata/schema-v1.sql: got %v; want the previous release's schema", err)
+	}
+	return string(b)
+}
+
+// upApply applies a schema as agentapp's applySchema does (the previous release did the
+// same): in one transaction under the advisory lock.
+func upApply(db *sql.DB, schema string) error {
+	ctx := context.Background()
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7346298105)`); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, schema); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// upOldHash is the request hash the previous release stored with an Idempotency-Key:
+// sha256 of agent, max_attempts and the compacted input.
+func upOldHash(agent string, maxAttempts int, input string) []byte {
+	h := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%s", agent, maxAttempts, input))
+	return h[:]
+}
+
+// upRows is every row of the three tables as JSON text, one line per row in id order,
+// with the columns both releases have (due names the column: run_after before the
+// upgrade, run_at after it). Equal snapshots mean no row, key or setting changed.
+func upRows(t testing.TB, db *sql.DB, due string) map[string]string {
+	t.Helper()
+	rows, err := db.Query(`
+		SELECT 'workspace', id::text, json_build_array(name, encode(api_key_hash, 'hex'), created_at)::text FROM workspaces
+		UNION ALL
+		SELECT 'agent', id::text, json_build_array(workspace_id, name, kind, config, created_at)::text FROM agents
+		UNION ALL
+		SELECT 'run', id::text, json_build_array(seq, workspace_id, agent_id, status, input, output, error, errors,
+			attempt, max_attempts, ` + due + `, worker_id, lease_expires_at, cancel_requested, idempotency_key,
+			encode(request_hash, 'hex'), created_at, started_at, finished_at, updated_at)::text FROM runs`)
+	if err != nil {
+		t.Fatalf("snapshot rows: got %v; want them read", err)
+	}
+	defer rows.Close()
+	snap := map[string]string{}
+	for rows.Next() {
+		var kind, id, row string
+		if err := rows.Scan(&kind, &id, &row); err != nil {
+			t.Fatal(err)
+		}
+		snap[kind+" "+id] = row
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return snap
+}
+
+// upSchema is the shape of the schema: every column with its type, default and
+// nullability, every index, constraint, function and trigger, one entry each.
+func upSchema(t testing.TB, db *sql.DB) map[string]string {
+	t.Helper()
+	var s string
+	err := db.QueryRow(`SELECT string_agg(x, E'\n' ORDER BY x) FROM (
+		SELECT format('column %s.%s %s %s %s', table_name, column_name, data_type, is_nullable, column_default) AS x
+		FROM information_schema.columns WHERE table_schema = 'public'
+		UNION ALL SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
+		UNION ALL SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid)) FROM pg_constraint
+			WHERE connamespace = 'public'::regnamespace
+		UNION ALL SELECT format('function %s %s', proname, md5(prosrc)) FROM pg_proc
+			WHERE pronamespace = 'public'::regnamespace
+		UNION ALL SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal) s`).Scan(&s)
+	if err != nil {
+		t.Fatalf("read the schema: got %v; want it read", err)
+	}
+	shape := map[string]string{}
+	for _, line := range strings.Split(s, "\n") {
+		shape[line] = "present"
+	}
+	return shape
+}
+
+// upDiff lists the rows that differ between two snapshots, but for those named in skip.
+func upDiff(before, after map[string]string, skip ...string) []string {
+	skipped := map[string]bool{}
+	for _, k := range skip {
+		skipped[k] = true
+	}
+	var diff []string
+	for k, v := range before {
+		if !skipped[k] && after[k] != v {
+			diff = append(diff, fmt.Sprintf("%s: got %s; want %s", k, after[k], v))
+		}
+	}
+	for k, v := range after {
+		if _, ok := before[k]; !ok && !skipped[k] {
+			diff = append(diff, fmt.Sprintf("%s: got %s; want no such row", k, v))
+		}
+	}
+	return diff
+}
+
+// upFixture is what the previous release left in the database.
+type upFixture struct {
+	ws1, ws2                   testWorkspace
+	due, future, hookDue       string // queued runs: due now, due after upFutureDelay, a webhook's
+	running, succeeded, failed string
+	canceled, unsorted, zoned  string
+	futureAt                   time.Time
+}
+
+// upFill fills a database that has the previous release's schema, through SQL and with
+// that release's columns only: two workspaces with keys, an echo and a webhook agent, runs
+// in every status, and two runs created with an Idempotency-Key.
+func upFill(t testing.TB, db *sql.DB, hookURL string) upFixture {
+	t.Helper()
+	f := upFixture{
+		ws1: testWorkspace{APIKey: "ak_upgrade_key_one_0123456789"},
+		ws2: testWorkspace{APIKey: "ak_upgrade_key_two_0123456789"},
+	}
+	one := func(query string, args ...any) string {
+		t.Helper()
+		var id string
+		if err := db.QueryRow(query, args...).Scan(&id); err != nil {
+			t.Fatalf("fill %q: got %v; want a row", query, err)
+		}
+		return id
+	}
+	for _, ws := range []*testWorkspace{&f.ws1, &f.ws2} {
+		h := sha256.Sum256([]byte(ws.APIKey))
+		ws.ID = one(`INSERT INTO workspaces (name, api_key_hash) VALUES ('before the upgrade', $1) RETURNING id`, h[:])
+	}
+	echo := one(`INSERT INTO agents (workspace_id, name, kind, config) VALUES ($1, 'echo', 'echo', '{}') RETURNING id`, f.ws1.ID)
+	hook := one(`INSERT INTO agents (workspace_id, name, kind, config) VALUES ($1, 'hook', 'webhook', $2) RETURNING id`,
+		f.ws2.ID, fmt.Sprintf(`{"url": %q, "timeout_ms": 10000}`, hookURL))
+
+	insert := `INSERT INTO runs (workspace_id, agent_id, status, input, output, error, errors, attempt, max_attempts,
+		run_after, worker_id, lease_expires_at, idempotency_key, request_hash, started_at, finished_at)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id`
+	now := time.Now()
+	past := now.Add(-time.Hour)
+	f.due = one(insert, f.ws1.ID, echo, "queued", `{"n":1}`, nil, nil, `[]`, 0, 3, past, nil, nil,
+		"order-42", upOldHash("echo", 3, `{"n":1}`), nil, nil)
+	f.futureAt = now.Add(upFutureDelay)
+	f.future = one(insert, f.ws1.ID, echo, "queued", `{"n":2}`, nil, nil, `[]`, 0, 3, f.futureAt, nil, nil, nil, nil, nil, nil)
+	f.hookDue = one(insert, f.ws2.ID, hook, "queued", `{"n":3}`, nil, nil, `[]`, 0, 5, past, nil, nil, nil, nil, nil, nil)
+	// A lease far ahead: a live process of the previous release holds it; nobody may touch it.
+	f.running = one(insert, f.ws1.ID, echo, "running", `{"n":4}`, nil, nil, `[]`, 1, 3, past,
+		"oldhost/4242/0badcafe", now.Add(time.Hour), nil, nil, past, nil)
+	f.succeeded = one(insert, f.ws2.ID, hook, "succeeded", `{"n":5}`, `{"answer":42}`, nil, `[]`, 1, 3, past, nil, nil,
+		nil, nil, past, past)
+	// errors[].at as the previous release wrote them: jsonb_build_object('at', now()).
+	f.failed = one(insert, f.ws1.ID, echo, "failed", `{"n":6}`, nil, "boom 3",
+		`[{"attempt":1,"at":"2024-05-01T12:00:00.123456+00:00","message":"boom 1"},
+		  {"attempt":2,"at":"2024-05-01T12:00:01.5+00:00","message":"boom 2"},
+		  {"attempt":3,"at":"2024-05-01T12:00:03+00:00","message":"boom 3"}]`, 3, 3, past, nil, nil, nil, nil, past, past)
+	f.canceled = one(insert, f.ws2.ID, hook, "canceled", `{"n":7}`, nil, "canceled by request", `[]`, 0, 25, past,
+		nil, nil, nil, nil, nil, past)
+	// A server whose TimeZone was not UTC: jsonb_build_object wrote its offset.
+	f.zoned = one(insert, f.ws1.ID, echo, "failed", `{"n":8}`, nil, "boom",
+		`[{"attempt":1,"at":"2024-05-01T14:00:00.25+02:00","message":"boom"}]`, 1, 1, past, nil, nil, nil, nil, past, past)
+	// An input whose keys are not in sorted order, as its client sent it (compacted).
+	f.unsorted = one(insert, f.ws2.ID, hook, "succeeded", `{"b":1,"a":2}`, `{}`, nil, `[]`, 1, 3, past, nil, nil,
+		"order-43", upOldHash("hook", 3, `{"b":1,"a":2}`), past, past)
+	return f
+}
+
+// upStartEnv is the environment of the new binary on the upgraded database.
+func upStartEnv(t testing.TB, dsn string) map[string]string {
+	return testEnv(t, dsn, map[string]string{
+		"RUN_WORKER_EMBEDDED":         "true",
+		"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+		"LOG_LEVEL":                   "info",
+	})
+}
+
+// TestUpgradeFromPreviousRelease: the new binary starts on a database the previous release
+// made and filled; every row is intact, keys authenticate, an Idempotency-Key still returns
+// its run, old errors answer in the API's form, queued runs execute (the scheduled one at
+// its time), the new columns have their defaults, and a second start changes nothing.
+func TestUpgradeFromPreviousRelease(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	// testDB applied today's schema: start from the empty database the previous release met.
+	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
+		t.Fatal(err)
+	}
+	if err := upApply(db, upV1(t)); err != nil {
+		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
+	}
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"from":"hook"}`)
+	}))
+	t.Cleanup(hook.Close)
+	f := upFill(t, db, hook.URL)
+	before := upRows(t, db, "run_after")
+
+	p := ptStart(t, upStartEnv(t, dsn))
+	a := p.app()
+
+	// The queued runs that were due execute; the scheduled one waits for its time.
+	run := a.waitRunStatus(t, f.ws1, f.due, "succeeded", 60*time.Second)
+	if string(run.Output) != `{"n":1}` || run.Attempt != 1 {
+		t.Errorf("due run: got output %s on attempt %d; want {\"n\":1} on attempt 1", run.Output, run.Attempt)
+	}
+	run = a.waitRunStatus(t, f.ws2, f.hookDue, "succeeded", 60*time.Second)
+	if string(run.Output) != `{"from":"hook"}` || run.MaxAttempts != 5 {
+		t.Errorf("due webhook run: got output %s, max_attempts %d; want {\"from\":\"hook\"}, 5", run.Output, run.MaxAttempts)
+	}
+	if time.Now().Before(f.futureAt.Add(-time.Second)) {
+		if got := a.getRun(t, f.ws1, f.future).Status; got != statusQueued {
+			t.Errorf("scheduled run before its time: got %q; want queued", got)
+		}
+	} else {
+		t.Logf("the binary took until after the scheduled run's time to run the due ones: not checking that it waited")
+	}
+
+	// Every other row is exactly as the previous release left it.
+	after := upRows(t, db, "run_at")
+	for _, d := range upDiff(before, after, "run "+f.due, "run "+f.hookDue, "run "+f.future) {
+		t.Errorf("after the upgrade: %s", d)
+	}
+
+	// The keys authenticate, each for its own workspace only.
+	a.mustDo(t, "GET", "/v1/workspaces/"+f.ws1.ID, f.ws1.APIKey, nil, 200, nil)
+	a.mustDo(t, "GET", "/v1/workspaces/"+f.ws2.ID, f.ws2.APIKey, nil, 200, nil)
+	a.mustDo(t, "GET", "/v1/workspaces/"+f.ws1.ID, f.ws2.APIKey, nil, 404, nil)
+
+	// An Idempotency-Key used before the upgrade returns its run on a repeat, whatever
+	// the order of the input's keys was (the previous release hashed the input as sent).
+	for _, c := range []struct {
+		name          string
+		ws            testWorkspace
+		key, body, id string
+	}{
+		{"idempotency key", f.ws1, "order-42", `{"agent":"echo","input":{"n":1}}`, f.due},
+		{"idempotency key, input keys unsorted", f.ws2, "order-43", `{"agent":"hook","input":{"b":1,"a":2}}`, f.unsorted},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			status, _, body := a.do(t, "POST", "/v1/workspaces/"+c.ws.ID+"/runs", c.ws.APIKey,
+				map[string]string{"Idempotency-Key": c.key}, c.body)
+			var r runRecord
+			json.Unmarshal(body, &r)
+			if status != 200 || r.ID != c.id {
+				t.Errorf("repeat with Idempotency-Key %s (%s): got %d %s; want 200 with run %s", c.key, c.body, status, body, c.id)
+			}
+		})
+	}
+
+	// errors[].at written as "+00:00" (or another offset) answer in UTC ending in Z, the
+	// same instants.
+	for _, c := range []struct {
+		name, id string
+		want     []string
+	}{
+		{"errors at", f.failed, []string{"2024-05-01T12:00:00.123456Z", "2024-05-01T12:00:01.5Z", "2024-05-01T12:00:03Z"}},
+		{"errors at, another time zone", f.zoned, []string{"2024-05-01T12:00:00.25Z"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			run := a.getRun(t, f.ws1, c.id)
+			var errs []struct {
+				Attempt int    `json:"attempt"`
+				At      string `json:"at"`
+				Message string `json:"message"`
+			}
+			if err := json.Unmarshal(run.Errors, &errs); err != nil || len(errs) != len(c.want) {
+				t.Fatalf("errors: got %s (%v); want %d entries", run.Errors, err, len(c.want))
+			}
+			for i, want := range c.want {
+				if errs[i].At != want || errs[i].Attempt != i+1 {
+					t.Errorf("errors[%d]: got %+v; want attempt %d at %s", i, errs[i], i+1, want)
+				}
+			}
+		})
+	}
+	run = a.getRun(t, f.ws1, f.failed)
+	if run.Status != statusFailed || run.Error == nil || *run.Error != "boom 3" || run.Attempt != 3 {
+		t.Errorf("failed run: got %s, error %v, attempt %d; want failed, boom 3, attempt 3", run.Status, run.Error, run.Attempt)
+	}
+
+	// The new columns have their defaults on the old rows.
+	var wrong int
+	if err := db.QueryRow(`SELECT
+		(SELECT count(*) FROM runs WHERE priority <> 0 OR timeout_ms IS NOT NULL) +
+		(SELECT count(*) FROM agents WHERE max_concurrency IS NOT NULL OR paused)`).Scan(&wrong); err != nil {
+		t.Fatal(err)
+	}
+	if wrong != 0 {
+		t.Errorf("old rows without the new columns' defaults (priority 0, timeout_ms null, max_concurrency null, paused false): got %d; want 0", wrong)
+	}
+
+	// The scheduled run executes once its time has come, not before.
+	run = a.waitRunStatus(t, f.ws1, f.future, "succeeded", upFutureDelay+60*time.Second)
+	if run.StartedAt == nil || run.StartedAt.Before(f.futureAt.Add(-50*time.Millisecond)) {
+		t.Errorf("scheduled run: got started_at %v; want at or after its run_after %v", run.StartedAt, f.futureAt)
+	}
+
+	// A second start applies the schema again and changes nothing.
+	p.signal(t, syscall.SIGTERM)
+	if code := p.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("first start after SIGTERM: got exit %d; want 0", code)
+	}
+	upgraded, schema := upRows(t, db, "run_at"), upSchema(t, db)
+	p = ptStart(t, upStartEnv(t, dsn))
+	p.app().mustDo(t, "GET", "/v1/workspaces/"+f.ws1.ID, f.ws1.APIKey, nil, 200, nil)
+	for _, d := range upDiff(upgraded, upRows(t, db, "run_at")) {
+		t.Errorf("after a second start: %s", d)
+	}
+	for _, d := range upDiff(schema, upSchema(t, db)) {
+		t.Errorf("schema after a second start: %s", d)
+	}
+}
+
+// TestUpgradeThenOlderBinary: the previous release's schema applied again to an upgraded
+// database (an older binary starting) changes no row; the new binary started after it
+// restores its own schema and executes runs.
+func TestUpgradeThenOlderBinary(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
+		t.Fatal(err)
+	}
+	if err := upApply(db, upV1(t)); err != nil {
+		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
+	}
+	f := upFill(t, db, "http://127.0.0.1:1/unused")
+	env := upStartEnv(t, dsn)
+	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("agentapp migrate on the previous release's database: got exit %d; want 0", code)
+	}
+	upgraded, schema := upRows(t, db, "run_at"), upSchema(t, db)
+
+	// The previous release does not refuse: its schema applies, creates its claim index
+	// again and replaces the update trigger's function with its own, which reads
+	// run_after. Rows are untouched; until a new binary starts again, putting a run back
+	// to queued fails (shown here in a transaction rolled back).
+	err := upApply(db, upV1(t))
+	t.Logf("the previous release's schema applied to the upgraded database: error %v", err)
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = tx.Exec(`UPDATE runs SET status = 'queued', finished_at = NULL WHERE id = $1`, f.canceled)
+	tx.Rollback()
+	t.Logf("meanwhile a run put back to queued: error %v", err)
+	for _, d := range upDiff(upgraded, upRows(t, db, "run_at")) {
+		t.Errorf("after the previous release's schema: %s", d)
+	}
+
+	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("agentapp migrate after the previous release's schema: got exit %d; want 0", code)
+	}
+	for _, d := range upDiff(schema, upSchema(t, db)) {
+		t.Errorf("schema after the new binary started again: %s", d)
+	}
+	for _, d := range upDiff(upgraded, upRows(t, db, "run_at")) {
+		t.Errorf("after the new binary started again: %s", d)
+	}
+	a := ptStart(t, env).app()
+	run := a.createRun(t, f.ws1, "echo", map[string]int{"n": 8})
+	a.waitRunStatus(t, f.ws1, run.ID, "succeeded", 60*time.Second)
+	a.waitRunStatus(t, f.ws1, f.due, "succeeded", 60*time.Second)
+}
