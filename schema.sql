@@ -190,7 +190,7 @@ BEGIN
                     'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
                 finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
                 started_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN r.started_at END,
-                worker_id = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
+                worker_id = NULL, lease_expires_at = NULL, updated_at = now() -- run_at kept: its place in line
             WHERE r.id IN (SELECT x.id FROM runs x WHERE x.status = 'running' AND x.lease_expires_at < now()
                            ORDER BY x.lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
             RETURNING r.id, r.status)

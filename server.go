@@ -1002,6 +1002,9 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		n.IdempotencyKey, n.RequestHash = key, requestHash(n, input)
+		if !bytes.Equal(input, n.Input) {
+			n.EarlierHash = requestHash(n, n.Input) // the previous release hashed the input as sent
+		}
 	}
 	run, created, err := s.store.createRun(r.Context(), r.PathValue("ws"), n)
 	if errors.Is(err, errConflict) {

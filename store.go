@@ -353,10 +353,10 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 }
 
 // errorsInUTC rewrites the times of an errors array that an earlier release wrote with
-// PostgreSQL's "+00:00" into the API's form ending in Z; arrays without them are returned
-// as they are.
+// PostgreSQL's offset ("+00:00", or the server's time zone) into the API's form ending in Z;
+// arrays whose times all end in Z are returned as they are.
 func errorsInUTC(errs json.RawMessage) json.RawMessage {
-	if !bytes.Contains(errs, []byte("+00:00")) {
+	if len(errs) <= 2 || bytes.Count(errs, []byte(`Z"`)) >= bytes.Count(errs, []byte(`"at"`)) {
 		return errs
 	}
 	var list []struct {
@@ -388,6 +388,7 @@ type newRun struct {
 	TimeoutMS      int       // 0: none
 	IdempotencyKey string    // optional
 	RequestHash    []byte    // with IdempotencyKey: tells a repeat from a different request
+	EarlierHash    []byte    // the hash the previous release stored for the same request, or nil
 }
 
 // createRun inserts one queued run. With an idempotency key already used in the
@@ -424,7 +425,7 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 		err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
 			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&id, &hash)
 		switch {
-		case err == nil && string(hash) != string(n.RequestHash):
+		case err == nil && string(hash) != string(n.RequestHash) && (n.EarlierHash == nil || string(hash) != string(n.EarlierHash)):
 			return runRecord{}, false, errConflict
 		case err == nil:
 			r, err = s.getRun(ctx, ws, id)
@@ -847,9 +848,9 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
 			attempt = CASE WHEN o.proposed = 'requeued' THEN r.attempt - 1 ELSE r.attempt END,
-			run_at = CASE WHEN o.proposed = 'failed'
+			run_at = CASE WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts
 			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
-			                 ELSE now() END,
+			                 ELSE r.run_at END, -- a requeued run keeps its place; a final one shows when it was due
 			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'failed' AND NOT r.cancel_requested
 			                      AND r.attempt < r.max_attempts) THEN NULL ELSE r.started_at END,
 			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
