@@ -792,6 +792,9 @@ func (s *server) agentConfig(kind string, config json.RawMessage) (json.RawMessa
 	if err := validateAgent(kind, config, s.cfg.WebhookHosts); err != nil {
 		return nil, invalid("%s", err.Error())
 	}
+	if err := checkStorable(config); err != nil {
+		return nil, invalid("config %s", err.Error())
+	}
 	return config, nil
 }
 
@@ -957,8 +960,20 @@ func (q runRequest) validate(where string) (newRun, error) {
 		return n, badRequest("%sinput: %v", where, err)
 	}
 	n.Input = buf.Bytes()
+	size, err := storedJSONSize(n.Input)
+	switch {
+	case err != nil:
+		return n, invalid("%sinput cannot be stored: %v", where, err)
+	case size > maxStoredJSON:
+		return n, invalid("%sinput is over 1 MiB as stored and answered (%d bytes)", where, size)
+	}
+	n.storedSize = size
 	return n, nil
 }
+
+// maxBatchStored bounds a whole batch's inputs as stored and answered: each may be up to
+// maxStoredJSON, but a thousand such would make a gigabyte answer out of a 1 MiB request.
+const maxBatchStored = 8 << 20
 
 // canonicalJSON re-encodes a JSON value with its objects' keys sorted, so two spellings
 // of the same value (keys in another order, other spacing) are the same bytes.
@@ -1051,6 +1066,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ns := make([]newRun, len(req.Runs))
+	total := 0
 	for i, q := range req.Runs {
 		n, err := q.validate(fmt.Sprintf("runs[%d].", i))
 		if err != nil {
@@ -1058,6 +1074,11 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		ns[i] = n
+		total += n.storedSize
+	}
+	if total > maxBatchStored {
+		s.fail(w, r, invalid("the batch's inputs are over %d MiB as stored and answered (%d bytes): send fewer runs at once", maxBatchStored>>20, total))
+		return
 	}
 	runs, err := s.store.createRuns(r.Context(), r.PathValue("ws"), ns)
 	if err != nil {

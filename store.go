@@ -389,6 +389,7 @@ type newRun struct {
 	IdempotencyKey string    // optional
 	RequestHash    []byte    // with IdempotencyKey: tells a repeat from a different request
 	EarlierHash    []byte    // the hash the previous release stored for the same request, or nil
+	storedSize     int       // Input's size as stored and answered
 }
 
 // createRun inserts one queued run. With an idempotency key already used in the
