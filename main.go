@@ -165,7 +165,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
-	s := &server{store: st, worker: w, notifier: n, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
+	announce := newAnnouncer(st.db, log, w.wakeUp)
+	announceCtx, stopAnnounce := context.WithCancel(context.Background())
+	go announce.run(announceCtx)
+	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
 	srv := newHTTPServer(s.handler(), log)
 
 	workerCtx, stopWorker := context.WithCancel(context.Background())
@@ -204,6 +207,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// 4. Finish in-flight requests; long polls answer the run as it stands.
 	close(endPolls)
 	<-httpDone
+	stopAnnounce()
+	<-announce.done
 	// 5. Only now close the pools: no query meets a closed pool.
 	st.db.Close()
 	workerDB.Close()

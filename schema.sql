@@ -294,16 +294,12 @@ BEGIN
 END $$;
 
 -- Notifications that let every agentapp process react at once:
---   agentapp_runs    a run became claimable (wakes idle workers)
+--   agentapp_runs    runs became claimable (wakes idle workers). For new runs the API sends
+--                    it after their insert commits, coalesced (at most one in flight per
+--                    process): a NOTIFY inside the inserting transaction would serialise
+--                    every insert's commit in PostgreSQL.
 --   agentapp_cancel  payload run id: cancel it where it executes
 --   agentapp_final   payload run id: the run reached a final status (answers ?wait_ms)
-CREATE OR REPLACE FUNCTION agentapp_runs_notify_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('agentapp_runs', '');
-    RETURN NULL;
-END $$;
-
 CREATE OR REPLACE FUNCTION agentapp_runs_notify_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -317,8 +313,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE TRIGGER runs_notify_insert AFTER INSERT ON runs
-    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_runs_notify_insert();
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'runs_notify_insert' AND tgrelid = 'runs'::regclass) THEN
+        DROP TRIGGER runs_notify_insert ON runs; -- an earlier release's: inserts notified
+    END IF;
+END $$;
 
 CREATE OR REPLACE TRIGGER runs_notify_update AFTER UPDATE OF status, cancel_requested ON runs
     FOR EACH ROW WHEN ((OLD.status IS DISTINCT FROM NEW.status AND NEW.status <> 'running')

@@ -67,6 +67,7 @@ type server struct {
 	store    *store
 	worker   *worker
 	notifier *notifier // nil: no notifications, ?wait_ms polls
+	announce *announcer
 	metrics  *metrics
 	log      *slog.Logger
 	cfg      config
@@ -1025,6 +1026,9 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	if errors.Is(err, errConflict) {
 		err = errKeyReused
 	}
+	if created {
+		s.announce.runsCreated()
+	}
 	switch {
 	case err != nil:
 		s.fail(w, r, err)
@@ -1085,6 +1089,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
+	s.announce.runsCreated()
 	writeJSON(w, http.StatusCreated, map[string][]runRecord{"runs": runs})
 }
 
