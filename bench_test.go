@@ -7,6 +7,7 @@ package main
 // with River's. BenchmarkSoak runs only with SOAK=1.
 
 import (
+	"bufio"
 	"bytes"
 	"database/sql"
 	"encoding/json"
@@ -14,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"slices"
 	"strconv"
@@ -594,4 +596,170 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
 	b.Logf("%d runs over %d workspaces × %d agents (%d capped each): drained in %v, %.0f runs/s",
 		n, workspaces, agents, capped, done.Sub(start).Round(time.Millisecond), rate)
 	return rate
+}
+
+// BenchmarkEventsFanout: one process (embedded worker, defaults) with 500 stream
+// subscribers, 5 on each of 100 running webhook runs, while each run's agent posts 20
+// events one after the other. Reports the delivery latency from just before the agent's
+// POST until a subscriber reads the frame (p50, p99, over all 10,000 deliveries), and the
+// peaks of the process's RSS, goroutines (agentapp_goroutines) and database connections:
+// the pools plus the one listener, whatever the number of subscribers.
+func BenchmarkEventsFanout(b *testing.B) {
+	const runs, perRun, events = 100, 5, 20
+	dsn := testDB(b)
+	name := dbName(b, dsn)
+	admin := adminDB(b)
+	env := benchEnv(b, dsn, true)
+	env["AGENT_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+	p := benchStart(b, env)
+	a := p.app()
+	client := benchClient()
+
+	var mu sync.Mutex
+	sent := map[string]time.Time{} // run id/seq → just before its POST
+	start := make(chan struct{})
+	var called sync.WaitGroup
+	called.Add(runs)
+	var postErrs atomic.Int64
+	var posts []time.Duration // POST → 202, under mu
+	agent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var c evCall
+		json.NewDecoder(r.Body).Decode(&c)
+		called.Done()
+		<-start
+		for i := 1; i <= events; i++ {
+			mu.Lock()
+			sent[c.RunID+"/"+strconv.Itoa(i)] = time.Now()
+			mu.Unlock()
+			t0 := time.Now()
+			status, _, _, err := send(client, "POST", c.EventsURL, c.EventsToken, nil, `{"type":"step","data":{"i":`+strconv.Itoa(i)+`}}`)
+			if err != nil || status != http.StatusAccepted {
+				postErrs.Add(1)
+			}
+			mu.Lock()
+			posts = append(posts, time.Since(t0))
+			mu.Unlock()
+		}
+		w.Write([]byte(`{"ok":true}`))
+	}))
+	defer agent.Close()
+	ws := a.createWorkspace(b)
+	a.createAgent(b, ws, "hook", "webhook", map[string]any{"url": agent.URL, "timeout_ms": 300000})
+	body := []byte(`{"runs":[` + strings.TrimSuffix(strings.Repeat(`{"agent":"hook"},`, runs), ",") + `]}`)
+	var created struct{ Runs []runRecord }
+	a.mustDo(b, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey, body, 201, &created)
+	called.Wait() // every run executes, its agent waiting for start
+
+	subClient := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: runs * perRun, DisableCompression: true}}
+	var ready, done sync.WaitGroup
+	var latMu sync.Mutex
+	var lat []time.Duration
+	var short atomic.Int64 // subscribers that got fewer than all events
+	for _, run := range created.Runs {
+		for range perRun {
+			ready.Add(1)
+			done.Add(1)
+			go func(id string) {
+				defer done.Done()
+				readied := false
+				defer func() {
+					if !readied {
+						ready.Done()
+					}
+				}()
+				req, _ := http.NewRequest("GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+id+"/events", nil)
+				req.Header.Set("Accept", "text/event-stream")
+				req.Header.Set("Authorization", "Bearer "+ws.APIKey)
+				resp, err := subClient.Do(req)
+				if err != nil {
+					short.Add(1)
+					return
+				}
+				defer resp.Body.Close()
+				sc := bufio.NewScanner(resp.Body)
+				got := 0
+				var seq string
+				for sc.Scan() {
+					line := sc.Text()
+					switch {
+					case strings.HasPrefix(line, "id: "):
+						seq = line[4:]
+					case strings.HasPrefix(line, "event: status") && !readied:
+						readied = true
+						ready.Done()
+					case strings.HasPrefix(line, "data: ") && seq != "":
+						at := time.Now()
+						mu.Lock()
+						t0 := sent[id+"/"+seq]
+						mu.Unlock()
+						latMu.Lock()
+						lat = append(lat, at.Sub(t0))
+						latMu.Unlock()
+						got++
+						seq = ""
+					}
+				}
+				if got != events {
+					short.Add(1)
+				}
+			}(run.ID)
+		}
+	}
+	ready.Wait()
+
+	var peak benchProc
+	peakGoroutines, peakConns := 0.0, 0
+	sample := func() {
+		s := benchProcStats(b, p.cmd.Process.Pid)
+		peak.rss = max(peak.rss, s.rss)
+		peakGoroutines = max(peakGoroutines, a.metric(b, "agentapp_goroutines"))
+		var n int
+		if err := admin.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = $1`, name).Scan(&n); err != nil {
+			b.Fatal(err)
+		}
+		peakConns = max(peakConns, n)
+	}
+	sample()
+	idleGoroutines := peakGoroutines
+	began := time.Now()
+	close(start)
+	finished := make(chan struct{})
+	go func() { done.Wait(); close(finished) }()
+	for waiting := true; waiting; {
+		select {
+		case <-finished:
+			waiting = false
+		case <-time.After(250 * time.Millisecond):
+			sample()
+			if time.Since(began) > 5*time.Minute {
+				b.Fatal("subscribers: not all streams ended within 5 minutes of the first event")
+			}
+		}
+	}
+	elapsed := time.Since(began)
+	benchStop(b, p)
+
+	if n := postErrs.Load(); n > 0 {
+		b.Errorf("event POSTs: got %d failed; want none", n)
+	}
+	if n := short.Load(); n > 0 || len(lat) != runs*perRun*events {
+		b.Errorf("deliveries: got %d (%d subscribers short); want %d", len(lat), n, runs*perRun*events)
+	}
+	if limit := apiPoolSize + workerPoolSize + 1; peakConns > limit {
+		b.Errorf("database connections: got %d at the peak; want at most %d (both pools, plus the listener)", peakConns, limit)
+	}
+	slices.Sort(lat)
+	slices.Sort(posts)
+	b.Logf("event POST → 202: p50 %.1f ms, p99 %.1f ms", benchQuantile(posts, .5), benchQuantile(posts, .99))
+	b.Logf("%d deliveries in %v: p50 %.1f ms, p99 %.1f ms, max %.1f ms; peak RSS %.1f MiB, goroutines %.0f (%.0f with the subscribers idle), db connections %d",
+		len(lat), elapsed.Round(time.Millisecond), benchQuantile(lat, .5), benchQuantile(lat, .99), benchQuantile(lat, 1),
+		peak.rss, peakGoroutines, idleGoroutines, peakConns)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(benchQuantile(lat, .5), "p50-ms")
+	b.ReportMetric(benchQuantile(lat, .99), "p99-ms")
+	b.ReportMetric(benchQuantile(posts, .5), "post-p50-ms")
+	b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "deliveries/s")
+	b.ReportMetric(peak.rss, "peak-RSS-MiB")
+	b.ReportMetric(peakGoroutines, "peak-goroutines")
+	b.ReportMetric(float64(peakConns), "peak-db-conns")
 }

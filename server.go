@@ -72,6 +72,7 @@ type server struct {
 	log      *slog.Logger
 	cfg      config
 	endPolls chan struct{} // closed at shutdown once the runs are drained; nil: never
+	streams  streamSet     // the streams open now (events.go)
 
 	keys    keyCache    // workspace keys recently found, by hash
 	dbLog   *logLimiter // "database unavailable" lines
@@ -104,6 +105,10 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
 	mux.HandleFunc("GET /v1/workers", s.admin(s.listWorkers))
 	mux.HandleFunc("GET /openapi.json", s.openAPI)
+	// Progress events (events.go): agents post with their events token, not a workspace key.
+	mux.HandleFunc("POST /v1/runs/{id}/events", s.postEvent)
+	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}/events", s.member(s.runEvents))
+	mux.HandleFunc("GET /v1/workspaces/{ws}/events", s.member(s.workspaceEvents))
 	return s.middleware(mux.ServeMux)
 }
 

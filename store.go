@@ -31,7 +31,8 @@ var (
 
 // store is agentapp's access to PostgreSQL.
 type store struct {
-	db *sql.DB
+	db     *sql.DB
+	events eventKeys // signs the events tokens of claimed runs; zero: none (events.go)
 }
 
 // openDB opens a pool for dsn (already checked by loadConfig) with at most maxConns
@@ -718,6 +719,8 @@ type claimedRun struct {
 	AgentKind   string
 	AgentConfig json.RawMessage
 	Timeout     time.Duration // 0: none
+	EventsURL   string        // where the agent posts progress events, with EventsToken
+	EventsToken string
 }
 
 // claimResult is what one claim did.
@@ -761,6 +764,8 @@ func (s *store) claim(ctx context.Context, workerID string, limit int, ws string
 			res.claimed = append(res.claimed, claimedRun{ID: id.String, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
 				Input: input, AgentName: name.String, AgentKind: agentKind.String, AgentConfig: config,
 				Timeout: time.Duration(timeout.Int64) * time.Millisecond})
+			last := &res.claimed[len(res.claimed)-1]
+			last.EventsURL, last.EventsToken = s.events.link(last.ID, last.Attempt)
 		case "capped":
 			res.capped = true
 		case "next":
