@@ -228,3 +228,21 @@ CREATE OR REPLACE TRIGGER runs_notify_update AFTER UPDATE OF status, cancel_requ
     FOR EACH ROW WHEN ((OLD.status IS DISTINCT FROM NEW.status AND NEW.status <> 'running')
                        OR (NEW.cancel_requested AND NOT OLD.cancel_requested))
     EXECUTE FUNCTION agentapp_runs_notify_update();
+
+-- Console sessions (/ui/), in the database so that every process accepts them. Only the
+-- sha256 of the cookie's value is stored. key_hash is the sha256 of the token that signed
+-- in: a workspace session ends when the workspace's key is rotated, an admin session when
+-- ADMIN_TOKEN changes. workspace_id null: an admin session.
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash      bytea PRIMARY KEY,
+    workspace_id uuid REFERENCES workspaces (id) ON DELETE CASCADE,
+    key_hash     bytea NOT NULL,
+    csrf_token   text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
+-- The console's chart of runs finished per minute, read over the last hour for every
+-- workspace or one (also the order in which retention finds old final runs).
+CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) INCLUDE (workspace_id, status)
+    WHERE finished_at IS NOT NULL;

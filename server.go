@@ -96,6 +96,7 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/cancel", s.member(s.cancelRun))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/stats", s.member(s.stats))
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
+	mux.Handle("/ui/", s.console()) // the console lists its own routes (console.go)
 	return s.middleware(mux)
 }
 
@@ -526,7 +527,12 @@ type caller struct {
 
 // authenticate finds the caller of r; no or a wrong token is a 401 error.
 func (s *server) authenticate(r *http.Request) (caller, error) {
-	token := bearer(r)
+	return s.authenticateToken(r.Context(), bearer(r))
+}
+
+// authenticateToken finds the caller a token names (a bearer token, or the console's
+// sign-in form); no or a wrong token is a 401 error.
+func (s *server) authenticateToken(ctx context.Context, token string) (caller, error) {
 	switch {
 	case token == "":
 		return caller{}, unauthorized("missing bearer token")
@@ -539,7 +545,7 @@ func (s *server) authenticate(r *http.Request) (caller, error) {
 	if ws, ok := s.keys.get(hash); ok {
 		return caller{workspace: ws}, nil
 	}
-	ws, err := s.store.workspaceByKey(r.Context(), sum[:])
+	ws, err := s.store.workspaceByKey(ctx, sum[:])
 	if errors.Is(err, errNotFound) {
 		return caller{}, unauthorized("invalid token")
 	}
