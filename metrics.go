@@ -17,6 +17,7 @@ type metrics struct {
 	outcomes      *counterVec // attempts written, by the status the run ended in
 	recovered     *gauge      // runs recovered from expired leases (a counter)
 	requeued      *gauge      // runs handed back at shutdown (a counter)
+	pruned        *gauge      // final runs deleted by retention (a counter)
 	executing     *gauge
 	claimDuration *histogram
 	runDuration   *histogram
@@ -29,6 +30,7 @@ func newMetrics() *metrics {
 		outcomes:      &counterVec{v: map[string]float64{}},
 		recovered:     &gauge{},
 		requeued:      &gauge{},
+		pruned:        &gauge{},
 		executing:     &gauge{},
 		claimDuration: &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
 		runDuration:   &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
@@ -136,6 +138,8 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 	fmt.Fprintf(&b, "agentapp_runs_recovered_total %g\n", m.recovered.get())
 	help("agentapp_runs_requeued_at_shutdown_total", "counter", "Runs this process handed back to the queue at shutdown.")
 	fmt.Fprintf(&b, "agentapp_runs_requeued_at_shutdown_total %g\n", m.requeued.get())
+	help("agentapp_runs_pruned_total", "counter", "Final runs this process deleted under RUN_RETENTION_DAYS.")
+	fmt.Fprintf(&b, "agentapp_runs_pruned_total %g\n", m.pruned.get())
 	help("agentapp_claim_duration_seconds", "histogram", "Time of one claim statement (recovery included).")
 	m.claimDuration.write(&b, "agentapp_claim_duration_seconds")
 	help("agentapp_run_duration_seconds", "histogram", "Time agents took to execute one attempt.")

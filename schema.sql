@@ -74,6 +74,8 @@ END $$;
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait.
 CREATE INDEX IF NOT EXISTS runs_due_idx ON runs (run_at) WHERE status = 'queued';
+-- Retention: final runs by age.
+CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
 -- An agent's running runs, counted against its max_concurrency.
 CREATE INDEX IF NOT EXISTS runs_running_agent_idx ON runs (agent_id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS runs_running_lease_idx ON runs (lease_expires_at) WHERE status = 'running';
@@ -82,6 +84,63 @@ CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
+-- console never count the runs table: their cost does not grow with history. Each
+-- statement adds its changes to one of 16 shards, chosen by its backend, so concurrent
+-- inserts and finishes do not queue on one hot row; readers sum the shards.
+CREATE TABLE IF NOT EXISTS run_counts (
+    workspace_id uuid NOT NULL,
+    status       text NOT NULL,
+    shard        smallint NOT NULL,
+    n            bigint NOT NULL,
+    PRIMARY KEY (workspace_id, status, shard)
+);
+
+CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_shard smallint := pg_backend_pid() % 16;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT workspace_id, status, v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT workspace_id, status, v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSE
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT d.workspace_id, d.status, v_shard, sum(d.n) FROM (
+            SELECT o.workspace_id, o.status, -1 AS n FROM old_runs o JOIN new_runs w ON w.id = o.id
+            WHERE w.status <> o.status
+            UNION ALL
+            SELECT w.workspace_id, w.status, 1 FROM old_runs o JOIN new_runs w ON w.id = o.id
+            WHERE w.status <> o.status) d
+        GROUP BY 1, 2 HAVING sum(d.n) <> 0 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- A database from before the counters: count once, with writers held off meanwhile.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'runs_counts_insert' AND tgrelid = 'runs'::regclass) THEN
+        LOCK TABLE runs IN SHARE MODE;
+        DELETE FROM run_counts;
+        INSERT INTO run_counts (workspace_id, status, shard, n)
+        SELECT workspace_id, status, 0, count(*) FROM runs GROUP BY 1, 2;
+        CREATE TRIGGER runs_counts_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS new_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+        CREATE TRIGGER runs_counts_update AFTER UPDATE ON runs
+            REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+        CREATE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+    END IF;
+END $$;
 
 -- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
 --  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
@@ -102,9 +161,16 @@ RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jso
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_locked uuid[];
-    v_ids    uuid[];
-    v_ws     uuid[];
+    v_locked  uuid[];
+    v_ids     uuid[];         -- claimed so far
+    v_ws      uuid[];         -- their workspaces
+    v_skipped uuid[] := '{}'; -- picked but held by a concurrent claim
+    v_new     uuid[];
+    v_new_ws  uuid[];
+    v_missed  uuid[];
+    v_want    integer;
+    v_share   integer;
+    v_round   integer;
 BEGIN
     IF p_recover THEN
         RETURN QUERY
@@ -137,44 +203,64 @@ BEGIN
           AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
         FOR NO KEY UPDATE OF a SKIP LOCKED) c;
 
-    WITH elig AS (
-        SELECT a.id AS agent_id, a.workspace_id, w.served_at,
-               CASE WHEN a.max_concurrency IS NULL THEN p_limit
-                    ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
-                                  WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
-        FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-        WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-          AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
-          AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
-    ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
-        SELECT ceil(p_limit::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
-        FROM elig e WHERE e.room > 0
-    ), cand AS (
-        SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
-        FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
-            SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-            WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
-            ORDER BY r.priority, r.run_at, r.seq
-            LIMIT least(e.room, s.n)
-            FOR UPDATE SKIP LOCKED) c
-        WHERE e.room > 0
-    ), picked AS (
-        SELECT t.id FROM (
-            SELECT cand.id, cand.workspace_id, cand.served_at,
-                   row_number() OVER (PARTITION BY cand.workspace_id
-                                      ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
-            FROM cand) t
-        ORDER BY t.turn, t.served_at, t.workspace_id
-        LIMIT p_limit
-    ), claimed AS (
-        UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
-            lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
-            started_at = now(), updated_at = now()
-        FROM picked p WHERE r.id = p.id
-        RETURNING r.id, r.workspace_id)
-    SELECT array_agg(claimed.id), array_agg(DISTINCT claimed.workspace_id) INTO v_ids, v_ws FROM claimed;
+    -- Candidates are read without locking (locking every candidate would write a lock on
+    -- many rows that are never claimed); only the picked runs are locked, skipping those a
+    -- concurrent claim holds. A round left short by them, or by a workspace's share, is
+    -- followed by another that passes over the skipped runs.
+    FOR v_round IN 1..3 LOOP
+        v_want := p_limit - coalesce(cardinality(v_ids), 0);
+        EXIT WHEN v_want <= 0;
+        WITH elig AS (
+            SELECT a.id AS agent_id, a.workspace_id, w.served_at,
+                   CASE WHEN a.max_concurrency IS NULL THEN v_want
+                        ELSE greatest(0, a.max_concurrency - (SELECT count(*) FROM runs r
+                                      WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
+            FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+            WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+              AND (a.max_concurrency IS NULL OR a.id = ANY (v_locked))
+              AND EXISTS (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now())
+        ), share AS ( -- each workspace's part of the claim, so that one claim spreads over them
+            SELECT ceil(v_want::numeric / greatest(1, count(DISTINCT e.workspace_id)))::integer AS n
+            FROM elig e WHERE e.room > 0
+        ), cand AS (
+            SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
+            FROM elig e CROSS JOIN share s CROSS JOIN LATERAL (
+                SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
+                WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
+                  AND r.id <> ALL (v_skipped)
+                ORDER BY r.priority, r.run_at, r.seq
+                LIMIT least(e.room, s.n)) c
+            WHERE e.room > 0
+        ), picked AS (
+            SELECT t.id FROM (
+                SELECT cand.id, cand.workspace_id, cand.served_at,
+                       row_number() OVER (PARTITION BY cand.workspace_id
+                                          ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
+                FROM cand) t
+            ORDER BY t.turn, t.served_at, t.workspace_id
+            LIMIT v_want
+        ), locked AS (
+            SELECT r.id FROM runs r WHERE r.id IN (SELECT picked.id FROM picked) AND r.status = 'queued'
+            FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
+                lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
+                started_at = now(), updated_at = now()
+            FROM locked l WHERE r.id = l.id
+            RETURNING r.id, r.workspace_id)
+        SELECT coalesce(array_agg(claimed.id), '{}'), coalesce(array_agg(DISTINCT claimed.workspace_id), '{}'),
+               (SELECT coalesce(array_agg(p.id), '{}') FROM picked p WHERE p.id NOT IN (SELECT claimed.id FROM claimed)),
+               (SELECT share.n FROM share)
+        INTO v_new, v_new_ws, v_missed, v_share FROM claimed;
+        v_ids := coalesce(v_ids, '{}') || v_new;
+        v_ws := coalesce(v_ws, '{}') || v_new_ws;
+        v_skipped := v_skipped || v_missed;
+        -- Another round helps only past runs a concurrent claim held, or when the shares
+        -- (more than one workspace) left room that the workspaces with more runs can fill.
+        EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR coalesce(v_share, 0) >= v_want);
+    END LOOP;
 
-    IF v_ws IS NOT NULL THEN
+    IF cardinality(v_ids) > 0 THEN
         -- A turn another claim is recording at this moment is left to it: never wait here.
         UPDATE workspaces w SET served_at = clock_timestamp()
         FROM (SELECT x.id FROM workspaces x WHERE x.id = ANY (v_ws) ORDER BY x.id

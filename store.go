@@ -499,11 +499,12 @@ type runStats struct {
 	Canceled  int64 `json:"canceled"`
 }
 
-// stats counts the runs of ws by status; ws "" counts every workspace's.
+// stats counts the runs of ws by status; ws "" counts every workspace's. It sums the
+// counters the triggers keep (schema.sql: run_counts), never the runs themselves.
 func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 	var st runStats
 	rows, err := s.db.QueryContext(ctx,
-		`SELECT status, count(*) FROM runs WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid GROUP BY status`, ws)
+		`SELECT status, sum(n) FROM run_counts WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid GROUP BY status`, ws)
 	if err != nil {
 		return st, err
 	}
@@ -530,11 +531,12 @@ func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 	return st, rows.Err()
 }
 
-// oldestQueuedAge is how long the oldest claimable run has waited; 0 when none waits.
+// oldestQueuedAge is how long the longest-waiting due run has waited since it fell due; 0
+// when none waits. One step down runs_due_idx, whatever the size of the queue.
 func (s *store) oldestQueuedAge(ctx context.Context) (time.Duration, error) {
 	var secs float64
-	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)
-		FROM runs WHERE status = 'queued'`).Scan(&secs)
+	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)), 0)
+		FROM runs WHERE status = 'queued' AND run_at <= now()`).Scan(&secs)
 	return time.Duration(secs * float64(time.Second)), err
 }
 
@@ -727,4 +729,35 @@ func (s *store) rotateKey(ctx context.Context, id string) (workspace, error) {
 	}
 	w.CreatedAt = w.CreatedAt.UTC()
 	return w, err
+}
+
+// pruneLock is the advisory lock that lets one process prune at a time.
+const pruneLock = 7346298106
+
+// prune deletes up to limit final runs (with their events, by cascade) finished longer ago
+// than retention, and returns how many. While another process holds the prune lock it
+// deletes nothing and returns 0.
+func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (int, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer tx.Rollback()
+	var mine bool
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, pruneLock).Scan(&mine); err != nil || !mine {
+		return 0, err
+	}
+	res, err := tx.ExecContext(ctx, `
+		DELETE FROM runs WHERE id IN (
+			SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'canceled')
+			  AND finished_at < now() - $1 * interval '1 millisecond'
+			ORDER BY finished_at LIMIT $2)`, retention.Milliseconds(), limit)
+	if err != nil {
+		return 0, err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, err
+	}
+	return int(n), tx.Commit()
 }

@@ -31,12 +31,14 @@ type workerConfig struct {
 	Lease           time.Duration
 	ShutdownTimeout time.Duration
 	WebhookHosts    []string
+	Retention       time.Duration // 0: final runs are kept forever
 }
 
 // workerConfigOf takes the worker's part of the configuration.
 func workerConfigOf(c config) workerConfig {
 	return workerConfig{Poll: c.PollInterval, BatchLimit: c.BatchLimit, WorkspaceID: c.WorkspaceID,
-		Concurrency: c.Concurrency, Lease: c.Lease, ShutdownTimeout: c.ShutdownTimeout, WebhookHosts: c.WebhookHosts}
+		Concurrency: c.Concurrency, Lease: c.Lease, ShutdownTimeout: c.ShutdownTimeout, WebhookHosts: c.WebhookHosts,
+		Retention: c.Retention}
 }
 
 // attemptEnd is how one attempt of a run ended, as recorded. An execution proposes
@@ -176,6 +178,9 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	renewCtx, stopRenewer := context.WithCancel(context.Background())
 	renewerDone := make(chan struct{})
 	go w.renewLeases(renewCtx, renewerDone)
+	// The pruner stops with ctx: it never holds up the drain.
+	prunerDone := make(chan struct{})
+	go w.pruneRuns(ctx, prunerDone)
 
 	executing := map[string]*execution{}
 	start := func(batch []*execution) {
@@ -301,6 +306,7 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	<-writerDone
 	stopRenewer()
 	<-renewerDone
+	<-prunerDone
 	w.log.Info("worker stopped", "worker", w.id)
 	return nil
 }
@@ -577,5 +583,56 @@ func (w *worker) cancelLocal(id string) {
 	select {
 	case w.cancels <- cancelOrder{id: id, cause: errCanceledByRequest}:
 	case <-w.done:
+	}
+}
+
+// Retention: a pass soon after start-up, then at most this far apart (SPEC: within a minute
+// of start-up, then at least every 10 minutes), in batches small enough that each delete is
+// a short transaction.
+const (
+	pruneFirstDelay = 10 * time.Second
+	pruneInterval   = 5 * time.Minute
+	pruneBatch      = 10000
+	prunePause      = 100 * time.Millisecond // between batches, so a long pass yields to others
+)
+
+// pruneRuns deletes the final runs whose finished_at is older than the retention, with
+// their events, until ctx ends. Only one process prunes at a time (store.prune).
+func (w *worker) pruneRuns(ctx context.Context, done chan struct{}) {
+	defer close(done)
+	if w.cfg.Retention <= 0 {
+		return
+	}
+	timer := time.NewTimer(pruneFirstDelay)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		total := 0
+		for ctx.Err() == nil {
+			n, err := w.st.prune(ctx, w.cfg.Retention, pruneBatch)
+			total += n
+			w.metrics.pruned.add(float64(n))
+			if err != nil {
+				if ctx.Err() == nil {
+					w.log.Warn("pruning old runs failed; retrying at the next pass", "err", err)
+				}
+				break
+			}
+			if n < pruneBatch {
+				break
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(prunePause):
+			}
+		}
+		if total > 0 {
+			w.log.Info("pruned final runs past the retention", "runs", total, "retention", w.cfg.Retention)
+		}
+		timer.Reset(pruneInterval)
 	}
 }
