@@ -39,9 +39,6 @@ const (
 	signInTTL = time.Hour
 	// runsPageSize is how many runs one page of the runs list shows.
 	runsPageSize = 50
-	// statusCountCap bounds the overview's counts of queued and running runs: past it the
-	// page says "10000+" instead of counting a backlog row by row.
-	statusCountCap = 10000
 	// agentCountCap bounds each agent's queued and running counts on the agents page ("1000+").
 	agentCountCap = 1000
 	// agentsPageLimit is the most agents the agents page lists.
@@ -328,27 +325,27 @@ func (c *console) signOut(w http.ResponseWriter, r *http.Request, se session) {
 
 // overviewData is the overview page.
 type overviewData struct {
-	Queued, Running       int64 // capped at statusCountCap
-	Succeeded, Failed     int64 // in the last chartMinutes
-	Canceled              int64
-	OldestWait            string // how long the longest-waiting due run has waited; "" when none
-	Chart                 chart
-	CountCap, ChartMinute int
+	Stats       runStats // every run by status, from the counters (store.stats)
+	OldestWait  string   // how long the longest-waiting due run has waited; "" when none
+	LastHour    [3]int64 // finished in the last chartMinutes: succeeded, failed, canceled
+	Chart       chart
+	ChartMinute int
 }
 
 // overview shows runs by status, the queue and the chart of runs finished per minute.
 func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 	ctx := r.Context()
-	d := overviewData{CountCap: statusCountCap, ChartMinute: chartMinutes}
+	d := overviewData{ChartMinute: chartMinutes}
+	var err error
+	if d.Stats, err = c.s.store.stats(ctx, se.workspace); err != nil {
+		c.fail(w, r, err)
+		return
+	}
 	var oldest sql.NullFloat64
-	err := c.s.store.db.QueryRowContext(ctx, `
-		SELECT (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = 'queued'
-		            AND ($1::uuid IS NULL OR workspace_id = $1) LIMIT $2) q),
-		       (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = 'running'
-		            AND ($1::uuid IS NULL OR workspace_id = $1) LIMIT $2) q),
-		       (SELECT EXTRACT(EPOCH FROM now() - min(run_at)) FROM runs WHERE status = 'queued'
-		            AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1))`,
-		se.scope(), statusCountCap+1).Scan(&d.Queued, &d.Running, &oldest)
+	// One step down runs_due_idx, as store.oldestQueuedAge, within the session's scope.
+	err = c.s.store.db.QueryRowContext(ctx, `SELECT EXTRACT(EPOCH FROM now() - min(run_at)) FROM runs
+		WHERE status = 'queued' AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1)`,
+		se.scope()).Scan(&oldest)
 	if err != nil {
 		c.fail(w, r, err)
 		return
@@ -360,7 +357,7 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 	// never the number of final runs in the table.
 	rows, err := c.s.store.db.QueryContext(ctx, `
 		SELECT floor(EXTRACT(EPOCH FROM now() - finished_at) / 60)::int, status, count(*)
-		FROM runs WHERE finished_at IS NOT NULL AND finished_at > now() - $2 * interval '1 minute'
+		FROM runs WHERE status IN ('succeeded', 'failed', 'canceled') AND finished_at > now() - $2 * interval '1 minute'
 		  AND ($1::uuid IS NULL OR workspace_id = $1)
 		GROUP BY 1, 2`, se.scope(), chartMinutes)
 	if err != nil {
@@ -380,17 +377,9 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 		if ago < 0 || ago >= chartMinutes {
 			continue
 		}
-		switch status {
-		case statusSucceeded:
-			perMinute[ago][0] += n
-			d.Succeeded += n
-		case statusFailed:
-			perMinute[ago][1] += n
-			d.Failed += n
-		case statusCanceled:
-			perMinute[ago][2] += n
-			d.Canceled += n
-		}
+		k := map[runStatus]int{statusSucceeded: 0, statusFailed: 1, statusCanceled: 2}[status]
+		perMinute[ago][k] += n
+		d.LastHour[k] += n
 	}
 	if err := rows.Err(); err != nil {
 		c.fail(w, r, err)

@@ -328,7 +328,3 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
--- The console's chart of runs finished per minute, read over the last hour for every
--- workspace or one (also the order in which retention finds old final runs).
-CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) INCLUDE (workspace_id, status)
-    WHERE finished_at IS NOT NULL;
