@@ -397,3 +397,17 @@ END $$;
 CREATE OR REPLACE TRIGGER runs_notify_status_update AFTER UPDATE OF status ON runs
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION agentapp_runs_notify_status();
+
+-- Console sessions (/ui/), in the database so that every process accepts them. Only the
+-- sha256 of the cookie's value is stored. key_hash is the sha256 of the token that signed
+-- in: a workspace session ends when the workspace's key is rotated, an admin session when
+-- ADMIN_TOKEN changes. workspace_id null: an admin session.
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash      bytea PRIMARY KEY,
+    workspace_id uuid REFERENCES workspaces (id) ON DELETE CASCADE,
+    key_hash     bytea NOT NULL,
+    csrf_token   text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);

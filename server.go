@@ -109,6 +109,7 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/runs/{id}/events", s.postEvent)
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}/events", s.member(s.runEvents))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/events", s.member(s.workspaceEvents))
+	mux.Handle("/ui/", s.console()) // the console lists its own routes (console.go)
 	return s.middleware(mux.ServeMux)
 }
 
@@ -539,7 +540,12 @@ type caller struct {
 
 // authenticate finds the caller of r; no or a wrong token is a 401 error.
 func (s *server) authenticate(r *http.Request) (caller, error) {
-	token := bearer(r)
+	return s.authenticateToken(r.Context(), bearer(r))
+}
+
+// authenticateToken finds the caller a token names (a bearer token, or the console's
+// sign-in form); no or a wrong token is a 401 error.
+func (s *server) authenticateToken(ctx context.Context, token string) (caller, error) {
 	switch {
 	case token == "":
 		return caller{}, unauthorized("missing bearer token")
@@ -552,7 +558,7 @@ func (s *server) authenticate(r *http.Request) (caller, error) {
 	if ws, ok := s.keys.get(hash); ok {
 		return caller{workspace: ws}, nil
 	}
-	ws, err := s.store.workspaceByKey(r.Context(), sum[:])
+	ws, err := s.store.workspaceByKey(ctx, sum[:])
 	if errors.Is(err, errNotFound) {
 		return caller{}, unauthorized("invalid token")
 	}
