@@ -344,9 +344,9 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 		return
 	}
 	var oldest sql.NullFloat64
-	// One step down runs_due_idx, as store.oldestQueuedAge, within the session's scope.
+	// One step down runs_next_due_idx, as store.oldestQueuedAge, within the session's scope.
 	err = c.s.store.db.QueryRowContext(ctx, `SELECT EXTRACT(EPOCH FROM now() - min(run_at)) FROM runs
-		WHERE status = 'queued' AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1)`,
+		WHERE status = 'queued' AND priority >= 0 AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1)`,
 		se.scope()).Scan(&oldest)
 	if err != nil {
 		c.fail(w, r, err)

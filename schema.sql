@@ -74,8 +74,17 @@ DROP INDEX IF EXISTS runs_queued_idx;
 
 -- Claiming: an agent's queued runs, lower priority first, then the earliest due.
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
--- The next run to fall due (an idle worker sleeps until then), and the oldest wait.
-CREATE INDEX IF NOT EXISTS runs_due_idx ON runs (run_at) WHERE status = 'queued';
+-- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
+-- predicate names priority (always >= 0) so that only queries that say so use it: with a
+-- long history the planner preferred it to runs_claim_idx for the claim, reading every
+-- queued run of the agent and sorting them, claim after claim.
+CREATE INDEX IF NOT EXISTS runs_next_due_idx ON runs (run_at) WHERE status = 'queued' AND priority >= 0;
+DO $$
+BEGIN
+    IF to_regclass('runs_due_idx') IS NOT NULL THEN
+        DROP INDEX runs_due_idx; -- the earlier form of runs_next_due_idx
+    END IF;
+END $$;
 -- Retention: final runs by age.
 CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
 -- An agent's running runs, counted against its max_concurrency.
@@ -288,7 +297,7 @@ BEGIN
     IF cardinality(v_ids) < p_limit THEN
         RETURN QUERY SELECT 'next'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
                             NULL::text, NULL::jsonb, NULL::integer, min(r.run_at)
-        FROM runs r WHERE r.status = 'queued' AND r.run_at > now()
+        FROM runs r WHERE r.status = 'queued' AND r.priority >= 0 AND r.run_at > now()
           AND (p_workspace IS NULL OR r.workspace_id = p_workspace);
     END IF;
 END $$;
