@@ -227,13 +227,17 @@ func (c *chromium) path() string {
 	return s
 }
 
-// screenshot saves the page as a PNG in dir and returns its path.
+// screenshot saves the whole page (beyond the window when it is longer) as a PNG in dir
+// and returns its path.
 func (c *chromium) screenshot(dir, name string) string {
 	c.t.Helper()
+	var height float64
+	json.Unmarshal(c.eval("document.documentElement.scrollHeight"), &height)
 	var shot struct {
 		Data string `json:"data"`
 	}
-	c.call(c.session, "Page.captureScreenshot", map[string]any{"format": "png"}, &shot)
+	c.call(c.session, "Page.captureScreenshot", map[string]any{"format": "png", "captureBeyondViewport": true,
+		"clip": map[string]any{"x": 0, "y": 0, "width": 1280, "height": max(height, 900), "scale": 1}}, &shot)
 	png, err := base64.StdEncoding.DecodeString(shot.Data)
 	if err != nil || len(png) < 8 || string(png[1:4]) != "PNG" {
 		c.t.Fatalf("screenshot %s: got %d bytes (%v); want a PNG", name, len(png), err)
@@ -246,8 +250,8 @@ func (c *chromium) screenshot(dir, name string) string {
 }
 
 // seedConsoleDemo fills a workspace with a handful of realistic runs for the screenshots:
-// runs that succeeded over the last hour, a few failures with their error history, and
-// some still queued.
+// runs that succeeded over the last hour, a few failures with their error history, a few
+// canceled, and some still queued.
 func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runRecord) {
 	t.Helper()
 	ws := a.createWorkspace(t)
@@ -268,10 +272,10 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 			finished_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second',
 			started_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '2 seconds',
 			created_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '3 seconds',
-			status = CASE WHEN r.n % 7 = 0 THEN 'failed' ELSE status END,
+			status = CASE WHEN r.n % 7 = 0 THEN 'failed' WHEN r.n % 17 = 0 THEN 'canceled' ELSE status END,
 			output = CASE WHEN r.n % 7 = 0 THEN NULL ELSE output END,
 			attempt = CASE WHEN r.n % 7 = 0 THEN 3 ELSE attempt END,
-			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered 502 Bad Gateway' END,
+			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered 502 Bad Gateway' WHEN r.n % 17 = 0 THEN 'canceled by request' END,
 			errors = CASE WHEN r.n % 7 = 0 THEN jsonb_build_array(
 				jsonb_build_object('attempt', 1, 'at', '2026-01-01T10:00:00Z', 'message', 'webhook timed out after 30000 ms'),
 				jsonb_build_object('attempt', 2, 'at', '2026-01-01T10:00:01Z', 'message', 'webhook answered 502 Bad Gateway'),
@@ -288,14 +292,29 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 }
 
 // TestConsoleInChromium drives a real headless Chromium through the console: sign-in,
-// overview, runs filtered, one run, cancel, agents, sign-out. It saves a screenshot of
-// each page (the paths are printed; CONSOLE_SCREENSHOTS names the directory, else a new
-// temporary one that is kept).
+// overview, runs filtered, one run, cancel, retry, agents, pause, sign-out, then the
+// admin's overview with the live processes (one of them executing another workspace's
+// runs). It saves a screenshot of each page (the paths are printed; CONSOLE_SCREENSHOTS
+// names the directory, else a new temporary one that is kept); docs/overview.png is
+// 10-overview-admin.png.
 func TestConsoleInChromium(t *testing.T) {
 	c := startChromium(t)
 	dsn := testDB(t)
 	a := startApp(t, testEnv(t, dsn, nil))
 	ws, runs := seedConsoleDemo(t, a, dsn)
+	// A second process works another workspace's slow runs, so the admin sees two live
+	// processes, one of them executing, and runs in every status.
+	batch := a.createWorkspace(t)
+	a.createAgent(t, batch, "crawl", "echo", map[string]any{"delay_ms": 600000})
+	var crawling []runRecord
+	for range 3 {
+		crawling = append(crawling, a.createRun(t, batch, "crawl", nil))
+	}
+	startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_WORKSPACE_ID": batch.ID,
+		"RUN_WORKER_CONCURRENCY": "8", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "1000", "LOG_LEVEL": "info"}))
+	for _, r := range crawling {
+		a.waitRunStatus(t, batch, r.ID, "running", time.Minute)
+	}
 	dir := os.Getenv("CONSOLE_SCREENSHOTS")
 	if dir == "" {
 		var err error
@@ -348,18 +367,57 @@ func TestConsoleInChromium(t *testing.T) {
 	shot("4-run")
 
 	c.submit("cancel", `document.querySelector("form[action$='/cancel'] button").click()`)
-	expect("canceled run", "/ui/runs/"+target.ID, "canceled")
+	expect("canceled run", "/ui/runs/"+target.ID+"?flash=canceled", "canceled", "Run canceled.", "Retry")
 	if got := a.getRun(t, ws, target.ID).Status; got != statusCanceled {
 		t.Errorf("run after the browser's cancel: got %s; want canceled", got)
 	}
 	shot("5-run-canceled")
 
+	c.submit("retry", `document.querySelector("form[action$='/retry'] button").click()`)
+	expect("retried run", "/ui/runs/"+target.ID+"?flash=retried&n=1", "queued", "Run queued again with 1 more attempt.")
+	if r := a.getRun(t, ws, target.ID); r.Status != statusQueued || r.MaxAttempts != r.Attempt+1 {
+		t.Errorf("run after the browser's retry: got %s, attempt %d of %d; want queued with 1 more attempt", r.Status, r.Attempt, r.MaxAttempts)
+	}
+	shot("6-run-retried")
+
 	c.navigate(a.base + "/ui/agents")
 	expect("agents", "/ui/agents", "summarize", "translate", "delay_ms")
-	shot("6-agents")
+	shot("7-agents")
+
+	var translate agent
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
+	c.submit("pause", `document.querySelector("form[action='/ui/agents/`+translate.ID+`/pause'] button").click()`)
+	expect("agent paused", "/ui/agents?flash=paused", "Agent paused", "Resume")
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
+	if !translate.Paused {
+		t.Errorf("agent after the browser's pause: got not paused; want paused")
+	}
+	shot("8-agents-paused")
 
 	c.submit("sign out", `document.querySelector("form[action='/ui/sign-out'] button").click()`)
 	expect("signed out", "/ui/sign-in", "Sign in")
 	c.navigate(a.base + "/ui/agents")
 	expect("after sign-out", "/ui/sign-in")
+	shot("9-signed-out")
+
+	eventually(t, time.Minute, "a heartbeat reports the other process executing its 3 runs", func() bool {
+		var listed struct {
+			Workers []workerRow `json:"workers"`
+		}
+		a.mustDo(t, "GET", "/v1/workers", testAdminToken, nil, 200, &listed)
+		for _, w := range listed.Workers {
+			if w.Mode == modeServeWorker && w.Executing == len(crawling) {
+				return true
+			}
+		}
+		return false
+	})
+	admin, _ := json.Marshal(testAdminToken)
+	c.submit("sign in as the admin", `document.querySelector("#token").value = `+string(admin)+`; document.querySelector("form.sign-in").submit()`)
+	expect("admin overview", "/ui/", "Live processes", "running")
+	procs := string(c.eval(`[...document.querySelectorAll("table.processes tbody tr")].map(r => r.cells[3].innerText + "/" + r.cells[6].innerText).sort().join(",")`))
+	if procs != `"serve+worker/3,serve/0"` {
+		t.Errorf("admin overview: got live processes (mode/executing) %s; want serve+worker/3,serve/0 (sorted)", procs)
+	}
+	shot("10-overview-admin")
 }

@@ -49,6 +49,12 @@ const (
 	workspacesListLimit = 500
 	// chartMinutes is the span of the overview's chart of runs finished per minute.
 	chartMinutes = 60
+	// runEventsShown is the most events a run's page lists (the first ones); the API pages
+	// through all of a run's events (up to maxRunEvents).
+	runEventsShown = 200
+	// eventDataShown is how many characters of an event's data the run page shows: an
+	// event may hold 1 MiB, and 200 of them must still make a page that loads at once.
+	eventDataShown = 2000
 )
 
 // console serves the operator's console under /ui/: server-rendered pages that work
@@ -76,7 +82,11 @@ func (s *server) console() http.Handler {
 	mux.HandleFunc("GET /ui/runs", c.page(c.runs))
 	mux.HandleFunc("GET /ui/runs/{id}", c.page(c.run))
 	mux.HandleFunc("POST /ui/runs/{id}/cancel", c.action(c.cancelRun))
+	mux.HandleFunc("POST /ui/runs/{id}/retry", c.action(c.retryRun))
+	mux.HandleFunc("POST /ui/runs/cancel-queued", c.action(c.cancelQueued))
 	mux.HandleFunc("GET /ui/agents", c.page(c.agents))
+	mux.HandleFunc("POST /ui/agents/{id}/pause", c.action(c.setPaused(true)))
+	mux.HandleFunc("POST /ui/agents/{id}/resume", c.action(c.setPaused(false)))
 	mux.HandleFunc("GET /ui/style.css", c.asset("ui/style.css", "text/css; charset=utf-8"))
 	mux.HandleFunc("GET /ui/live.js", c.asset("ui/live.js", "text/javascript; charset=utf-8"))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -117,8 +127,52 @@ type pageData struct {
 	Who   string // who is signed in; "" on the sign-in page
 	CSRF  string
 	Admin bool
-	Live  bool // refresh the page's data-live parts in place (live.js)
+	Live  bool   // refresh the page's data-live parts in place (live.js)
+	Flash string // what the action that redirected here did (flashMessage)
 	Body  any
+}
+
+// flashMessages are the results an action's redirect may announce, by the flash=
+// parameter it adds. The page shows only these fixed texts (and a number, "(s)" made
+// plural by it), never text from the URL: a crafted link cannot make the console say
+// something else.
+var flashMessages = map[string]string{
+	"canceled":         "Run canceled.",
+	"cancel-requested": "Cancel requested: the run stops where it executes.",
+	"retried":          "Run queued again with %d more attempt(s).",
+	"canceled-queued":  "Canceled %d queued run(s).",
+	"paused":           "Agent paused: its runs stay queued until it is resumed.",
+	"resumed":          "Agent resumed: its queued runs are claimed again.",
+}
+
+// withFlash returns path with the flash parameters that announce key (and its number n).
+func withFlash(path, key string, n int64) string {
+	sep := "?"
+	if strings.Contains(path, "?") {
+		sep = "&"
+	}
+	v := url.Values{"flash": {key}}
+	if strings.Contains(flashMessages[key], "%d") {
+		v.Set("n", strconv.FormatInt(n, 10))
+	}
+	return path + sep + v.Encode()
+}
+
+// flashMessage is the text that a request's flash parameters announce, or "".
+func flashMessage(q url.Values) string {
+	msg, ok := flashMessages[q.Get("flash")]
+	if !ok || !strings.Contains(msg, "%d") {
+		return msg
+	}
+	n, err := strconv.ParseInt(q.Get("n"), 10, 64)
+	if err != nil || n < 0 {
+		return ""
+	}
+	plural := "s"
+	if n == 1 {
+		plural = ""
+	}
+	return strings.ReplaceAll(fmt.Sprintf(msg, n), "(s)", plural)
 }
 
 // randomToken returns 32 random bytes, URL-safe.
@@ -208,6 +262,9 @@ func (c *console) action(h func(http.ResponseWriter, *http.Request, session)) ht
 
 // render writes a page inside the layout.
 func (c *console) render(w http.ResponseWriter, r *http.Request, status int, name string, d pageData) {
+	if status == http.StatusOK && d.Who != "" {
+		d.Flash = flashMessage(r.URL.Query())
+	}
 	var buf bytes.Buffer
 	if err := c.pages[name].ExecuteTemplate(&buf, "layout", d); err != nil {
 		c.s.log.Error("console page failed", "page", name, "err", err)
@@ -332,9 +389,19 @@ type overviewData struct {
 	LastHour    [3]int64 // finished in the last chartMinutes: succeeded, failed, canceled
 	Chart       chart
 	ChartMinute int
+	Processes   []processRow // the live processes (admin only)
+	LiveCount   int          // how many processes are live
 }
 
-// overview shows runs by status, the queue and the chart of runs finished per minute.
+// processRow is one live process on the overview.
+type processRow struct {
+	workerRow
+	Age string // since its last heartbeat
+}
+
+// overview shows runs by status, the queue, the chart of runs finished per minute and the
+// live processes. A workspace sees how many processes are live, not their hosts, pids and
+// versions: those describe the operator's machines, as GET /v1/workers (admin) does.
 func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 	ctx := r.Context()
 	d := overviewData{ChartMinute: chartMinutes}
@@ -388,6 +455,18 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 		return
 	}
 	d.Chart = newChart(perMinute[:])
+	workers, err := c.s.store.listWorkers(ctx, workerStaleAfter)
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	d.LiveCount = len(workers)
+	if se.admin {
+		for _, wr := range workers {
+			// Clamped: the database's clock stamped the beat, this process's measures it.
+			d.Processes = append(d.Processes, processRow{wr, formatAge(max(0, time.Since(wr.HeartbeatAt))) + " ago"})
+		}
+	}
 	p := se.layout("Overview", "overview", d)
 	p.Live = true
 	c.render(w, r, http.StatusOK, "overview", p)
@@ -476,6 +555,9 @@ type runsData struct {
 	Runs       []runRecord
 	Next       string // the next page's URL; "" on the last page
 	First      string // the first page's URL, when this is a later one
+	// CancelQueued offers to cancel the queued runs these filters match: with no status
+	// filter or queued, and for the admin once a workspace is chosen.
+	CancelQueued bool
 }
 
 // runs lists runs newest first, filtered, one keyset page at a time: the cursor names the
@@ -493,6 +575,7 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, invalid("status must be one of queued, running, succeeded, failed, canceled"))
 		return
 	}
+	d.CancelQueued = (f.Status == "" || runStatus(f.Status) == statusQueued) && (!se.admin || f.Workspace != "")
 	scope := se.scope()
 	if f.Workspace != "" {
 		if !isUUID(f.Workspace) {
@@ -593,9 +676,49 @@ func (c *console) workspaces(ctx context.Context) ([]workspace, map[string]strin
 
 // runData is one run's page.
 type runData struct {
-	Run       runRecord
-	Errors    []attemptError
-	Workspace string // the run's workspace name (admin)
+	Run        runRecord
+	Errors     []attemptError
+	Workspace  string // the run's workspace name (admin)
+	Events     []consoleEvent
+	MoreEvents bool // the run has more than runEventsShown events
+	EventsCap  int
+	Attempts   int // the most attempts one retry may add
+}
+
+// consoleEvent is one progress event as the run page shows it.
+type consoleEvent struct {
+	Seq, Attempt int
+	At           time.Time
+	Type         string
+	Data         string // its first eventDataShown characters
+	Cut          bool   // Data is longer than shown
+}
+
+// runEvents returns the first runEventsShown events of run id, oldest first, and whether
+// there are more: one range of run_events' primary key.
+func (c *console) runEvents(ctx context.Context, id string) ([]consoleEvent, bool, error) {
+	rows, err := c.s.store.db.QueryContext(ctx, `
+		SELECT seq, attempt, at, type, left(data::text, $3), length(data::text) > $3
+		FROM run_events WHERE run_id = $1 ORDER BY seq LIMIT $2`, id, runEventsShown+1, eventDataShown)
+	if err != nil {
+		return nil, false, err
+	}
+	defer rows.Close()
+	var events []consoleEvent
+	for rows.Next() {
+		var e consoleEvent
+		if err := rows.Scan(&e.Seq, &e.Attempt, &e.At, &e.Type, &e.Data, &e.Cut); err != nil {
+			return nil, false, err
+		}
+		events = append(events, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, false, err
+	}
+	if len(events) > runEventsShown {
+		return events[:runEventsShown], true, nil
+	}
+	return events, false, nil
 }
 
 // attemptError is one failed attempt of a run, as its errors array holds it.
@@ -634,7 +757,7 @@ func (c *console) run(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	d := runData{Run: run}
+	d := runData{Run: run, EventsCap: runEventsShown, Attempts: maxRunAttempts}
 	if err := json.Unmarshal(run.Errors, &d.Errors); err != nil {
 		c.fail(w, r, err)
 		return
@@ -647,7 +770,10 @@ func (c *console) run(w http.ResponseWriter, r *http.Request, se session) {
 		}
 		d.Workspace = ws.Name
 	}
-	// TODO(events): list the run's progress events (run_events) once that table is in main.
+	if d.Events, d.MoreEvents, err = c.runEvents(r.Context(), run.ID); err != nil {
+		c.fail(w, r, err)
+		return
+	}
 	c.render(w, r, http.StatusOK, "run", se.layout("Run "+run.ID, "runs", d))
 }
 
@@ -666,10 +792,100 @@ func (c *console) cancelRun(w http.ResponseWriter, r *http.Request, se session) 
 		c.fail(w, r, err)
 		return
 	}
+	flash := "canceled"
 	if run.Status == statusRunning {
 		c.s.worker.cancelLocal(run.ID) // other processes hear of it through the notification
+		flash = "cancel-requested"
 	}
-	http.Redirect(w, r, "/ui/runs/"+run.ID, http.StatusSeeOther)
+	http.Redirect(w, r, withFlash("/ui/runs/"+run.ID, flash, 0), http.StatusSeeOther)
+}
+
+// retryRun puts a failed or canceled run back to queued as the API's retry does, with the
+// form's attempts more attempts (1 when the field is empty), then shows it again.
+func (c *console) retryRun(w http.ResponseWriter, r *http.Request, se session) {
+	attempts := 1
+	if v := r.PostForm.Get("attempts"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxRunAttempts {
+			c.fail(w, r, invalid("attempts must be from 1 to %d", maxRunAttempts))
+			return
+		}
+		attempts = n
+	}
+	run, err := c.findRun(r.Context(), se, r.PathValue("id"))
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	run, err = c.s.store.retryRun(r.Context(), run.WorkspaceID, run.ID, attempts)
+	if errors.Is(err, errConflict) {
+		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, run.Status)
+	}
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	http.Redirect(w, r, withFlash("/ui/runs/"+run.ID, "retried", int64(attempts)), http.StatusSeeOther)
+}
+
+// cancelQueued cancels the queued runs that the runs list's filters (posted with the form)
+// match, through the bulk cancel the API uses, then shows the list again. The admin must
+// have chosen a workspace: one click never cancels every tenant's runs.
+func (c *console) cancelQueued(w http.ResponseWriter, r *http.Request, se session) {
+	f := runsFilter{Status: r.PostForm.Get("status"), Agent: r.PostForm.Get("agent")}
+	if f.Status != "" && runStatus(f.Status) != statusQueued {
+		c.fail(w, r, invalid("status must be queued or absent: only queued runs are canceled here"))
+		return
+	}
+	ws := se.workspace
+	if se.admin {
+		f.Workspace = strings.ToLower(r.PostForm.Get("workspace"))
+		if !isUUID(f.Workspace) {
+			c.fail(w, r, invalid("workspace must be a workspace id: choose a workspace to cancel its queued runs"))
+			return
+		}
+		if _, _, err := c.s.store.getWorkspace(r.Context(), f.Workspace); err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		ws = f.Workspace
+	}
+	var agent *string
+	if f.Agent != "" {
+		agent = &f.Agent
+	}
+	n, _, err := c.s.store.cancelRuns(r.Context(), ws, agent, []runStatus{statusQueued})
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	http.Redirect(w, r, withFlash("/ui/runs"+f.query(""), "canceled-queued", n), http.StatusSeeOther)
+}
+
+// setPaused returns the action that pauses (or resumes) an agent, as the API's PATCH of
+// paused does, then shows the agents again.
+func (c *console) setPaused(paused bool) func(http.ResponseWriter, *http.Request, session) {
+	flash := map[bool]string{true: "paused", false: "resumed"}[paused]
+	return func(w http.ResponseWriter, r *http.Request, se session) {
+		id := r.PathValue("id")
+		var ws, name string
+		err := sql.ErrNoRows
+		if isUUID(id) {
+			err = c.s.store.db.QueryRowContext(r.Context(), `SELECT workspace_id, name FROM agents
+				WHERE id = $1 AND ($2::uuid IS NULL OR workspace_id = $2)`, id, se.scope()).Scan(&ws, &name)
+		}
+		if errors.Is(err, sql.ErrNoRows) {
+			err = fmt.Errorf("%w: no such agent", errNotFound)
+		}
+		if err == nil {
+			_, err = c.s.store.updateAgent(r.Context(), ws, name, agentPatch{Paused: &paused})
+		}
+		if err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		http.Redirect(w, r, withFlash("/ui/agents", flash, 0), http.StatusSeeOther)
+	}
 }
 
 // agentRow is one agent on the agents page.

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
+	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -331,8 +334,11 @@ func TestConsolePages(t *testing.T) {
 			t.Errorf("B's run after A's cancel: got %s; want queued", got)
 		}
 		p := userA.post(t, "/ui/runs/"+queuedA.ID+"/cancel", csrf, nil)
-		if p.status != http.StatusSeeOther || p.location != "/ui/runs/"+queuedA.ID {
+		if p.status != http.StatusSeeOther || p.location != "/ui/runs/"+queuedA.ID+"?flash=canceled" {
 			t.Fatalf("cancel: got %d to %q; want 303 back to the run", p.status, p.location)
+		}
+		if p := userA.mustGet(t, p.location); !strings.Contains(p.body, `<p class="flash" role="status">Run canceled.</p>`) {
+			t.Errorf("run page after cancel: got no flash %q; want it; body:\n%s", "Run canceled.", p.body)
 		}
 		if got := a.getRun(t, wsA, queuedA.ID).Status; got != statusCanceled {
 			t.Errorf("run after cancel: got %s; want canceled", got)
@@ -432,4 +438,257 @@ func TestConsoleSessionsAcrossProcesses(t *testing.T) {
 	if p := b.get(t, "/ui/"); p.status != http.StatusSeeOther || p.location != "/ui/sign-in" {
 		t.Errorf("session after the key was rotated: got %d to %q; want 303 to /ui/sign-in", p.status, p.location)
 	}
+}
+
+// TestConsoleProcessesAndEvents: the overview lists the live processes to the admin (a
+// workspace sees only how many), and a run's page lists its progress events oldest first,
+// the first runEventsShown of them with a note, each event's data cut at eventDataShown.
+func TestConsoleProcessesAndEvents(t *testing.T) {
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "7", "LOG_LEVEL": "info"}))
+	hook, calls := evAgent(t)
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "hook", "webhook", map[string]any{"url": hook})
+	admin, user := newBrowser(a), newBrowser(a)
+	admin.signIn(t, testAdminToken)
+	user.signIn(t, ws.APIKey)
+
+	host, _ := os.Hostname()
+	row := fmt.Sprintf("<td>%s</td><td>%d</td><td>serve&#43;worker</td><td><code>%s</code></td>", host, os.Getpid(), buildVersion())
+	var over page
+	eventually(t, 5*time.Second, "the overview lists this process", func() bool {
+		over = admin.mustGet(t, "/ui/")
+		return strings.Contains(over.body, row)
+	})
+	if !regexp.MustCompile(`<td>7</td><td>\d+</td><td>\d+(ms|s|m\d+s) ago</td>`).MatchString(over.body) {
+		t.Errorf("admin overview: got no concurrency 7, executing count and heartbeat age; body:\n%s", over.body)
+	}
+	p := user.mustGet(t, "/ui/")
+	if strings.Contains(p.body, row) || strings.Contains(p.body, "<td>serve&#43;worker</td>") {
+		t.Errorf("workspace overview: got the process's host, pid or mode; want only how many are live")
+	}
+	if !strings.Contains(p.body, "<strong>1</strong> live process serves") {
+		t.Errorf("workspace overview: got no count of 1 live process; body:\n%s", p.body)
+	}
+
+	// A webhook agent posts runEventsShown+1 events through the API, one with a long data.
+	run := a.createRun(t, ws, "hook", map[string]any{"doc": "a.pdf"})
+	c := evNextCall(t, calls)
+	long := strings.Repeat("x", eventDataShown+500)
+	for i := 1; i <= runEventsShown+1; i++ {
+		data := any(map[string]any{"step": i})
+		if i == 2 {
+			data = long
+		}
+		evMustPost(t, c, "progress", data, i)
+	}
+	close(c.done)
+	a.waitRunStatus(t, ws, run.ID, "succeeded", time.Minute)
+
+	p = user.mustGet(t, "/ui/runs/"+run.ID)
+	events := regexp.MustCompile(`<tr><td>(\d+)</td><td>1</td><td>[^<]+</td><td>progress</td>`).FindAllStringSubmatch(p.body, -1)
+	if len(events) != runEventsShown || events[0][1] != "1" || events[len(events)-1][1] != strconv.Itoa(runEventsShown) {
+		first, last := "", ""
+		if len(events) > 0 {
+			first, last = events[0][1], events[len(events)-1][1]
+		}
+		t.Errorf("run page events: got %d rows, seq %s to %s; want %d, 1 to %d (oldest first)", len(events), first, last, runEventsShown, runEventsShown)
+	}
+	for _, want := range []string{`<code>{&#34;step&#34;: 1}</code>`, "Only the first 200 events are shown", "… (cut)"} {
+		if !strings.Contains(p.body, want) {
+			t.Errorf("run page: got no %q; want it", want)
+		}
+	}
+	if strings.Contains(p.body, long[:eventDataShown+1]) {
+		t.Errorf("run page: got the long event's data whole; want its first %d characters", eventDataShown)
+	}
+	if p := user.mustGet(t, "/ui/runs/"+a.createRun(t, ws, "echo", nil).ID); !strings.Contains(p.body, "No progress events.") {
+		t.Errorf("run page of a run without events: got no %q; want it", "No progress events.")
+	}
+}
+
+// TestConsoleActions: Retry, Pause and Resume, and Cancel the queued runs shown, each a
+// form with the CSRF token answered 303 with a flash: refused without the token (403),
+// for another workspace's run or agent (404), for a run that cannot be retried (409).
+func TestConsoleActions(t *testing.T) {
+	hook := newWebhookServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "down", http.StatusInternalServerError)
+	}))
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil))
+	wsA, wsB := a.createWorkspace(t), a.createWorkspace(t)
+	a.createAgent(t, wsA, "hook", "webhook", map[string]any{"url": hook.URL})
+	a.createAgent(t, wsA, "slow", "echo", map[string]any{"delay_ms": 1})
+	var failed runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+wsA.ID+"/runs", wsA.APIKey, map[string]any{"agent": "hook", "max_attempts": 1}, 201, &failed)
+	succeeded := a.createRun(t, wsA, "echo", nil)
+	if sum := a.process(t, map[string]any{"workspace_id": wsA.ID}); sum.Failed != 1 || sum.Succeeded != 1 {
+		t.Fatalf("process: got %+v; want 1 failed, 1 succeeded", sum)
+	}
+	// No worker runs in this app but the one the test asks for: queued runs stay queued.
+	canceled := a.createRun(t, wsA, "echo", nil)
+	a.mustDo(t, "POST", "/v1/workspaces/"+wsA.ID+"/runs/"+canceled.ID+"/cancel", wsA.APIKey, nil, 200, nil)
+	slow1, slow2, echoA := a.createRun(t, wsA, "slow", nil), a.createRun(t, wsA, "slow", nil), a.createRun(t, wsA, "echo", nil)
+	queuedB := a.createRun(t, wsB, "echo", nil)
+
+	admin, userA, userB := newBrowser(a), newBrowser(a), newBrowser(a)
+	adminCSRF, csrfA, csrfB := admin.signIn(t, testAdminToken), userA.signIn(t, wsA.APIKey), userB.signIn(t, wsB.APIKey)
+	status := func(ws testWorkspace, id string) runStatus { t.Helper(); return a.getRun(t, ws, id).Status }
+	// flash follows an action's 303 in browser b and checks the flash it shows.
+	flash := func(b *browser, p page, want string) {
+		t.Helper()
+		if p.status != http.StatusSeeOther {
+			t.Fatalf("action: got %d; want 303; body:\n%s", p.status, p.body)
+		}
+		if got := b.mustGet(t, p.location).body; !strings.Contains(got, `<p class="flash" role="status">`+want+`</p>`) {
+			t.Errorf("page after the action (%s): got no flash %q; want it; body:\n%s", p.location, want, got)
+		}
+	}
+
+	t.Run("retry", func(t *testing.T) {
+		if p := userA.mustGet(t, "/ui/runs/"+failed.ID); !strings.Contains(p.body, `action="/ui/runs/`+failed.ID+`/retry"`) {
+			t.Errorf("failed run's page: got no Retry form; want one")
+		}
+		if p := userA.mustGet(t, "/ui/runs/"+succeeded.ID); strings.Contains(p.body, "/retry") {
+			t.Errorf("succeeded run's page: got a Retry form; want none")
+		}
+		if p := userA.post(t, "/ui/runs/"+failed.ID+"/retry", "", nil); p.status != http.StatusForbidden {
+			t.Errorf("retry without csrf: got %d; want 403", p.status)
+		}
+		if p := userB.post(t, "/ui/runs/"+failed.ID+"/retry", csrfB, nil); p.status != http.StatusNotFound {
+			t.Errorf("B retries A's run: got %d; want 404", p.status)
+		}
+		if p := userA.post(t, "/ui/runs/"+failed.ID+"/retry", csrfA, url.Values{"attempts": {"0"}}); p.status != http.StatusUnprocessableEntity {
+			t.Errorf("retry with attempts 0: got %d; want 422", p.status)
+		}
+		if got := status(wsA, failed.ID); got != statusFailed {
+			t.Fatalf("run after refused retries: got %s; want failed", got)
+		}
+		p := userA.post(t, "/ui/runs/"+failed.ID+"/retry", csrfA, nil)
+		if p.location != "/ui/runs/"+failed.ID+"?flash=retried&n=1" {
+			t.Errorf("retry: got %d to %q; want 303 back to the run", p.status, p.location)
+		}
+		flash(userA, p, "Run queued again with 1 more attempt.")
+		if r := a.getRun(t, wsA, failed.ID); r.Status != statusQueued || r.MaxAttempts != r.Attempt+1 {
+			t.Errorf("retried run: got %s, attempt %d of %d; want queued with 1 more attempt", r.Status, r.Attempt, r.MaxAttempts)
+		}
+		// The admin retries a canceled run of any workspace, with more attempts.
+		flash(admin, admin.post(t, "/ui/runs/"+canceled.ID+"/retry", adminCSRF, url.Values{"attempts": {"3"}}), "Run queued again with 3 more attempts.")
+		if r := a.getRun(t, wsA, canceled.ID); r.Status != statusQueued || r.MaxAttempts != r.Attempt+3 {
+			t.Errorf("retried canceled run: got %s, attempt %d of %d; want queued with 3 more attempts", r.Status, r.Attempt, r.MaxAttempts)
+		}
+		p = userA.post(t, "/ui/runs/"+succeeded.ID+"/retry", csrfA, nil)
+		if p.status != http.StatusConflict || !strings.Contains(p.header.Get("Content-Type"), "text/html") ||
+			!strings.Contains(p.body, "run is succeeded: only failed or canceled runs can be retried") {
+			t.Errorf("retry of a succeeded run: got %d %q; want an HTML 409 that says why; body:\n%s", p.status, p.header.Get("Content-Type"), p.body)
+		}
+	})
+
+	t.Run("pause", func(t *testing.T) {
+		var slow agent
+		agentPath := "/v1/workspaces/" + wsA.ID + "/agents/slow"
+		a.mustDo(t, "GET", agentPath, wsA.APIKey, nil, 200, &slow)
+		pause, resume := "/ui/agents/"+slow.ID+"/pause", "/ui/agents/"+slow.ID+"/resume"
+		if p := userA.mustGet(t, "/ui/agents"); !strings.Contains(p.body, `action="`+pause+`"`) {
+			t.Errorf("agents page: got no Pause form for slow; want one")
+		}
+		if p := userA.post(t, pause, "", nil); p.status != http.StatusForbidden {
+			t.Errorf("pause without csrf: got %d; want 403", p.status)
+		}
+		if p := userB.post(t, pause, csrfB, nil); p.status != http.StatusNotFound {
+			t.Errorf("B pauses A's agent: got %d; want 404", p.status)
+		}
+		if p := userA.post(t, "/ui/agents/not-an-id/pause", csrfA, nil); p.status != http.StatusNotFound {
+			t.Errorf("pause of a bad agent id: got %d; want 404", p.status)
+		}
+		a.mustDo(t, "GET", agentPath, wsA.APIKey, nil, 200, &slow)
+		if slow.Paused {
+			t.Fatalf("agent after refused pauses: got paused; want not")
+		}
+		p := userA.post(t, pause, csrfA, nil)
+		if p.location != "/ui/agents?flash=paused" {
+			t.Errorf("pause: got %d to %q; want 303 to /ui/agents?flash=paused", p.status, p.location)
+		}
+		flash(userA, p, "Agent paused: its runs stay queued until it is resumed.")
+		a.mustDo(t, "GET", agentPath, wsA.APIKey, nil, 200, &slow)
+		if !slow.Paused {
+			t.Errorf("agent after pause: got not paused; want paused")
+		}
+		if p := userA.mustGet(t, "/ui/agents"); !strings.Contains(p.body, `action="`+resume+`"`) || strings.Contains(p.body, `action="`+pause+`"`) {
+			t.Errorf("agents page of a paused agent: got no Resume form, or a Pause one; want Resume only")
+		}
+		flash(admin, admin.post(t, resume, adminCSRF, nil), "Agent resumed: its queued runs are claimed again.")
+		a.mustDo(t, "GET", agentPath, wsA.APIKey, nil, 200, &slow)
+		if slow.Paused {
+			t.Errorf("agent after the admin's resume: got paused; want not")
+		}
+	})
+
+	t.Run("cancel queued", func(t *testing.T) {
+		const form = `action="/ui/runs/cancel-queued"`
+		if p := userA.mustGet(t, "/ui/runs?status=queued&agent=slow"); !strings.Contains(p.body, form) {
+			t.Errorf("runs ?status=queued: got no cancel form; want one")
+		}
+		if p := userA.mustGet(t, "/ui/runs?status=failed"); strings.Contains(p.body, form) {
+			t.Errorf("runs ?status=failed: got a cancel form; want none")
+		}
+		if p := admin.mustGet(t, "/ui/runs"); strings.Contains(p.body, form) || !strings.Contains(p.body, "Choose a workspace") {
+			t.Errorf("admin runs list of every workspace: got a cancel form or no hint; want the hint only")
+		}
+		if p := admin.mustGet(t, "/ui/runs?workspace="+wsB.ID); !strings.Contains(p.body, form) {
+			t.Errorf("admin runs ?workspace=B: got no cancel form; want one")
+		}
+		filters := url.Values{"status": {"queued"}, "agent": {"slow"}}
+		if p := userA.post(t, "/ui/runs/cancel-queued", "", filters); p.status != http.StatusForbidden {
+			t.Errorf("cancel queued without csrf: got %d; want 403", p.status)
+		}
+		for _, c := range []struct {
+			name string
+			b    *browser
+			csrf string
+			form url.Values
+			want int
+		}{
+			{"status running", userA, csrfA, url.Values{"status": {"running"}}, http.StatusUnprocessableEntity},
+			{"unknown agent", userA, csrfA, url.Values{"agent": {"nope"}}, http.StatusUnprocessableEntity},
+			{"admin without a workspace", admin, adminCSRF, url.Values{"status": {"queued"}}, http.StatusUnprocessableEntity},
+			{"admin with an unknown workspace", admin, adminCSRF, url.Values{"workspace": {"00000000-0000-4000-8000-000000000000"}}, http.StatusNotFound},
+		} {
+			if p := c.b.post(t, "/ui/runs/cancel-queued", c.csrf, c.form); p.status != c.want {
+				t.Errorf("cancel queued, %s: got %d; want %d", c.name, p.status, c.want)
+			}
+		}
+		for _, id := range []string{slow1.ID, slow2.ID, echoA.ID} {
+			if got := status(wsA, id); got != statusQueued {
+				t.Fatalf("A's run after refused cancels: got %s; want queued", got)
+			}
+		}
+		// A's filter on agent slow: its two queued runs only; a workspace in the form is
+		// ignored, as the runs list ignores it for a workspace session.
+		filters.Set("workspace", wsB.ID)
+		p := userA.post(t, "/ui/runs/cancel-queued", csrfA, filters)
+		if p.location != "/ui/runs?agent=slow&status=queued&flash=canceled-queued&n=2" {
+			t.Errorf("cancel queued: got %d to %q; want 303 to the list with a flash of 2", p.status, p.location)
+		}
+		flash(userA, p, "Canceled 2 queued runs.")
+		for id, want := range map[string]runStatus{slow1.ID: statusCanceled, slow2.ID: statusCanceled, echoA.ID: statusQueued, failed.ID: statusQueued} {
+			if got := status(wsA, id); got != want {
+				t.Errorf("A's run %s after cancelling slow's queued runs: got %s; want %s", id, got, want)
+			}
+		}
+		if got := status(wsB, queuedB.ID); got != statusQueued {
+			t.Errorf("B's run after A's cancel: got %s; want queued", got)
+		}
+		p = admin.post(t, "/ui/runs/cancel-queued", adminCSRF, url.Values{"workspace": {wsB.ID}})
+		if p.location != "/ui/runs?workspace="+wsB.ID+"&flash=canceled-queued&n=1" {
+			t.Errorf("admin cancel queued of B: got %d to %q; want 303 to B's list with a flash of 1", p.status, p.location)
+		}
+		flash(admin, p, "Canceled 1 queued run.")
+		if got := status(wsB, queuedB.ID); got != statusCanceled {
+			t.Errorf("B's run after the admin's cancel: got %s; want canceled", got)
+		}
+		if got := status(wsA, echoA.ID); got != statusQueued {
+			t.Errorf("A's run after the admin canceled B's: got %s; want queued", got)
+		}
+	})
 }
