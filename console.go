@@ -74,7 +74,7 @@ func (s *server) console() http.Handler {
 	for _, name := range consolePages {
 		c.pages[name] = template.Must(template.New(name).Funcs(funcs).ParseFS(uiFS, "ui/layout.html", "ui/"+name+".html"))
 	}
-	mux := http.NewServeMux()
+	mux := routeMux{http.NewServeMux(), &s.routes} // recorded, for the OpenAPI test
 	mux.HandleFunc("GET /ui/{$}", c.page(c.overview))
 	mux.HandleFunc("GET /ui/sign-in", c.signInForm)
 	mux.HandleFunc("POST /ui/sign-in", c.signIn)

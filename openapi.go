@@ -19,7 +19,9 @@ func (s *server) openAPI(w http.ResponseWriter, r *http.Request) {
 }
 
 // routeMux is a ServeMux that records every pattern registered on it, because ServeMux
-// cannot list its patterns and the OpenAPI test compares them with the document.
+// cannot list its patterns and the OpenAPI test compares them with the document. The
+// API's mux (handler) and the console's (console) record into the same server.routes; the
+// console's subtree itself is registered on the bare ServeMux, as it is no route.
 type routeMux struct {
 	*http.ServeMux
 	patterns *[]string

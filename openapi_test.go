@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -22,6 +23,15 @@ import (
 // documented auth, and real answers that have every documented field and no other. The
 // document is read as plain JSON (jsonObj); oaValidate understands the JSON Schema
 // keywords in oaKeywords and the document may use no other.
+//
+// Adding a console route: register it in console() (console.go), whose routeMux records it
+// like the API's; document it in openapi.json under its /ui/ path with security
+// consoleSession (none for what anyone may fetch), its answers as text/html pages from
+// components.responses (a page: Page and ToSignIn; a form: a 303 with its Location, 400
+// PageBadRequest and 403 PageForbidden, the form's fields in a schema that requires csrf,
+// as CSRFForm does, plus the page errors it may answer); then call it in
+// TestOpenAPIAnswers with c.browse as a signed-in browser, success and each error.
+// TestOpenAPIMatchesMux fails until both sides agree, TestOpenAPIAnswers until it is called.
 
 // jsonObj is a JSON object as encoding/json decodes it.
 type jsonObj = map[string]any
@@ -148,6 +158,7 @@ func TestOpenAPIMatchesMux(t *testing.T) {
 			t.Errorf("route %q: got no method; want one (the document lists each method)", p)
 			continue
 		}
+		path = strings.TrimSuffix(path, "{$}") // "/ui/{$}" is the path "/ui/" exactly
 		served[method+" "+wildcard.ReplaceAllString(path, "{$1}")] = true
 	}
 	documented := map[string]bool{}
@@ -180,6 +191,28 @@ func TestOpenAPIMatchesMux(t *testing.T) {
 	schemas, _ := components["schemas"].(jsonObj)
 	for name, s := range schemas {
 		oaCheckSchema(t, s, "#/components/schemas/"+name)
+	}
+	oaCheckRunFrame(t, schemas)
+}
+
+// oaCheckRunFrame: a stream's run (RunFrame) is the Run without input and output, so the
+// two cannot drift apart.
+func oaCheckRunFrame(t *testing.T, schemas jsonObj) {
+	t.Helper()
+	run, _ := schemas["Run"].(jsonObj)
+	frame, _ := schemas["RunFrame"].(jsonObj)
+	props := maps.Clone(run["properties"].(jsonObj))
+	delete(props, "input")
+	delete(props, "output")
+	var required []any
+	for _, r := range asList(run["required"]) {
+		if r != "input" && r != "output" {
+			required = append(required, r)
+		}
+	}
+	if !reflect.DeepEqual(frame["properties"], props) || !reflect.DeepEqual(asList(frame["required"]), required) ||
+		frame["additionalProperties"] != run["additionalProperties"] {
+		t.Errorf("RunFrame: got %s; want Run's properties, required and additionalProperties without input and output", oaShort(frame))
 	}
 }
 
@@ -216,8 +249,12 @@ func oaCheckOperation(t *testing.T, doc jsonObj, o oaOperation) {
 			t.Errorf("%s: got response %q; want a status code", o.key(), code)
 			continue
 		}
-		success = success || n < 300
-		if n >= 400 && !oaNotErrors[o.key()+" "+code] {
+		success = success || o.succeeded(n)
+		if n >= 400 && oaConsole(o.path) {
+			if oaMedia(r, "text/html") == nil {
+				t.Errorf("%s %s: got content %v; want an HTML page (the console answers its errors as pages)", o.key(), code, r["content"])
+			}
+		} else if n >= 400 && !oaNotErrors[o.key()+" "+code] {
 			schema := oaResolve(t, doc, oaMedia(r, "application/json"))
 			if !reflect.DeepEqual(schema, oaResolve(t, doc, jsonObj{"$ref": "#/components/schemas/Error"})) {
 				t.Errorf("%s %s: got schema %v; want the Error format", o.key(), code, schema)
@@ -225,11 +262,60 @@ func oaCheckOperation(t *testing.T, doc jsonObj, o oaOperation) {
 		}
 	}
 	if !success {
-		t.Errorf("%s: got no 2xx response; want one", o.key())
+		t.Errorf("%s: got no success response; want one (a 2xx, or a form's 303)", o.key())
 	}
-	if _, ok := responses["401"]; ok != (len(o.securedBy()) > 0) {
+	if oaConsole(o.path) {
+		oaCheckConsole(t, doc, o)
+	} else if _, ok := responses["401"]; ok != (len(o.securedBy()) > 0) {
 		t.Errorf("%s: got 401 documented %v with security %v; want it exactly when a token is needed", o.key(), ok, o.securedBy())
 	}
+}
+
+// oaConsole reports whether path is the console's: HTML pages, its errors too, and a
+// session cookie instead of a bearer token.
+func oaConsole(path string) bool { return strings.HasPrefix(path, "/ui/") }
+
+// oaCheckConsole checks what a console operation must document: the session as its only
+// security, or none; a page that needs the session sends the browser to sign in (303
+// ToSignIn); and every form carries its csrf field and is 403 without it.
+func oaCheckConsole(t *testing.T, doc jsonObj, o oaOperation) {
+	t.Helper()
+	secured := len(o.securedBy()) > 0
+	if secured && !slices.Equal(o.securedBy(), []string{"consoleSession"}) {
+		t.Errorf("%s: got security %v; want consoleSession or none", o.key(), o.securedBy())
+	}
+	responses, _ := o.op["responses"].(jsonObj)
+	if o.method == "GET" && secured {
+		r, _ := responses["303"].(jsonObj)
+		if !reflect.DeepEqual(r, jsonObj{"$ref": "#/components/responses/ToSignIn"}) {
+			t.Errorf("%s 303: got %v; want ToSignIn (a page without a session goes to the sign-in form)", o.key(), r)
+		}
+	}
+	if o.method == "POST" {
+		rb, _ := o.op["requestBody"].(jsonObj)
+		form := oaMedia(rb, "application/x-www-form-urlencoded")
+		if form == nil || !slices.Contains(asList(oaResolve(t, doc, form)["required"]), any("csrf")) {
+			t.Errorf("%s: got form %v; want a form that requires its csrf field", o.key(), form)
+		}
+		if _, ok := responses["403"]; !ok {
+			t.Errorf("%s: got no 403 documented; want it (a form without its CSRF token)", o.key())
+		}
+	}
+}
+
+// succeeded reports whether status is a success of o: a 2xx, or the 303 of an operation
+// that documents no 2xx (a console form, answered with a redirect).
+func (o oaOperation) succeeded(status int) bool {
+	if status != http.StatusSeeOther {
+		return status >= 200 && status < 300
+	}
+	responses, _ := o.op["responses"].(jsonObj)
+	for code := range responses {
+		if strings.HasPrefix(code, "2") {
+			return false
+		}
+	}
+	return true
 }
 
 // oaMedia returns the schema of a response's media type, or nil.
@@ -420,8 +506,9 @@ func newOAChecker(t testing.TB) *oaChecker {
 	return c
 }
 
-// check fails the test unless the answer (status, Content-Type, body) is one the document
-// gives for the operation "METHOD /path/{template}".
+// check fails the test unless the answer (status, headers, Content-Type, body) is one the
+// document gives for the operation "METHOD /path/{template}". An answer documented without
+// content (a redirect) may have any: only its headers are checked.
 func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, body []byte) {
 	t.Helper()
 	o, ok := c.ops[op]
@@ -435,8 +522,29 @@ func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, bo
 		return
 	}
 	r = oaResolve(t, c.doc, r)
+	headers, _ := r["headers"].(jsonObj)
+	for name, hv := range headers {
+		hv := oaResolve(t, c.doc, hv.(jsonObj))
+		v := h.Get(name)
+		if v == "" {
+			if hv["required"] == true {
+				t.Errorf("%s %d: got no %s header; want one (required)", op, status, name)
+			}
+			continue
+		}
+		schema, _ := hv["schema"].(jsonObj)
+		for _, p := range oaValidate(t, c.doc, schema, v, "header "+name) {
+			t.Errorf("%s %d: %s", op, status, p)
+		}
+	}
 	mediaType, _, _ := mime.ParseMediaType(h.Get("Content-Type"))
 	content, _ := r["content"].(jsonObj)
+	if len(content) == 0 {
+		if o.succeeded(status) {
+			c.checked[op] = true
+		}
+		return
+	}
 	var schema jsonObj
 	for mt, m := range content {
 		if documented, _, _ := mime.ParseMediaType(mt); documented == mediaType {
@@ -446,6 +554,9 @@ func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, bo
 	if schema == nil {
 		t.Errorf("%s %d: got Content-Type %q; want one of the documented %v", op, status, h.Get("Content-Type"), slices.Sorted(maps.Keys(content)))
 		return
+	}
+	if mediaType == "text/html" && !strings.HasPrefix(strings.ToLower(string(body)), "<!doctype html>") {
+		t.Errorf("%s %d: got body %s; want an HTML page", op, status, oaShort(string(body)))
 	}
 	if mediaType == "application/json" {
 		var v any
@@ -459,9 +570,21 @@ func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, bo
 			t.Errorf("%s %d: %s", op, status, p)
 		}
 	}
-	if status < 300 {
+	if o.succeeded(status) {
 		c.checked[op] = true
 	}
+}
+
+// oaFill returns op's method and path with the path's parameters filled in from args, in
+// order.
+func oaFill(op string, args []string) (method, path string) {
+	method, path, _ = strings.Cut(op, " ")
+	i := 0
+	path = wildcard.ReplaceAllStringFunc(path, func(string) string {
+		i++
+		return args[i-1]
+	})
+	return method, path
 }
 
 // do sends a request to the app for the operation op (see app.do), with the path's
@@ -470,12 +593,7 @@ func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, bo
 // document agrees with (checkRequest), and returns it.
 func (c *oaChecker) do(t testing.TB, a *app, want int, op, query, token string, hdr map[string]string, body any, args ...string) (int, []byte) {
 	t.Helper()
-	method, path, _ := strings.Cut(op, " ")
-	i := 0
-	path = wildcard.ReplaceAllStringFunc(path, func(string) string {
-		i++
-		return args[i-1]
-	})
+	method, path := oaFill(op, args)
 	status, h, data := a.do(t, method, path+query, token, hdr, body)
 	if want != 0 && status != want {
 		t.Errorf("%s %s: got %d %s; want %d", method, path+query, status, data, want)
@@ -485,10 +603,79 @@ func (c *oaChecker) do(t testing.TB, a *app, want int, op, query, token string, 
 	return status, data
 }
 
+// browse is do for the console: the request goes through browser b (its cookies, and
+// form as the body when it is not nil), redirects are not followed, and the page is
+// returned.
+func (c *oaChecker) browse(t testing.TB, b *browser, want int, op, query string, form url.Values, args ...string) page {
+	t.Helper()
+	method, path := oaFill(op, args)
+	p := b.do(t, method, path+query, form)
+	if want != 0 && p.status != want {
+		t.Errorf("%s %s: got %d (Location %q); want %d; body:\n%s", method, path+query, p.status, p.location, want, p.body)
+	}
+	c.check(t, op, p.status, p.header, []byte(p.body))
+	var body any
+	if form != nil {
+		body = form
+	}
+	c.checkRequest(t, op, query, body, p.status)
+	return p
+}
+
+// oaStreamWait bounds the wait for a stream's next frame: generous, for a loaded machine.
+const oaStreamWait = 30 * time.Second
+
+// stream opens op's stream with evStream, which fails the test unless it is answered 200
+// text/event-stream, checks that answer against the document and returns the frames.
+func (c *oaChecker) stream(t testing.TB, a *app, op, query, token string, args ...string) <-chan sseFrame {
+	t.Helper()
+	_, path := oaFill(op, args)
+	frames := evStream(t, a.base+path+query, token, nil)
+	c.check(t, op, http.StatusOK, http.Header{"Content-Type": {"text/event-stream"}}, nil)
+	c.checkRequest(t, op, query, nil, http.StatusOK)
+	return frames
+}
+
+// frame reads the next frame of op's stream that is not a comment and fails the test
+// unless it is one the document describes: on a run's stream a status frame or an event
+// frame (its id the event's seq, its event the event's type, its data a RunEvent), on a
+// workspace's a run frame; status and run frames have no id and a RunFrame as data. It
+// returns the frame's event and data.
+func (c *oaChecker) frame(t testing.TB, op string, frames <-chan sseFrame) (string, jsonObj) {
+	t.Helper()
+	f, ok := evNext(t, frames, oaStreamWait)
+	if !ok {
+		t.Fatalf("%s: got the stream ended; want a frame", op)
+	}
+	var data jsonObj
+	dec := json.NewDecoder(strings.NewReader(f.Data))
+	dec.UseNumber()
+	if err := dec.Decode(&data); err != nil {
+		t.Fatalf("%s: got frame %+v (%v); want JSON data", op, f, err)
+	}
+	schema := "RunEvent"
+	if f.Event == "status" || f.Event == "run" {
+		schema = "RunFrame"
+	}
+	for _, p := range oaValidate(t, c.doc, jsonObj{"$ref": "#/components/schemas/" + schema}, data, f.Event+" frame") {
+		t.Errorf("%s: %s", op, p)
+	}
+	switch {
+	case (f.Event == "run") != (op == "GET /v1/workspaces/{ws}/events"):
+		t.Errorf("%s: got a %q frame; want run frames on a workspace's stream only", op, f.Event)
+	case schema == "RunFrame" && f.ID != "":
+		t.Errorf("%s: got id %q on a %s frame; want none", op, f.ID, f.Event)
+	case schema == "RunEvent" && (f.ID != fmt.Sprint(data["seq"]) || f.Event != data["type"]):
+		t.Errorf("%s: got id %q event %q for event %s; want its seq and type", op, f.ID, f.Event, f.Data)
+	}
+	return f.Event, data
+}
+
 // checkRequest fails the test where the document and the server disagree about a request
-// to op: the server took it (2xx) but the document refuses its query or JSON body, or
-// requires a body it lacked; or the server found the JSON body malformed (400) and the
-// document accepts it. Raw bodies (string, []byte) are the test's own and not checked.
+// to op: the server took it (a success) but the document refuses its query, JSON body or
+// form (url.Values), or requires a body it lacked; or the server found the JSON body
+// malformed (400) and the document accepts it. Raw bodies (string, []byte) are the test's
+// own and not checked.
 func (c *oaChecker) checkRequest(t testing.TB, op, query string, body any, status int) {
 	t.Helper()
 	o := c.ops[op]
@@ -519,12 +706,23 @@ func (c *oaChecker) checkRequest(t testing.TB, op, query string, body any, statu
 		}
 	}
 	rb, _ := o.op["requestBody"].(jsonObj)
-	switch body.(type) {
+	switch b := body.(type) {
 	case nil:
 		if rb["required"] == true {
 			problems = append(problems, "request: got no body; want one (requestBody required)")
 		}
 	case string, []byte:
+	case url.Values:
+		schema := oaMedia(rb, "application/x-www-form-urlencoded")
+		if schema == nil {
+			problems = append(problems, "request: got a form; want none (no form documented)")
+			break
+		}
+		fields := jsonObj{}
+		for k := range b {
+			fields[k] = b.Get(k)
+		}
+		problems = append(problems, oaValidate(t, c.doc, schema, fields, "form")...)
 	default:
 		schema := oaMedia(rb, "application/json")
 		if schema == nil {
@@ -542,7 +740,7 @@ func (c *oaChecker) checkRequest(t testing.TB, op, query string, body any, statu
 		}
 		problems = append(problems, bodyProblems...)
 	}
-	if status < 300 {
+	if o.succeeded(status) {
 		for _, p := range problems {
 			t.Errorf("%s %d (the server took it): %s", op, status, p)
 		}
@@ -551,7 +749,9 @@ func (c *oaChecker) checkRequest(t testing.TB, op, query string, body any, statu
 
 // TestOpenAPIAuth: through HTTP, every documented operation that names a security scheme
 // answers 401 without a token (and, if only the admin token lets a caller in, to a
-// workspace key), and every other one answers without a token; each answer is one the
+// workspace key), and every other one answers without a token; on the console, to a
+// browser without cookies, a page that needs the session is a 303 to the sign-in form,
+// every form is 403 (no CSRF token) and the rest answer 200. Each answer is one the
 // document gives.
 func TestOpenAPIAuth(t *testing.T) {
 	t.Parallel()
@@ -569,6 +769,18 @@ func TestOpenAPIAuth(t *testing.T) {
 			}
 		}
 		schemes := o.securedBy()
+		if oaConsole(o.path) {
+			var form url.Values
+			want := http.StatusOK
+			switch {
+			case o.method == "POST":
+				form, want = url.Values{}, http.StatusForbidden // a form without its csrf field
+			case len(schemes) > 0:
+				want = http.StatusSeeOther // ToSignIn: its Location is checked against the document
+			}
+			c.browse(t, newBrowser(a), want, o.key(), "", form, args...)
+			continue
+		}
 		status, body := c.do(t, a, 0, o.key(), "", "", nil, nil, args...)
 		if (status == 401) != (len(schemes) > 0) {
 			t.Errorf("%s without a token: got %d %s; want 401 exactly when security %v is not empty", o.key(), status, body, schemes)
@@ -580,14 +792,17 @@ func TestOpenAPIAuth(t *testing.T) {
 }
 
 // TestOpenAPIAnswers: real answers of every operation, successes and errors, have the
-// documented status, media type and every documented field, and no other field; every
-// request the server takes (every documented field and value sent at least once) is one
-// the document accepts, and every body it finds malformed one the document refuses.
+// documented status, media type, headers and every documented field, and no other field;
+// streams' frames are the documented ones; every request the server takes (every
+// documented field and value sent at least once) is one the document accepts, and every
+// body it finds malformed one the document refuses.
 func TestOpenAPIAnswers(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}))
+	env := testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
+	a := startApp(t, env)
 	c := newOAChecker(t)
 	const admin = testAdminToken
+	const nobody = "00000000-0000-4000-8000-000000000000"
 
 	c.do(t, a, 200, "GET /healthz", "", "", nil, nil)
 	c.do(t, a, 200, "GET /readyz", "", "", nil, nil)
@@ -686,6 +901,33 @@ func TestOpenAPIAnswers(t *testing.T) {
 		t.Errorf("cancel of the queued echo runs: got %q; want {\"canceled\":3}", got)
 	}
 
+	oaAnswersEvents(t, a, c, openTestDB(t, env["DATABASE_URL"]))
+
+	// The console, as a browser signed in with the workspace's key uses it.
+	b := newBrowser(a)
+	form := c.browse(t, b, 200, "GET /ui/sign-in", "", nil)
+	c.browse(t, b, 403, "POST /ui/sign-in", "", url.Values{"token": {ws.APIKey}})
+	form = c.browse(t, b, 401, "POST /ui/sign-in", "", url.Values{"csrf": {form.csrf(t)}, "token": {"not a key"}})
+	c.browse(t, b, 303, "POST /ui/sign-in", "", url.Values{"csrf": {form.csrf(t)}, "token": {ws.APIKey}})
+	c.browse(t, b, 303, "GET /ui/sign-in", "", nil)
+	csrf := c.browse(t, b, 200, "GET /ui/", "", nil).csrf(t)
+	c.browse(t, b, 200, "GET /ui/runs", "?status=succeeded&agent=echo&workspace="+ws.ID, nil)
+	c.browse(t, b, 422, "GET /ui/runs", "?status=nope", nil)
+	c.browse(t, b, 200, "GET /ui/runs/{id}", "", nil, run.ID)
+	c.browse(t, b, 404, "GET /ui/runs/{id}", "", nil, nobody)
+	c.browse(t, b, 200, "GET /ui/agents", "", nil)
+	c.browse(t, b, 200, "GET /ui/style.css", "", nil)
+	c.browse(t, b, 200, "GET /ui/live.js", "", nil)
+	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo"}, ws.ID)
+	var doomed runRecord
+	json.Unmarshal(body, &doomed)
+	c.browse(t, b, 403, "POST /ui/runs/{id}/cancel", "", url.Values{}, doomed.ID)
+	c.browse(t, b, 303, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	c.browse(t, b, 409, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	c.browse(t, b, 404, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, nobody)
+	c.browse(t, b, 303, "POST /ui/sign-out", "", url.Values{"csrf": {csrf}})
+	c.browse(t, b, 303, "GET /ui/", "", nil)
+
 	eventually(t, 30*time.Second, "this process is in the workers table", func() bool {
 		_, body := c.do(t, a, 200, "GET /v1/workers", "", admin, nil, nil)
 		return strings.Contains(string(body), `"hostname"`)
@@ -713,4 +955,89 @@ func TestOpenAPIRequestBodies(t *testing.T) {
 	if !slices.Equal(got, want) || schema["additionalProperties"] != false {
 		t.Errorf("RunRequest: got properties %v (additionalProperties %v); want %v, false", got, schema["additionalProperties"], want)
 	}
+}
+
+// oaAnswersEvents is TestOpenAPIAnswers' part for progress events and streams: a webhook
+// agent served by the test posts with the token its call's body carries, while the run's
+// and the workspace's streams are open.
+func oaAnswersEvents(t *testing.T, a *app, c *oaChecker, db *sql.DB) {
+	const admin, nobody = testAdminToken, "00000000-0000-4000-8000-000000000000"
+	const post, runEvents, wsEvents = "POST /v1/runs/{id}/events", "GET /v1/workspaces/{ws}/runs/{id}/events", "GET /v1/workspaces/{ws}/events"
+	hook, calls := evAgent(t)
+	var ws testWorkspace
+	_, body := c.do(t, a, 201, "POST /v1/workspaces", "", admin, nil, map[string]any{"name": "events"})
+	json.Unmarshal(body, &ws)
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": "hook", "kind": "webhook",
+		"config": map[string]any{"url": hook}}, ws.ID)
+	var run runRecord
+	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "hook", "max_attempts": 1}, ws.ID)
+	json.Unmarshal(body, &run)
+
+	frames := c.stream(t, a, runEvents, "", ws.APIKey, ws.ID, run.ID)
+	if event, data := c.frame(t, runEvents, frames); event != "status" || data["status"] != "queued" {
+		t.Errorf("run stream's first frame: got %s %v; want status queued", event, data["status"])
+	}
+	changes := c.stream(t, a, wsEvents, "", ws.APIKey, ws.ID)
+	// The worker API answers once the run it claimed has finished: after the agent answers.
+	type answer struct {
+		status int
+		h      http.Header
+		body   []byte
+		err    error
+	}
+	processed := make(chan answer, 1)
+	process := map[string]any{"limit": 1, "workspace_id": ws.ID}
+	go func() {
+		var r answer
+		r.status, r.h, r.body, r.err = send(testClient, "POST", a.base+"/v1/worker/process", admin, nil, process)
+		processed <- r
+	}()
+	call := evNextCall(t, calls)
+	if want := a.base + "/v1/runs/" + run.ID + "/events"; call.EventsURL != want || call.EventsToken == "" {
+		t.Errorf("webhook call: got events_url %q, events_token %q; want %q and a token", call.EventsURL, call.EventsToken, want)
+	}
+	if _, data := c.frame(t, wsEvents, changes); data["id"] != run.ID {
+		t.Errorf("workspace stream's first frame: got run %v; want %s", data["id"], run.ID)
+	}
+	if event, data := c.frame(t, runEvents, frames); event != "status" || data["status"] != "running" {
+		t.Errorf("run stream: got %s %v; want status running", event, data["status"])
+	}
+	_, body = c.do(t, a, 202, post, "", call.EventsToken, nil, map[string]any{"type": "step.1", "data": map[string]any{"n": 1}}, run.ID)
+	if string(body) != `{"seq":1}`+"\n" {
+		t.Errorf("first event: got %s; want {\"seq\":1}", body)
+	}
+	if event, data := c.frame(t, runEvents, frames); event != "step.1" || data["attempt"] != json.Number("1") {
+		t.Errorf("run stream: got %s of attempt %v; want the event step.1 of attempt 1", event, data["attempt"])
+	}
+	_, body = c.do(t, a, 200, runEvents, "?after=0", ws.APIKey, nil, nil, ws.ID, run.ID)
+	if !strings.Contains(string(body), `"type":"step.1"`) {
+		t.Errorf("events page: got %s; want the event step.1", body)
+	}
+	c.do(t, a, 422, runEvents, "?after=-1", ws.APIKey, nil, nil, ws.ID, run.ID)
+	c.do(t, a, 422, runEvents, "", ws.APIKey, map[string]string{"Accept": "text/event-stream", "Last-Event-ID": "x"}, nil, ws.ID, run.ID)
+	c.do(t, a, 404, runEvents, "", ws.APIKey, nil, nil, ws.ID, nobody)
+	c.do(t, a, 404, wsEvents, "", admin, nil, nil, nobody)
+
+	c.do(t, a, 401, post, "", "1.bm90IGEgdG9rZW4", nil, map[string]any{"type": "x"}, run.ID)
+	c.do(t, a, 400, post, "", call.EventsToken, nil, map[string]any{"type": "x", "extra": 1}, run.ID)
+	c.do(t, a, 422, post, "", call.EventsToken, nil, map[string]any{"type": "Step"}, run.ID)
+	c.do(t, a, 413, post, "", call.EventsToken, nil, map[string]any{"type": "x", "data": strings.Repeat("a", maxEventBody)}, run.ID)
+	// The run's counter stands for 10,000 posted events (as in TestEventsThroughHTTP): one more is 429.
+	if _, err := db.Exec(`UPDATE runs SET events_count = $2 WHERE id = $1`, run.ID, maxRunEvents); err != nil {
+		t.Fatal(err)
+	}
+	c.do(t, a, 429, post, "", call.EventsToken, nil, map[string]any{"type": "x"}, run.ID)
+
+	close(call.done)
+	r := <-processed
+	if r.err != nil {
+		t.Fatalf("POST /v1/worker/process: got %v; want an answer", r.err)
+	}
+	c.check(t, "POST /v1/worker/process", r.status, r.h, r.body)
+	c.checkRequest(t, "POST /v1/worker/process", "", process, r.status)
+	if event, data := c.frame(t, runEvents, frames); event != "status" || data["status"] != "succeeded" {
+		t.Errorf("run stream: got %s %v; want status succeeded", event, data["status"])
+	}
+	evExpectEnd(t, frames, oaStreamWait)
+	c.do(t, a, 409, post, "", call.EventsToken, nil, map[string]any{"type": "late"}, run.ID)
 }
