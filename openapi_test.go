@@ -925,6 +925,15 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 303, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, doomed.ID)
 	c.browse(t, b, 409, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, doomed.ID)
 	c.browse(t, b, 404, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, nobody)
+	c.browse(t, b, 303, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	c.browse(t, b, 409, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	c.browse(t, b, 303, "POST /ui/runs/cancel-queued", "", url.Values{"csrf": {csrf}})
+	var echo agent
+	_, body = c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, "echo")
+	json.Unmarshal(body, &echo)
+	c.browse(t, b, 303, "POST /ui/agents/{id}/pause", "", url.Values{"csrf": {csrf}}, echo.ID)
+	c.browse(t, b, 303, "POST /ui/agents/{id}/resume", "", url.Values{"csrf": {csrf}}, echo.ID)
+	c.browse(t, b, 404, "POST /ui/agents/{id}/pause", "", url.Values{"csrf": {csrf}}, nobody)
 	c.browse(t, b, 303, "POST /ui/sign-out", "", url.Values{"csrf": {csrf}})
 	c.browse(t, b, 303, "GET /ui/", "", nil)
 
