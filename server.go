@@ -266,6 +266,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
+// answer writes v as JSON with status, or, when err is set, the error (see fail).
+func (s *server) answer(w http.ResponseWriter, r *http.Request, status int, v any, err error) {
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, status, v)
+}
+
 // writeError answers the API's error format.
 func writeError(w http.ResponseWriter, status int, code, message string) {
 	type body struct {
@@ -717,11 +726,7 @@ func (s *server) createWorkspace(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ws, err := s.store.createWorkspace(r.Context(), req.Name)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, ws)
+	s.answer(w, r, http.StatusCreated, ws, err)
 }
 
 // checkName validates the name of a workspace or an agent: 1 to 200 characters (not
@@ -736,11 +741,7 @@ func checkName(name string) error {
 // getWorkspace answers the workspace.
 func (s *server) getWorkspace(w http.ResponseWriter, r *http.Request) {
 	ws, _, err := s.store.getWorkspace(r.Context(), r.PathValue("ws"))
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, ws)
+	s.answer(w, r, http.StatusOK, ws, err)
 }
 
 // rotateKey gives the workspace a new API key and answers it; the old key stops working
@@ -785,11 +786,7 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	if errors.Is(err, errConflict) {
 		err = fmt.Errorf("%w: agent %q already exists", errConflict, req.Name)
 	}
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, a)
+	s.answer(w, r, http.StatusCreated, a, err)
 }
 
 // agentConfig validates an agent's config for its kind and returns it as stored: absent
@@ -825,11 +822,7 @@ func checkConcurrency(n *int) error {
 // getAgent answers one agent of the workspace, by name.
 func (s *server) getAgent(w http.ResponseWriter, r *http.Request) {
 	a, err := s.store.getAgent(r.Context(), r.PathValue("ws"), r.PathValue("name"))
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, a)
+	s.answer(w, r, http.StatusOK, a, err)
 }
 
 // updateAgent changes any of an agent's config (replaced whole, validated for its kind),
@@ -877,21 +870,13 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	a, err := s.store.updateAgent(r.Context(), ws, name, p)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, a)
+	s.answer(w, r, http.StatusOK, a, err)
 }
 
 // listAgents answers the workspace's agents.
 func (s *server) listAgents(w http.ResponseWriter, r *http.Request) {
 	agents, err := s.store.listAgents(r.Context(), r.PathValue("ws"))
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, map[string][]agent{"agents": agents})
+	s.answer(w, r, http.StatusOK, map[string][]agent{"agents": agents}, err)
 }
 
 // runRequest is the body that creates one run.
@@ -917,23 +902,30 @@ const (
 // year 0 for Go's earliest times.
 var runAtFloor = time.Unix(0, 0).UTC()
 
+// inRange sets *dst to *v when the field name was given (v not nil), if it lies in lo … hi;
+// else the 422 says what is accepted.
+func inRange[T int | int64](name string, v *T, lo, hi T, dst *T) error {
+	if v == nil {
+		return nil
+	}
+	if *v < lo || *v > hi {
+		return invalid("%s must be from %d to %d", name, lo, hi)
+	}
+	*dst = *v
+	return nil
+}
+
 // validate turns a request into a newRun; where names the request in error messages.
 func (q runRequest) validate(where string) (newRun, error) {
 	n := newRun{Agent: q.Agent, Input: q.Input, MaxAttempts: 3}
 	if q.Agent == "" {
 		return n, invalid("%sagent is required", where)
 	}
-	if q.MaxAttempts != nil {
-		if *q.MaxAttempts < 1 || *q.MaxAttempts > maxRunAttempts {
-			return n, invalid("%smax_attempts must be from 1 to %d", where, maxRunAttempts)
-		}
-		n.MaxAttempts = *q.MaxAttempts
+	if err := inRange(where+"max_attempts", q.MaxAttempts, 1, maxRunAttempts, &n.MaxAttempts); err != nil {
+		return n, err
 	}
-	if q.Priority != nil {
-		if *q.Priority < 0 || *q.Priority > maxPriority {
-			return n, invalid("%spriority must be from 0 to %d", where, maxPriority)
-		}
-		n.Priority = *q.Priority
+	if err := inRange(where+"priority", q.Priority, 0, maxPriority, &n.Priority); err != nil {
+		return n, err
 	}
 	if q.RunAt != nil && q.DelayMS != nil {
 		return n, invalid("%srun_at and delay_ms: give one or the other, not both", where)
@@ -952,17 +944,11 @@ func (q runRequest) validate(where string) (newRun, error) {
 			n.RunAt = runAtFloor
 		}
 	}
-	if q.DelayMS != nil {
-		if *q.DelayMS < 0 || *q.DelayMS > maxDelayMS {
-			return n, invalid("%sdelay_ms must be from 0 to %d", where, maxDelayMS)
-		}
-		n.DelayMS = *q.DelayMS
+	if err := inRange(where+"delay_ms", q.DelayMS, 0, maxDelayMS, &n.DelayMS); err != nil {
+		return n, err
 	}
-	if q.TimeoutMS != nil {
-		if *q.TimeoutMS < 1 || *q.TimeoutMS > maxTimeoutMS {
-			return n, invalid("%stimeout_ms must be from 1 to %d", where, maxTimeoutMS)
-		}
-		n.TimeoutMS = *q.TimeoutMS
+	if err := inRange(where+"timeout_ms", q.TimeoutMS, 1, maxTimeoutMS, &n.TimeoutMS); err != nil {
+		return n, err
 	}
 	if len(n.Input) == 0 {
 		n.Input = json.RawMessage("null")
@@ -1181,11 +1167,7 @@ func (s *server) getRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	run, err := s.waitRun(r.Context(), r.PathValue("ws"), r.PathValue("id"), time.Duration(wait)*time.Millisecond)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, run)
+	s.answer(w, r, http.StatusOK, run, err)
 }
 
 // waitRun returns the run once it is final or wait has passed. It sleeps on the run's
@@ -1263,11 +1245,7 @@ func (s *server) retryRun(w http.ResponseWriter, r *http.Request) {
 	if errors.Is(err, errConflict) {
 		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, run.Status)
 	}
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, run)
+	s.answer(w, r, http.StatusOK, run, err)
 }
 
 // cancelRuns cancels every queued and running run of the workspace, or only those of
@@ -1306,11 +1284,7 @@ func (s *server) cancelRuns(w http.ResponseWriter, r *http.Request) {
 // stats answers the workspace's runs counted by status.
 func (s *server) stats(w http.ResponseWriter, r *http.Request) {
 	st, err := s.store.stats(r.Context(), r.PathValue("ws"))
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, st)
+	s.answer(w, r, http.StatusOK, st, err)
 }
 
 // process runs one worker cycle now and answers its summary once the runs it claimed
@@ -1346,9 +1320,5 @@ func (s *server) process(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	sum, err := s.worker.process(r.Context(), limit, ws)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, sum)
+	s.answer(w, r, http.StatusOK, sum, err)
 }
