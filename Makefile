@@ -22,7 +22,7 @@ run:
 	if [ -z "$${ADMIN_TOKEN:-}" ]; then export ADMIN_TOKEN=dev-admin-token-0123456789; \
 		echo "agentapp: admin token is $$ADMIN_TOKEN"; fi; \
 	export RUN_WORKER_EMBEDDED="$${RUN_WORKER_EMBEDDED:-true}"; \
-	exec $(GO) run .
+	$(GO) build -o agentapp . && exec ./agentapp # exec: Ctrl-C reaches agentapp, which exits 0
 
 test:
 	@$(WITH_DB) $(FMTCHECK) set -x; \

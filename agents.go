@@ -400,6 +400,7 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	}
 	body, err := json.Marshal(map[string]any{
 		"run_id": c.ID, "workspace_id": c.WorkspaceID, "agent": c.AgentName, "attempt": c.Attempt, "input": c.Input,
+		"events_url": c.EventsURL, "events_token": c.EventsToken,
 	})
 	if err != nil {
 		return nil, err

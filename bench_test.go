@@ -7,6 +7,7 @@ package main
 // with River's. BenchmarkSoak runs only with SOAK=1.
 
 import (
+	"bufio"
 	"bytes"
 	"database/sql"
 	"encoding/json"
@@ -14,7 +15,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -595,3 +598,283 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
 		n, workspaces, agents, capped, done.Sub(start).Round(time.Millisecond), rate)
 	return rate
 }
+
+// BenchmarkEventsFanout: one process (embedded worker, defaults) with 500 stream
+// subscribers, 5 on each of 100 running webhook runs, while each run's agent posts 20
+// events one after the other. Reports the delivery latency from just before the agent's
+// POST until a subscriber reads the frame (p50, p99, over all 10,000 deliveries), and the
+// peaks of the process's RSS, goroutines (agentapp_goroutines) and database connections:
+// the pools plus the one listener, whatever the number of subscribers.
+func BenchmarkEventsFanout(b *testing.B) {
+	const runs, perRun, events = 100, 5, 20
+	dsn := testDB(b)
+	name := dbName(b, dsn)
+	admin := adminDB(b)
+	env := benchEnv(b, dsn, true)
+	env["AGENT_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+	p := benchStart(b, env)
+	a := p.app()
+	client := benchClient()
+
+	var mu sync.Mutex
+	sent := map[string]time.Time{} // run id/seq → just before its POST
+	start := make(chan struct{})
+	var called sync.WaitGroup
+	called.Add(runs)
+	var postErrs atomic.Int64
+	var posts []time.Duration // POST → 202, under mu
+	agent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var c evCall
+		json.NewDecoder(r.Body).Decode(&c)
+		called.Done()
+		<-start
+		for i := 1; i <= events; i++ {
+			mu.Lock()
+			sent[c.RunID+"/"+strconv.Itoa(i)] = time.Now()
+			mu.Unlock()
+			t0 := time.Now()
+			status, _, _, err := send(client, "POST", c.EventsURL, c.EventsToken, nil, `{"type":"step","data":{"i":`+strconv.Itoa(i)+`}}`)
+			if err != nil || status != http.StatusAccepted {
+				postErrs.Add(1)
+			}
+			mu.Lock()
+			posts = append(posts, time.Since(t0))
+			mu.Unlock()
+		}
+		w.Write([]byte(`{"ok":true}`))
+	}))
+	defer agent.Close()
+	ws := a.createWorkspace(b)
+	a.createAgent(b, ws, "hook", "webhook", map[string]any{"url": agent.URL, "timeout_ms": 300000})
+	body := []byte(`{"runs":[` + strings.TrimSuffix(strings.Repeat(`{"agent":"hook"},`, runs), ",") + `]}`)
+	var created struct{ Runs []runRecord }
+	a.mustDo(b, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey, body, 201, &created)
+	called.Wait() // every run executes, its agent waiting for start
+
+	subClient := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: runs * perRun, DisableCompression: true}}
+	var ready, done sync.WaitGroup
+	var latMu sync.Mutex
+	var lat []time.Duration
+	var short atomic.Int64 // subscribers that got fewer than all events
+	for _, run := range created.Runs {
+		for range perRun {
+			ready.Add(1)
+			done.Add(1)
+			go func(id string) {
+				defer done.Done()
+				readied := false
+				defer func() {
+					if !readied {
+						ready.Done()
+					}
+				}()
+				req, _ := http.NewRequest("GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+id+"/events", nil)
+				req.Header.Set("Accept", "text/event-stream")
+				req.Header.Set("Authorization", "Bearer "+ws.APIKey)
+				resp, err := subClient.Do(req)
+				if err != nil {
+					short.Add(1)
+					return
+				}
+				defer resp.Body.Close()
+				sc := bufio.NewScanner(resp.Body)
+				got := 0
+				var seq string
+				for sc.Scan() {
+					line := sc.Text()
+					switch {
+					case strings.HasPrefix(line, "id: "):
+						seq = line[4:]
+					case strings.HasPrefix(line, "event: status") && !readied:
+						readied = true
+						ready.Done()
+					case strings.HasPrefix(line, "data: ") && seq != "":
+						at := time.Now()
+						mu.Lock()
+						t0 := sent[id+"/"+seq]
+						mu.Unlock()
+						latMu.Lock()
+						lat = append(lat, at.Sub(t0))
+						latMu.Unlock()
+						got++
+						seq = ""
+					}
+				}
+				if got != events {
+					short.Add(1)
+				}
+			}(run.ID)
+		}
+	}
+	ready.Wait()
+
+	var peak benchProc
+	peakGoroutines, peakConns := 0.0, 0
+	sample := func() {
+		s := benchProcStats(b, p.cmd.Process.Pid)
+		peak.rss = max(peak.rss, s.rss)
+		peakGoroutines = max(peakGoroutines, a.metric(b, "agentapp_goroutines"))
+		var n int
+		if err := admin.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = $1`, name).Scan(&n); err != nil {
+			b.Fatal(err)
+		}
+		peakConns = max(peakConns, n)
+	}
+	sample()
+	idleGoroutines := peakGoroutines
+	began := time.Now()
+	close(start)
+	finished := make(chan struct{})
+	go func() { done.Wait(); close(finished) }()
+	for waiting := true; waiting; {
+		select {
+		case <-finished:
+			waiting = false
+		case <-time.After(250 * time.Millisecond):
+			sample()
+			if time.Since(began) > 5*time.Minute {
+				b.Fatal("subscribers: not all streams ended within 5 minutes of the first event")
+			}
+		}
+	}
+	elapsed := time.Since(began)
+	benchStop(b, p)
+
+	if n := postErrs.Load(); n > 0 {
+		b.Errorf("event POSTs: got %d failed; want none", n)
+	}
+	if n := short.Load(); n > 0 || len(lat) != runs*perRun*events {
+		b.Errorf("deliveries: got %d (%d subscribers short); want %d", len(lat), n, runs*perRun*events)
+	}
+	if limit := apiPoolSize + workerPoolSize + 1; peakConns > limit {
+		b.Errorf("database connections: got %d at the peak; want at most %d (both pools, plus the listener)", peakConns, limit)
+	}
+	slices.Sort(lat)
+	slices.Sort(posts)
+	b.Logf("event POST → 202: p50 %.1f ms, p99 %.1f ms", benchQuantile(posts, .5), benchQuantile(posts, .99))
+	b.Logf("%d deliveries in %v: p50 %.1f ms, p99 %.1f ms, max %.1f ms; peak RSS %.1f MiB, goroutines %.0f (%.0f with the subscribers idle), db connections %d",
+		len(lat), elapsed.Round(time.Millisecond), benchQuantile(lat, .5), benchQuantile(lat, .99), benchQuantile(lat, 1),
+		peak.rss, peakGoroutines, idleGoroutines, peakConns)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(benchQuantile(lat, .5), "p50-ms")
+	b.ReportMetric(benchQuantile(lat, .99), "p99-ms")
+	b.ReportMetric(benchQuantile(posts, .5), "post-p50-ms")
+	b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "deliveries/s")
+	b.ReportMetric(peak.rss, "peak-RSS-MiB")
+	b.ReportMetric(peakGoroutines, "peak-goroutines")
+	b.ReportMetric(float64(peakConns), "peak-db-conns")
+}
+
+// BenchmarkConsole measures each console page against a runs table of CONSOLE_N runs
+// (default 10,000,000), seeded with SQL: 10 workspaces of 5 agents, half the runs in the
+// first workspace; 1% failed, 0.5% canceled, 10,000 queued, the rest succeeded, finished
+// over the last 30 days (newest last). Each page is asked benchConsoleRequests times
+// after one warm-up, as the admin and as the big workspace, and its p50 and p95 reported;
+// SPEC wants every page under 100 ms.
+func BenchmarkConsole(b *testing.B) {
+	n := 10_000_000
+	if v := os.Getenv("CONSOLE_N"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 20_000 {
+			b.Fatalf("CONSOLE_N: got %q; want an integer of at least 20000", v)
+		}
+	}
+	dsn := testDB(b)
+	db := openTestDB(b, dsn)
+	st := &store{db: db}
+	ctx := b.Context()
+	var wss []workspace
+	var agentIDs []string
+	for i := range 10 {
+		ws, err := st.createWorkspace(ctx, fmt.Sprintf("team-%02d", i))
+		if err != nil {
+			b.Fatalf("create workspace: %v", err)
+		}
+		wss = append(wss, ws)
+		for j := range 5 {
+			a, err := st.createAgent(ctx, agent{WorkspaceID: ws.ID, Name: fmt.Sprintf("agent-%d", j), Kind: "echo", Config: json.RawMessage(`{}`)})
+			if err != nil {
+				b.Fatalf("create agent: %v", err)
+			}
+			agentIDs = append(agentIDs, a.ID)
+		}
+	}
+	const chunk = 500_000
+	seedStart := time.Now()
+	for from := 1; from <= n; from += chunk {
+		to := min(from+chunk-1, n)
+		// Agent: even g go to the first workspace's 5 agents, odd g to the other 45.
+		_, err := db.ExecContext(ctx, `
+			INSERT INTO runs (workspace_id, agent_id, status, input, output, error, errors, attempt, max_attempts,
+			                  run_at, created_at, started_at, finished_at, updated_at)
+			SELECT a.workspace_id, a.id, s.status, ('{"document":"report-' || g || '.pdf"}')::jsonb,
+			       CASE WHEN s.status = 'succeeded' THEN '{"pages":12,"summary":"ok"}'::jsonb END,
+			       CASE WHEN s.status = 'failed' THEN 'webhook answered 502 Bad Gateway'
+			            WHEN s.status = 'canceled' THEN 'canceled by request' END,
+			       CASE WHEN s.status = 'failed' THEN '[{"attempt":1,"at":"2026-01-01T00:00:00Z","message":"webhook answered 502 Bad Gateway"}]'::jsonb
+			            ELSE '[]'::jsonb END,
+			       CASE WHEN s.status = 'queued' THEN 0 ELSE 1 END, 1,
+			       t.fin - interval '3 seconds', t.fin - interval '3 seconds',
+			       CASE WHEN s.status <> 'queued' THEN t.fin - interval '2 seconds' END,
+			       CASE WHEN s.status <> 'queued' THEN t.fin END, t.fin
+			FROM generate_series($1::bigint, $2::bigint) g
+			CROSS JOIN LATERAL (SELECT ($4::uuid[])[CASE WHEN g % 2 = 0 THEN 1 + (g / 2) % 5 ELSE 6 + (g / 2) % 45 END] AS agent_id) p
+			JOIN agents a ON a.id = p.agent_id
+			CROSS JOIN LATERAL (SELECT now() - ($3 - g) * (interval '30 days' / $3) AS fin) t
+			CROSS JOIN LATERAL (SELECT CASE WHEN g > $3 - 10000 THEN 'queued'
+			                               WHEN g % 1000 < 10 THEN 'failed'
+			                               WHEN g % 1000 < 15 THEN 'canceled' ELSE 'succeeded' END AS status) s`,
+			from, to, n, pq.StringArray(agentIDs))
+		if err != nil {
+			b.Fatalf("seed runs %d…%d: %v", from, to, err)
+		}
+	}
+	if _, err := db.ExecContext(ctx, `VACUUM ANALYZE runs`); err != nil {
+		b.Fatalf("vacuum: %v", err)
+	}
+	b.Logf("seeded %d runs in %v", n, time.Since(seedStart).Round(time.Second))
+
+	p := benchStart(b, benchEnv(b, dsn, false))
+	defer benchStop(b, p)
+	var someRun string
+	if err := db.QueryRowContext(ctx, `SELECT id FROM runs WHERE workspace_id = $1 AND status = 'failed' ORDER BY seq DESC LIMIT 1`, wss[0].ID).Scan(&someRun); err != nil {
+		b.Fatalf("pick a run: %v", err)
+	}
+	next := regexp.MustCompile(`href="(/ui/runs\?[^"]*cursor=[^"]+)" rel="next"`)
+	b.ResetTimer()
+	for _, who := range []struct{ name, token string }{{"admin", testAdminToken}, {"ws", wss[0].APIKey}} {
+		br := newBrowser(p.app())
+		br.signIn(b, who.token)
+		first := br.mustGet(b, "/ui/runs?status=succeeded")
+		m := next.FindStringSubmatch(first.body)
+		if m == nil {
+			b.Fatalf("runs ?status=succeeded as %s: got no next page; want one", who.name)
+		}
+		pages := []struct{ name, path string }{
+			{"overview", "/ui/"},
+			{"runs", "/ui/runs"},
+			{"runs-failed", "/ui/runs?status=failed"},
+			{"runs-agent", "/ui/runs?agent=agent-3"},
+			{"runs-page2", strings.ReplaceAll(m[1], "&amp;", "&")},
+			{"run", "/ui/runs/" + someRun},
+			{"agents", "/ui/agents"},
+		}
+		for _, pg := range pages {
+			br.mustGet(b, pg.path) // warm-up
+			var took []time.Duration
+			for range benchConsoleRequests {
+				start := time.Now()
+				br.mustGet(b, pg.path)
+				took = append(took, time.Since(start))
+			}
+			slices.Sort(took)
+			p50 := benchQuantile(took, .50)
+			b.ReportMetric(p50, who.name+"-"+pg.name+"-p50-ms")
+			b.Logf("%s %s %s: p50 %.1f ms, p95 %.1f ms", who.name, pg.name, pg.path, p50, benchQuantile(took, .95))
+		}
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// benchConsoleRequests is how many times BenchmarkConsole asks each page.
+const benchConsoleRequests = 20

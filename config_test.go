@@ -554,7 +554,7 @@ func TestConfigBinary(t *testing.T) {
 		dsn := testDB(t)
 		db := openTestDB(t, dsn)
 		// A fresh schema-less database: the binary must not touch it.
-		if _, err := db.Exec(`DROP TABLE runs, agents, workspaces`); err != nil {
+		if _, err := db.Exec(`DROP TABLE sessions, run_events, cluster_secrets, workers, runs, agents, workspaces CASCADE`); err != nil {
 			t.Fatal(err)
 		}
 		addr := freeAddr(t)

@@ -115,6 +115,9 @@ func openStore(ctx context.Context, cfg config, conns int, log *slog.Logger) (*s
 	for {
 		err := st.applySchema(ctx)
 		if err == nil {
+			err = st.loadEventKeys(ctx, cfg.PublicURL)
+		}
+		if err == nil {
 			if logged {
 				log.Info("database is back; schema applied")
 			}
@@ -160,12 +163,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	m := newMetrics()
-	w := newWorker(&store{db: workerDB}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
+	w := newWorker(&store{db: workerDB, events: st.events}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
 	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
-	s := &server{store: st, worker: w, notifier: n, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
+	announce := newAnnouncer(st.db, log, w.wakeUp)
+	announceCtx, stopAnnounce := context.WithCancel(context.Background())
+	go announce.run(announceCtx)
+	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
 	srv := newHTTPServer(s.handler(), log)
 
 	workerCtx, stopWorker := context.WithCancel(context.Background())
@@ -203,7 +209,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	log.Info("stopped listening for notifications")
 	// 4. Finish in-flight requests; long polls answer the run as it stands.
 	close(endPolls)
+	began := time.Now()
+	log.Info("streams closed", "streams", s.streams.wait(), "took", time.Since(began).Round(time.Millisecond))
 	<-httpDone
+	stopAnnounce()
+	<-announce.done
 	// 5. Only now close the pools: no query meets a closed pool.
 	st.db.Close()
 	workerDB.Close()

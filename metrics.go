@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -128,6 +129,8 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 		help("agentapp_queue_oldest_age_seconds", "gauge", "Age of the oldest queued run; 0 when none is queued.")
 		fmt.Fprintf(&b, "agentapp_queue_oldest_age_seconds %g\n", math.Round(age.Seconds()*1000)/1000)
 	}
+	help("agentapp_goroutines", "gauge", "Goroutines in this process now.")
+	fmt.Fprintf(&b, "agentapp_goroutines %d\n", runtime.NumGoroutine())
 	help("agentapp_runs_executing", "gauge", "Runs executing in this process now.")
 	fmt.Fprintf(&b, "agentapp_runs_executing %g\n", m.executing.get())
 	help("agentapp_worker_cycles_total", "counter", "Worker cycles in this process by result (run, skipped, error).")

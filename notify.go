@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,15 +26,18 @@ type notifier struct {
 
 	mu      sync.Mutex
 	waiters map[string][]chan struct{} // run id → requests waiting for it to be final
+
+	wmu      sync.Mutex
+	watchers map[string]map[*watcher]bool // "run:" or "ws:" + id → open streams (events.go)
 }
 
 // notifyChannels are the channels schema.sql's triggers notify.
-var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_final"}
+var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_final", "agentapp_events", "agentapp_status"}
 
 // newNotifier connects in the background; it never blocks start-up on the database.
 func newNotifier(dsn string, log *slog.Logger, onRuns func(), onCancel func(string)) *notifier {
 	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, done: make(chan struct{}),
-		waiters: map[string][]chan struct{}{}}
+		waiters: map[string][]chan struct{}{}, watchers: map[string]map[*watcher]bool{}}
 	n.l = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, n.event)
 	go n.run()
 	return n
@@ -72,11 +76,13 @@ func (n *notifier) run() {
 	// Whatever was notified before LISTEN took effect went unheard, as after a reconnect.
 	n.onRuns()
 	n.wakeAll()
+	n.pokeAll(true)
 	for msg := range n.l.Notify {
 		if msg == nil {
 			// Reconnected: notifications may have been missed meanwhile.
 			n.onRuns()
 			n.wakeAll()
+			n.pokeAll(true)
 			continue
 		}
 		switch msg.Channel {
@@ -91,6 +97,13 @@ func (n *notifier) run() {
 			}
 			delete(n.waiters, msg.Extra)
 			n.mu.Unlock()
+		case "agentapp_events":
+			run, _, _ := strings.Cut(msg.Extra, ":")
+			n.signal("run:"+run, "")
+		case "agentapp_status":
+			ws, run, _ := strings.Cut(msg.Extra, ":")
+			n.signal("run:"+run, "")
+			n.signal("ws:"+ws, run)
 		}
 	}
 }
@@ -137,4 +150,91 @@ func (n *notifier) close() {
 	<-n.done
 	n.listening.Store(false)
 	n.wakeAll()
+	n.pokeAll(false) // streams poll from now on
+}
+
+// watcher is an open stream's subscription to what the notifier hears about one run or
+// one workspace. Unlike a waiter it lasts as long as the stream: wake holds at most one
+// pending signal, so nothing heard between two reads of the stream is lost.
+type watcher struct {
+	wake chan struct{}
+	mu   sync.Mutex
+	runs map[string]bool // run ids whose status changed since take (workspace streams)
+	lost bool            // more changed than runs holds; or notifications were interrupted
+}
+
+// maxWatchedRuns bounds what one workspace stream remembers between two reads: past it the
+// stream learns that it lost track (a client that far behind re-lists the runs).
+const maxWatchedRuns = 10000
+
+// poke records run (if any; lost: changes went unheard) and signals the watcher, never
+// blocking the notifier.
+func (w *watcher) poke(run string, lost bool) {
+	w.mu.Lock()
+	w.lost = w.lost || lost
+	switch {
+	case run == "":
+	case len(w.runs) < maxWatchedRuns:
+		w.runs[run] = true
+	default:
+		w.lost = true
+	}
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the run ids recorded since the last take, and whether some were lost.
+func (w *watcher) take() ([]string, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ids := make([]string, 0, len(w.runs))
+	for id := range w.runs {
+		ids = append(ids, id)
+	}
+	clear(w.runs)
+	lost := w.lost
+	w.lost = false
+	return ids, lost
+}
+
+// watch subscribes to key ("run:<id>" or "ws:<id>") until the returned function is called.
+func (n *notifier) watch(key string) (*watcher, func()) {
+	w := &watcher{wake: make(chan struct{}, 1), runs: map[string]bool{}}
+	n.wmu.Lock()
+	if n.watchers[key] == nil {
+		n.watchers[key] = map[*watcher]bool{}
+	}
+	n.watchers[key][w] = true
+	n.wmu.Unlock()
+	return w, func() {
+		n.wmu.Lock()
+		defer n.wmu.Unlock()
+		delete(n.watchers[key], w)
+		if len(n.watchers[key]) == 0 {
+			delete(n.watchers, key)
+		}
+	}
+}
+
+// signal pokes every watcher of key with run.
+func (n *notifier) signal(key, run string) {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	for w := range n.watchers[key] {
+		w.poke(run, false)
+	}
+}
+
+// pokeAll wakes every stream: after a reconnect (lost) to catch up, at close to poll.
+func (n *notifier) pokeAll(lost bool) {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	for _, set := range n.watchers {
+		for w := range set {
+			w.poke("", lost)
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"mime"
 	"net/http"
+	"net/url"
 	"reflect"
 	"regexp"
 	"slices"
@@ -465,7 +466,8 @@ func (c *oaChecker) check(t testing.TB, op string, status int, h http.Header, bo
 
 // do sends a request to the app for the operation op (see app.do), with the path's
 // parameters filled in from args in order and query appended, checks that the answer has
-// status want (0: any) and is one the document gives, and returns it.
+// status want (0: any) and is one the document gives and that the request is one the
+// document agrees with (checkRequest), and returns it.
 func (c *oaChecker) do(t testing.TB, a *app, want int, op, query, token string, hdr map[string]string, body any, args ...string) (int, []byte) {
 	t.Helper()
 	method, path, _ := strings.Cut(op, " ")
@@ -479,7 +481,72 @@ func (c *oaChecker) do(t testing.TB, a *app, want int, op, query, token string, 
 		t.Errorf("%s %s: got %d %s; want %d", method, path+query, status, data, want)
 	}
 	c.check(t, op, status, h, data)
+	c.checkRequest(t, op, query, body, status)
 	return status, data
+}
+
+// checkRequest fails the test where the document and the server disagree about a request
+// to op: the server took it (2xx) but the document refuses its query or JSON body, or
+// requires a body it lacked; or the server found the JSON body malformed (400) and the
+// document accepts it. Raw bodies (string, []byte) are the test's own and not checked.
+func (c *oaChecker) checkRequest(t testing.TB, op, query string, body any, status int) {
+	t.Helper()
+	o := c.ops[op]
+	var problems []string
+	values, err := url.ParseQuery(strings.TrimPrefix(query, "?"))
+	if err != nil {
+		t.Fatalf("%s: got query %q (%v); want a valid one", op, query, err)
+	}
+	params := map[string]jsonObj{}
+	for _, p := range o.params {
+		if p["in"] == "query" {
+			params[p["name"].(string)] = p
+		}
+	}
+	for name, vs := range values {
+		p, ok := params[name]
+		if !ok {
+			problems = append(problems, fmt.Sprintf("query: got %q; want only the documented parameters %v", name, slices.Sorted(maps.Keys(params))))
+			continue
+		}
+		schema, _ := p["schema"].(jsonObj)
+		for _, v := range vs {
+			var x any = v
+			if slices.Contains(oaTypes(oaResolve(t, c.doc, schema)["type"]), "integer") {
+				x = json.Number(v)
+			}
+			problems = append(problems, oaValidate(t, c.doc, schema, x, "query "+name)...)
+		}
+	}
+	rb, _ := o.op["requestBody"].(jsonObj)
+	switch body.(type) {
+	case nil:
+		if rb["required"] == true {
+			problems = append(problems, "request: got no body; want one (requestBody required)")
+		}
+	case string, []byte:
+	default:
+		schema := oaMedia(rb, "application/json")
+		if schema == nil {
+			problems = append(problems, "request: got a JSON body; want none (no requestBody documented)")
+			break
+		}
+		data, _ := json.Marshal(body)
+		dec := json.NewDecoder(bytes.NewReader(data))
+		dec.UseNumber()
+		var v any
+		dec.Decode(&v)
+		bodyProblems := oaValidate(t, c.doc, schema, v, "request")
+		if status == http.StatusBadRequest && len(bodyProblems) == 0 {
+			t.Errorf("%s 400: request: got %s refused as malformed; want the document to refuse it too", op, oaShort(v))
+		}
+		problems = append(problems, bodyProblems...)
+	}
+	if status < 300 {
+		for _, p := range problems {
+			t.Errorf("%s %d (the server took it): %s", op, status, p)
+		}
+	}
 }
 
 // TestOpenAPIAuth: through HTTP, every documented operation that names a security scheme
@@ -513,7 +580,9 @@ func TestOpenAPIAuth(t *testing.T) {
 }
 
 // TestOpenAPIAnswers: real answers of every operation, successes and errors, have the
-// documented status, media type and every documented field, and no other field.
+// documented status, media type and every documented field, and no other field; every
+// request the server takes (every documented field and value sent at least once) is one
+// the document accepts, and every body it finds malformed one the document refuses.
 func TestOpenAPIAnswers(t *testing.T) {
 	t.Parallel()
 	a := startApp(t, testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}))
@@ -541,6 +610,25 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": "down", "kind": "webhook",
 		"config": map[string]any{"url": "http://" + freeAddr(t) + "/run", "timeout_ms": 5000}}, ws.ID)
 	c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, nil, ws.ID)
+	// A capped agent whose name needs percent-encoding in a path.
+	const capped = "capped/1 é"
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": capped, "kind": "echo",
+		"config": map[string]any{"delay_ms": 0}, "max_concurrency": 2, "paused": false}, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": "x", "kind": "echo", "max_concurrency": 0}, ws.ID)
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 404, "GET /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, "nobody")
+	c.do(t, a, 200, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil,
+		map[string]any{"config": map[string]any{"delay_ms": 1}, "max_concurrency": nil, "paused": true}, ws.ID, url.PathEscape(capped))
+	_, body = c.do(t, a, 200, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{"config": nil}, ws.ID, url.PathEscape(capped))
+	if !strings.Contains(string(body), `"config":{}`) {
+		t.Errorf("PATCH config null: got %s; want config {} (as documented)", body)
+	}
+	c.do(t, a, 200, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{}, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 400, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{"Paused": true}, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 400, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 422, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{"max_concurrency": 1001}, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 422, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{"config": map[string]any{"url": "x"}}, ws.ID, url.PathEscape(capped))
+	c.do(t, a, 404, "PATCH /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, map[string]any{"paused": false}, ws.ID, "nobody")
 
 	var run, failing runRecord
 	hdr := map[string]string{"Idempotency-Key": "docs-1"}
@@ -571,6 +659,32 @@ func TestOpenAPIAnswers(t *testing.T) {
 	var queued runRecord
 	json.Unmarshal(body, &queued)
 	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/{id}/cancel", "", ws.APIKey, nil, nil, ws.ID, queued.ID)
+
+	// Scheduled runs stay queued (no worker runs here), for the bulk cancel below.
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo", "input": []any{1},
+		"priority": 3, "run_at": "2030-01-02T15:04:05+02:00", "timeout_ms": 60000}, ws.ID)
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs/batch", "", ws.APIKey, nil, map[string]any{"runs": []any{
+		map[string]any{"agent": "echo", "priority": 9, "delay_ms": 3600000, "max_attempts": 25}}}, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo", "run_at": "2030-01-02T15:04:05Z", "delay_ms": 1}, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo", "priority": 10}, ws.ID)
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/runs", "?agent=echo&status=queued&limit=200", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/runs", "?agent=nobody", ws.APIKey, nil, nil, ws.ID)
+
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, map[string]any{"attempts": 2}, ws.ID, failing.ID)
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, nil, ws.ID, queued.ID)
+	c.do(t, a, 409, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, nil, ws.ID, queued.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, map[string]any{"attempts": 26}, ws.ID, run.ID)
+	c.do(t, a, 404, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, nil, ws.ID, "00000000-0000-4000-8000-000000000000")
+
+	c.do(t, a, 400, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"agent": "nobody"}, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"status": "failed"}, ws.ID)
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"agent": "down", "status": "queued"}, ws.ID)
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"status": "running"}, ws.ID)
+	_, body = c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{}, ws.ID)
+	if got := string(body); got != `{"canceled":3}`+"\n" {
+		t.Errorf("cancel of the queued echo runs: got %q; want {\"canceled\":3}", got)
+	}
 
 	eventually(t, 30*time.Second, "this process is in the workers table", func() bool {
 		_, body := c.do(t, a, 200, "GET /v1/workers", "", admin, nil, nil)

@@ -733,6 +733,17 @@ func TestListenerReconnect(t *testing.T) {
 		r := a.createRun(t, ws, "echo", "warm-up")
 		a.waitRunStatus(t, ws, r.ID, "succeeded", 5*time.Second)
 	}
+	// ... and the API pool holds several: a create and its announcement (a NOTIFY sent
+	// after it, on the same pool) may overlap the next request.
+	var warm sync.WaitGroup
+	for range 8 {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			send(testClient, "GET", a.base+"/readyz", "", nil, nil)
+		}()
+	}
+	warm.Wait()
 
 	// PostgreSQL cannot disallow connections to the database a session is in: the admin
 	// connection is to DATABASE_URL's own database.

@@ -25,6 +25,10 @@ import (
 // loaded machine running -race binaries.
 const scDueBound = time.Second
 
+// scPriorityLead is how far ahead TestSchedPriority schedules its runs: time enough to
+// create them all over HTTP (a few ms each) before the first falls due, a second earlier.
+const scPriorityLead = 2 * time.Second
+
 // scEnv is the environment of a process in these tests: testEnv with the embedded worker
 // on, webhooks allowed to reach this box's test servers, and less log.
 func scEnv(t testing.TB, dsn string, overrides map[string]string) map[string]string {
@@ -39,47 +43,35 @@ func scEnv(t testing.TB, dsn string, overrides map[string]string) map[string]str
 	return env
 }
 
-// scRun is a run inserted straight into the table with the scheduling fields.
-// TODO(api8): create these through POST …/runs (priority, run_at/delay_ms, timeout_ms)
-// once the API takes them.
-type scRun struct {
-	agent       string
-	priority    int
-	due         string // when it falls due, as an interval from now(): "-1 second", "1 hour"
-	timeoutMS   int    // 0: none
-	maxAttempts int    // 0: the default, 3
+// scCreate creates a run of agent in ws through POST …/runs, with the scheduling fields
+// (priority, run_at or delay_ms, timeout_ms, max_attempts) in fields, and returns it.
+func scCreate(t testing.TB, a *app, ws testWorkspace, agent string, fields map[string]any) runRecord {
+	t.Helper()
+	body := map[string]any{"agent": agent, "input": map[string]any{}}
+	for k, v := range fields {
+		body[k] = v
+	}
+	var r runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, body, 201, &r)
+	return r
 }
 
-// scInsert inserts r into workspace ws and returns its id.
-func scInsert(t testing.TB, db *sql.DB, ws testWorkspace, r scRun) string {
+// scPatchAgent changes agent name in ws through PATCH …/agents/{name} ({"paused": true},
+// {"max_concurrency": 2}) and fails the test unless the answer shows each value.
+func scPatchAgent(t testing.TB, a *app, ws testWorkspace, name string, patch map[string]any) {
 	t.Helper()
-	if r.due == "" {
-		r.due = "0"
+	ag := mustAgent(t, a, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, patch, 200)
+	got := map[string]any{}
+	if ag.MaxConcurrency != nil {
+		got["max_concurrency"] = *ag.MaxConcurrency
 	}
-	if r.maxAttempts == 0 {
-		r.maxAttempts = 3
+	if ag.Paused != nil {
+		got["paused"] = *ag.Paused
 	}
-	var timeout any
-	if r.timeoutMS > 0 {
-		timeout = r.timeoutMS
-	}
-	var id string
-	err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, input, priority, run_at, timeout_ms, max_attempts)
-		SELECT $1, a.id, '{}', $3, now() + $4::interval, $5, $6 FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
-		RETURNING id`, ws.ID, r.agent, r.priority, r.due, timeout, r.maxAttempts).Scan(&id)
-	if err != nil {
-		t.Fatalf("insert run %+v: got %v; want it inserted", r, err)
-	}
-	return id
-}
-
-// scSetAgent sets columns of agent name in ws ("max_concurrency = 2", "paused = true").
-// TODO(api8): PATCH …/agents/{name} once the API has it.
-func scSetAgent(t testing.TB, db *sql.DB, ws testWorkspace, name, set string) {
-	t.Helper()
-	res, err := db.Exec(`UPDATE agents SET `+set+` WHERE workspace_id = $1 AND name = $2`, ws.ID, name)
-	if n, _ := res.RowsAffected(); err != nil || n != 1 {
-		t.Fatalf("agent %s: set %s: got %v (%d rows); want one agent changed", name, set, err, n)
+	for k, v := range patch {
+		if fmt.Sprint(got[k]) != fmt.Sprint(v) {
+			t.Fatalf("PATCH agent %s %v: got %s %v; want %v", name, patch, k, got[k], v)
+		}
 	}
 }
 
@@ -270,21 +262,27 @@ func TestSchedPriority(t *testing.T) {
 	db := openTestDB(t, dsn)
 	a := ptStart(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"})).app() // the worker API only
 	ws := a.createWorkspace(t)
-	runs := []scRun{
-		{agent: "echo", priority: 5, due: "-1 second"},
-		{agent: "echo", priority: 0, due: "-1 second"},
-		{agent: "echo", priority: 9, due: "-1 second"},
-		{agent: "echo", priority: 0, due: "-10 seconds"}, // created later, due earlier
-		{agent: "echo", priority: 1, due: "-1 second"},
-		{agent: "echo", priority: 5, due: "-20 seconds"},
-		{agent: "echo", priority: 0, due: "1 hour"}, // not due
+	// Due times around a moment a little ahead, so that a run created later can fall due
+	// earlier (a run_at in the past means now: the same for every run); the claims begin
+	// once all are due.
+	due := time.Now().Add(scPriorityLead)
+	runs := []map[string]any{
+		{"priority": 5, "run_at": due},
+		{"priority": 0, "run_at": due},
+		{"priority": 9, "run_at": due},
+		{"priority": 0, "run_at": due.Add(-500 * time.Millisecond)}, // created later, due earlier
+		{"priority": 1, "run_at": due},
+		{"priority": 5, "run_at": due.Add(-time.Second)},
+		{"priority": 0, "delay_ms": time.Hour.Milliseconds()}, // not due
 	}
-	ids := make([]string, len(runs))
 	index := map[string]int{}
 	for i, r := range runs {
-		ids[i] = scInsert(t, db, ws, r)
-		index[ids[i]] = i
+		if at, ok := r["run_at"].(time.Time); ok {
+			r["run_at"] = at.UTC().Format(time.RFC3339Nano)
+		}
+		index[scCreate(t, a, ws, "echo", r).ID] = i
 	}
+	time.Sleep(time.Until(due) + 100*time.Millisecond)
 	// Claims of one run each, one after the other: the order of started_at is the order
 	// of the claims. order returns "run-id workspace-id" of the claimed runs of wss.
 	order := func(wss ...testWorkspace) []string {
@@ -328,8 +326,8 @@ func TestSchedPriority(t *testing.T) {
 	// Workspace X's runs are all priority 0, Y's all 9: claims still alternate.
 	wsX, wsY := a.createWorkspace(t), a.createWorkspace(t)
 	for range 3 {
-		scInsert(t, db, wsX, scRun{agent: "echo", priority: 0})
-		scInsert(t, db, wsY, scRun{agent: "echo", priority: 9})
+		scCreate(t, a, wsX, "echo", map[string]any{"priority": 0})
+		scCreate(t, a, wsY, "echo", map[string]any{"priority": 9})
 	}
 	for range 6 {
 		a.process(t, map[string]any{"limit": 1})
@@ -367,7 +365,7 @@ func TestSchedMaxConcurrencyAcrossProcesses(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "capped", "webhook", map[string]any{"url": hook.URL})
 	a.createAgent(t, ws, "free", "webhook", map[string]any{"url": hook.URL})
-	scSetAgent(t, db, ws, "capped", "max_concurrency = 2")
+	scPatchAgent(t, a, ws, "capped", map[string]any{"max_concurrency": 2})
 	start := time.Now()
 	scBatch(t, a, ws, []string{"capped", "free"}, 2*perAgent)
 	eventually(t, 120*time.Second, fmt.Sprintf("all %d runs succeeded", 2*perAgent), func() bool {
@@ -406,7 +404,7 @@ func TestSchedPauseAndCap(t *testing.T) {
 	a := ptStart(t, scEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "paused", "echo", map[string]any{})
-	scSetAgent(t, db, ws, "paused", "paused = true")
+	scPatchAgent(t, a, ws, "paused", map[string]any{"paused": true})
 	var held []string
 	for i := range 3 {
 		held = append(held, a.createRun(t, ws, "paused", i).ID)
@@ -419,14 +417,14 @@ func TestSchedPauseAndCap(t *testing.T) {
 			t.Errorf("paused agent's run %s: got %s attempt %d; want queued, attempt 0", id, r.Status, r.Attempt)
 		}
 	}
-	scSetAgent(t, db, ws, "paused", "paused = false")
+	scPatchAgent(t, a, ws, "paused", map[string]any{"paused": false})
 	for _, id := range held {
 		a.waitRunStatus(t, ws, id, "succeeded", 30*time.Second)
 	}
 
 	// Cap 1, then 3: the most running at once follows the cap from the next claim.
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 300})
-	scSetAgent(t, db, ws, "slow", "max_concurrency = 1")
+	scPatchAgent(t, a, ws, "slow", map[string]any{"max_concurrency": 1})
 	scBatch(t, a, ws, []string{"slow"}, 10)
 	running := func() int {
 		return scCount(t, db, `SELECT count(*) FROM runs r JOIN agents a ON a.id = r.agent_id
@@ -439,7 +437,7 @@ func TestSchedPauseAndCap(t *testing.T) {
 	if most != 1 {
 		t.Errorf("slow agent with max_concurrency 1: got at most %d running over 1 s; want 1", most)
 	}
-	scSetAgent(t, db, ws, "slow", "max_concurrency = 3")
+	scPatchAgent(t, a, ws, "slow", map[string]any{"max_concurrency": 3})
 	most = 0
 	eventually(t, 30*time.Second, "3 of the slow agent's runs running once its cap is 3", func() bool {
 		most = max(most, running())
@@ -454,12 +452,13 @@ func TestSchedPauseAndCap(t *testing.T) {
 }
 
 // TestSchedDueRunWakesWorker: under RUN_WORKER_POLL_MS=60000 an idle worker starts a run
-// scheduled 1.5 s ahead, and a retry after its backoff, at their time, not at the next
-// tick. The figures are logged; the bound only catches a broken wake-up.
+// scheduled 1.5 s ahead (given as delay_ms, then as run_at), and a retry after its
+// backoff, at their time, not at the next tick; a final run still shows when it was due.
+// The figures are logged; the bound only catches a broken wake-up.
 func TestSchedDueRunWakesWorker(t *testing.T) {
 	t.Parallel()
+	const ahead = 1500 * time.Millisecond
 	dsn := testDB(t)
-	db := openTestDB(t, dsn)
 	// The webhook fails every first attempt and answers the second.
 	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, c scCall) {
 		if c.Attempt == 1 {
@@ -473,43 +472,45 @@ func TestSchedDueRunWakesWorker(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "flaky", "webhook", map[string]any{"url": hook.URL})
 	a.waitListening(t, true)
-	// lateness is how long after due the run's current attempt started. (The run's own
-	// run_at cannot tell: the outcome writer sets it to the time the run ended.)
-	lateness := func(id string, due time.Time) time.Duration {
-		t.Helper()
-		var started time.Time
-		if err := db.QueryRow(`SELECT started_at FROM runs WHERE id = $1`, id).Scan(&started); err != nil {
-			t.Fatal(err)
-		}
-		return started.Sub(due)
-	}
 
-	id := scInsert(t, db, ws, scRun{agent: "echo", due: "1.5 seconds"}) // TODO(api8): also delay_ms and run_at through POST …/runs
-	var due time.Time
-	if err := db.QueryRow(`SELECT run_at FROM runs WHERE id = $1`, id).Scan(&due); err != nil {
-		t.Fatal(err)
-	}
-	a.waitRunStatus(t, ws, id, "succeeded", 30*time.Second)
-	late := lateness(id, due)
-	t.Logf("due run started %d ms after run_at", late.Milliseconds())
-	if late < 0 || late > scDueBound {
-		t.Errorf("run due 1.5 s after it was queued, poll 60 s: started %v after its run_at; want from 0 to %v (SPEC: within 100 ms)", late, scDueBound)
+	for _, field := range []string{"delay_ms", "run_at"} {
+		t.Run(field, func(t *testing.T) {
+			at := time.Now().Add(ahead).UTC()
+			fields := map[string]any{"delay_ms": ahead.Milliseconds()}
+			if field == "run_at" {
+				fields = map[string]any{"run_at": at.Format(time.RFC3339Nano)}
+			}
+			created := scCreate(t, a, ws, "echo", fields)
+			want := created.CreatedAt.Add(ahead) // delay_ms counts on the database's clock
+			if field == "run_at" {
+				want = at
+			}
+			if d := created.RunAt.Sub(want).Abs(); d > time.Microsecond { // PostgreSQL keeps microseconds
+				t.Errorf("run created with %v: got run_at %v; want %v", fields, created.RunAt, want)
+			}
+			run := a.waitRunStatus(t, ws, created.ID, "succeeded", 30*time.Second)
+			late := run.StartedAt.Sub(created.RunAt)
+			t.Logf("run due by %s 1.5 s after it was queued started %d ms after its run_at", field, late.Milliseconds())
+			if late < 0 || late > scDueBound {
+				t.Errorf("run due by %s 1.5 s after it was queued, poll 60 s: started %v after its run_at; want from 0 to %v (SPEC: within 100 ms)",
+					field, late, scDueBound)
+			}
+			if !run.RunAt.Equal(created.RunAt) {
+				t.Errorf("succeeded run: got run_at %v; want %v, when it was due", run.RunAt, created.RunAt)
+			}
+		})
 	}
 
 	// The retry's run_at, read while it waits out its backoff.
 	retried := a.createRun(t, ws, "flaky", nil)
-	var failedAt time.Time
+	var waiting runRecord
 	eventually(t, 30*time.Second, "the run queued again after its first attempt failed", func() bool {
-		var status string
-		var attempt int
-		if err := db.QueryRow(`SELECT status, attempt, run_at, updated_at FROM runs WHERE id = $1`, retried.ID).
-			Scan(&status, &attempt, &due, &failedAt); err != nil {
-			t.Fatal(err)
-		}
-		return status == "queued" && attempt == 1
+		waiting = a.getRun(t, ws, retried.ID)
+		return waiting.Status == statusQueued && waiting.Attempt == 1
 	})
+	due, failedAt := waiting.RunAt, waiting.UpdatedAt
 	run := a.waitRunStatus(t, ws, retried.ID, "succeeded", 30*time.Second)
-	late = lateness(retried.ID, due)
+	late := run.StartedAt.Sub(due)
 	t.Logf("retried run started %d ms after the run_at its backoff set (%d ms after the failed attempt)",
 		late.Milliseconds(), due.Sub(failedAt).Milliseconds())
 	if late < 0 || late > scDueBound {
@@ -521,6 +522,9 @@ func TestSchedDueRunWakesWorker(t *testing.T) {
 	if run.Attempt != 2 {
 		t.Errorf("retried run: got attempt %d; want 2", run.Attempt)
 	}
+	if !run.RunAt.Equal(due) {
+		t.Errorf("retried run once succeeded: got run_at %v; want %v, the run_at its backoff set", run.RunAt, due)
+	}
 }
 
 // TestSchedTimeout: an attempt still executing after the run's timeout_ms fails saying it
@@ -528,7 +532,6 @@ func TestSchedDueRunWakesWorker(t *testing.T) {
 func TestSchedTimeout(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
-	db := openTestDB(t, dsn)
 	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, _ scCall) {
 		select { // hangs until the worker gives up (or long after the test would have)
 		case <-r.Context().Done():
@@ -538,8 +541,11 @@ func TestSchedTimeout(t *testing.T) {
 	a := ptStart(t, scEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "hang", "webhook", map[string]any{"url": hook.URL})
-	id := scInsert(t, db, ws, scRun{agent: "hang", timeoutMS: 300, maxAttempts: 2})
-	run := a.waitRunStatus(t, ws, id, "failed", 60*time.Second)
+	created := scCreate(t, a, ws, "hang", map[string]any{"timeout_ms": 300, "max_attempts": 2})
+	if created.TimeoutMS == nil || *created.TimeoutMS != 300 || created.MaxAttempts != 2 {
+		t.Errorf("created run: got timeout_ms %v, max_attempts %d; want 300, 2", created.TimeoutMS, created.MaxAttempts)
+	}
+	run := a.waitRunStatus(t, ws, created.ID, "failed", 60*time.Second)
 	var errs []runError
 	if err := json.Unmarshal(run.Errors, &errs); err != nil {
 		t.Fatal(err)
@@ -568,14 +574,12 @@ func TestSchedIdleLoad(t *testing.T) {
 	// found), so the creates before the settle are counted before the window opens.
 	const settle, window, most = 10 * time.Second, 10 * time.Second, 3.0
 	dsn := testDB(t)
-	db := openTestDB(t, dsn)
 	admin := adminDB(t)
 	env := scEnv(t, dsn, nil)
 	delete(env, "RUN_WORKER_POLL_MS")
 	a := ptStart(t, env).app()
 	ws := a.createWorkspace(t)
-	scInsert(t, db, ws, scRun{agent: "echo", due: "1 hour"})
-	db.Close() // no session of the test's own in the database while measuring
+	scCreate(t, a, ws, "echo", map[string]any{"delay_ms": time.Hour.Milliseconds()})
 	xacts := func() int64 {
 		var x int64
 		if err := admin.QueryRow(`SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, dbName(t, dsn)).Scan(&x); err != nil {

@@ -67,10 +67,12 @@ type server struct {
 	store    *store
 	worker   *worker
 	notifier *notifier // nil: no notifications, ?wait_ms polls
+	announce *announcer
 	metrics  *metrics
 	log      *slog.Logger
 	cfg      config
 	endPolls chan struct{} // closed at shutdown once the runs are drained; nil: never
+	streams  streamSet     // the streams open now (events.go)
 
 	keys    keyCache    // workspace keys recently found, by hash
 	dbLog   *logLimiter // "database unavailable" lines
@@ -103,6 +105,11 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
 	mux.HandleFunc("GET /v1/workers", s.admin(s.listWorkers))
 	mux.HandleFunc("GET /openapi.json", s.openAPI)
+	// Progress events (events.go): agents post with their events token, not a workspace key.
+	mux.HandleFunc("POST /v1/runs/{id}/events", s.postEvent)
+	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}/events", s.member(s.runEvents))
+	mux.HandleFunc("GET /v1/workspaces/{ws}/events", s.member(s.workspaceEvents))
+	mux.Handle("/ui/", s.console()) // the console lists its own routes (console.go)
 	return s.middleware(mux.ServeMux)
 }
 
@@ -533,7 +540,12 @@ type caller struct {
 
 // authenticate finds the caller of r; no or a wrong token is a 401 error.
 func (s *server) authenticate(r *http.Request) (caller, error) {
-	token := bearer(r)
+	return s.authenticateToken(r.Context(), bearer(r))
+}
+
+// authenticateToken finds the caller a token names (a bearer token, or the console's
+// sign-in form); no or a wrong token is a 401 error.
+func (s *server) authenticateToken(ctx context.Context, token string) (caller, error) {
 	switch {
 	case token == "":
 		return caller{}, unauthorized("missing bearer token")
@@ -546,7 +558,7 @@ func (s *server) authenticate(r *http.Request) (caller, error) {
 	if ws, ok := s.keys.get(hash); ok {
 		return caller{workspace: ws}, nil
 	}
-	ws, err := s.store.workspaceByKey(r.Context(), sum[:])
+	ws, err := s.store.workspaceByKey(ctx, sum[:])
 	if errors.Is(err, errNotFound) {
 		return caller{}, unauthorized("invalid token")
 	}
@@ -1025,6 +1037,9 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	if errors.Is(err, errConflict) {
 		err = errKeyReused
 	}
+	if created {
+		s.announce.runsCreated()
+	}
 	switch {
 	case err != nil:
 		s.fail(w, r, err)
@@ -1085,6 +1100,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
+	s.announce.runsCreated()
 	writeJSON(w, http.StatusCreated, map[string][]runRecord{"runs": runs})
 }
 

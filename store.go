@@ -31,7 +31,8 @@ var (
 
 // store is agentapp's access to PostgreSQL.
 type store struct {
-	db *sql.DB
+	db     *sql.DB
+	events eventKeys // signs the events tokens of claimed runs; zero: none (events.go)
 }
 
 // openDB opens a pool for dsn (already checked by loadConfig) with at most maxConns
@@ -700,11 +701,11 @@ func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 }
 
 // oldestQueuedAge is how long the longest-waiting due run has waited since it fell due; 0
-// when none waits. One step down runs_due_idx, whatever the size of the queue.
+// when none waits. One step down runs_next_due_idx, whatever the size of the queue.
 func (s *store) oldestQueuedAge(ctx context.Context) (time.Duration, error) {
 	var secs float64
 	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)), 0)
-		FROM runs WHERE status = 'queued' AND run_at <= now()`).Scan(&secs)
+		FROM runs WHERE status = 'queued' AND priority >= 0 AND run_at <= now()`).Scan(&secs)
 	return time.Duration(secs * float64(time.Second)), err
 }
 
@@ -718,6 +719,8 @@ type claimedRun struct {
 	AgentKind   string
 	AgentConfig json.RawMessage
 	Timeout     time.Duration // 0: none
+	EventsURL   string        // where the agent posts progress events, with EventsToken
+	EventsToken string
 }
 
 // claimResult is what one claim did.
@@ -761,6 +764,8 @@ func (s *store) claim(ctx context.Context, workerID string, limit int, ws string
 			res.claimed = append(res.claimed, claimedRun{ID: id.String, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
 				Input: input, AgentName: name.String, AgentKind: agentKind.String, AgentConfig: config,
 				Timeout: time.Duration(timeout.Int64) * time.Millisecond})
+			last := &res.claimed[len(res.claimed)-1]
+			last.EventsURL, last.EventsToken = s.events.link(last.ID, last.Attempt)
 		case "capped":
 			res.capped = true
 		case "next":

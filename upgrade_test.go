@@ -326,6 +326,22 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	if wrong != 0 {
 		t.Errorf("old rows without the new columns' defaults (priority 0, timeout_ms null, max_concurrency null, paused false): got %d; want 0", wrong)
 	}
+	// … and the API shows them so.
+	for _, ws := range []testWorkspace{f.ws1, f.ws2} {
+		var list struct{ Agents []agentJSON }
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil, 200, &list)
+		if len(list.Agents) != 1 {
+			t.Errorf("agents of a workspace from before the upgrade: got %d; want 1", len(list.Agents))
+		}
+		for _, ag := range list.Agents {
+			if ag.MaxConcurrency != nil || ag.Paused == nil || *ag.Paused {
+				t.Errorf("agent %s from before the upgrade: got max_concurrency %v, paused %v; want null, false", ag.Name, ag.MaxConcurrency, ag.Paused)
+			}
+		}
+	}
+	if run := a.getRun(t, f.ws2, f.canceled); run.Priority != 0 || run.TimeoutMS != nil {
+		t.Errorf("run from before the upgrade: got priority %d, timeout_ms %v; want 0, null", run.Priority, run.TimeoutMS)
+	}
 
 	// The scheduled run executes once its time has come, not before.
 	run = a.waitRunStatus(t, f.ws1, f.future, "succeeded", upFutureDelay+60*time.Second)

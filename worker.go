@@ -363,10 +363,13 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	if recoverLeases {
 		w.lastRecovery.Store(begin.UnixNano())
 	}
-	w.more.Store(len(res.claimed) > 0 || res.capped)
-	w.nextDue.Store(0)
-	if !res.nextDue.IsZero() {
-		w.nextDue.Store(res.nextDue.UnixNano())
+	// A claim for no free slot learns nothing of the queue: what the last one learnt stands.
+	if n > 0 {
+		w.more.Store(len(res.claimed) > 0 || res.capped)
+		w.nextDue.Store(0)
+		if !res.nextDue.IsZero() {
+			w.nextDue.Store(res.nextDue.UnixNano())
+		}
 	}
 	recovered := res.requeued + res.failed
 	if recovered > 0 {

@@ -668,7 +668,7 @@ func TestWorkerWebhookContract(t *testing.T) {
 		}
 		wantInput, _ := json.Marshal(input)
 		want := map[string]string{"run_id": `"` + r.ID + `"`, "workspace_id": `"` + ws.ID + `"`, "agent": `"ok"`,
-			"attempt": `1`, "input": string(wantInput)}
+			"attempt": `1`, "input": string(wantInput), "events_url": `"` + a.base + "/v1/runs/" + r.ID + "/events" + `"`}
 		for k, v := range want {
 			var gotV, wantV any
 			json.Unmarshal(body[k], &gotV)
@@ -677,8 +677,12 @@ func TestWorkerWebhookContract(t *testing.T) {
 				t.Errorf("request body %s: got %s; want %s", k, body[k], v)
 			}
 		}
-		if len(body) != len(want) {
-			t.Errorf("request body: got keys of %s; want exactly run_id, workspace_id, agent, attempt, input", req.body)
+		var token string
+		if json.Unmarshal(body["events_token"], &token) != nil || !strings.HasPrefix(token, "1.") {
+			t.Errorf("request body events_token: got %s; want a token for attempt 1", body["events_token"])
+		}
+		if len(body) != len(want)+1 {
+			t.Errorf("request body: got keys of %s; want exactly run_id, workspace_id, agent, attempt, input, events_url, events_token", req.body)
 		}
 	})
 

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"log/slog"
+	"time"
+)
+
+// announcer tells every process that new runs were created. The inserting transactions do
+// not NOTIFY themselves: PostgreSQL serialises the commits of notifying transactions, one
+// WAL flush after another, which caps enqueue at one insert per flush. Instead this
+// process's own worker is woken at once, and one NOTIFY at a time is sent after the inserts
+// committed, in a transaction of its own that writes nothing (no flush to wait for): inserts
+// that commit while it is in flight are covered by the next one.
+type announcer struct {
+	db      *sql.DB
+	log     *slog.Logger
+	local   func()        // wakes this process's worker
+	pending chan struct{} // holds one: an announcement is due
+	done    chan struct{}
+}
+
+// announceTimeout bounds one NOTIFY; a failed one is not retried: the workers' poll is the
+// fallback, as when their listening connection is down.
+const announceTimeout = 5 * time.Second
+
+// newAnnouncer returns an announcer; run sends its notifications.
+func newAnnouncer(db *sql.DB, log *slog.Logger, local func()) *announcer {
+	return &announcer{db: db, log: log, local: local, pending: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// runsCreated is called after runs were inserted and committed.
+func (a *announcer) runsCreated() {
+	a.local()
+	select {
+	case a.pending <- struct{}{}:
+	default: // one is due already and will cover these runs
+	}
+}
+
+// run sends the due notifications until ctx ends, then closes done.
+func (a *announcer) run(ctx context.Context) {
+	defer close(a.done)
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.pending:
+		}
+		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
+		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', '')`)
+		cancel()
+		switch {
+		case err != nil && !failing && ctx.Err() == nil:
+			failing = true
+			a.log.Warn("announcing new runs failed; other processes find them at their next poll", "err", err)
+		case err == nil && failing:
+			failing = false
+			a.log.Info("announcing new runs works again")
+		}
+	}
+}
