@@ -627,7 +627,7 @@ func TestChaos(t *testing.T) {
 	defer clients.mu.Unlock()
 
 	chaosCheckRuns(bad, rows, clients)
-	maxInFlight := chaosCheckDeliveries(bad, rows, deliveries, requeues)
+	maxInFlight, redelivered := chaosCheckDeliveries(bad, rows, deliveries, requeues)
 	chaosCheckEvents(t, bad, db, eventsAcked)
 	for _, ws := range wss {
 		got := a.stats(t, ws)
@@ -694,8 +694,8 @@ func TestChaos(t *testing.T) {
 	t.Logf("runs: %d acknowledged, %d in the table %v; %d keyed creates", len(clients.acked), len(rows), byStatus, len(clients.keyed))
 	t.Logf("webhook: %d deliveries; faults injected: %d failed (500), %d hung, %d bad output; %d answered honestly",
 		len(deliveries), faults[chaosFail], faults[chaosHang], faults[chaosBadOutput], faults[""])
-	t.Logf("retries: %d attempts after a run's first, %d API retries; recoveries: %d leases expired; %d runs requeued at shutdown; %d timeouts, %d outputs refused",
-		laterAttempts, len(clients.retryAcked), recoveries, requeued, timeouts, refused)
+	t.Logf("retries: %d attempts after a run's first, %d API retries; recoveries: %d leases expired; %d runs requeued at shutdown (%d of those attempts delivered again); %d timeouts, %d outputs refused",
+		laterAttempts, len(clients.retryAcked), recoveries, requeued, redelivered, timeouts, refused)
 	t.Logf("capped agents (max_concurrency %d): at most %d in flight at the webhook, %d running in %d table samples",
 		chaosCap, maxInFlight, sampler.maxRunning.Load(), sampler.samples.Load())
 	t.Logf("progress events: %d acknowledged; posts by answer %s", len(eventsAcked), eventStatus)
@@ -789,7 +789,8 @@ func chaosCheckRuns(bad *chaosViolations, rows map[string]chaosRow, c *chaosClie
 // delivered twice unless a SIGTERMed process requeued that attempt (refunding it, as SPEC
 // says, so its next delivery carries the same number) as often; a succeeded run's output
 // is what the webhook answered for its last attempt; and no capped agent ever has more
-// requests in flight than its cap. It returns the most in flight for one capped agent.
+// requests in flight than its cap. It returns the most in flight for one capped agent,
+// and how many attempts were delivered again after a requeue at shutdown.
 //
 // In flight means from the request's arrival until it was answered or its connection
 // died, or until its lease was recovered, whichever came first. A SIGKILLed process's
@@ -800,7 +801,7 @@ func chaosCheckRuns(bad *chaosViolations, rows map[string]chaosRow, c *chaosClie
 // process cut off from PostgreSQL cannot learn that its lease expired and may still wait
 // on the webhook while the table has given the run back, and the cap is on the runs the
 // table says are running.
-func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, deliveries []*chaosDelivery, requeues map[string]int) int {
+func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, deliveries []*chaosDelivery, requeues map[string]int) (most, redelivered int) {
 	byAttempt := map[string][]*chaosDelivery{}
 	type edge struct {
 		at    time.Time
@@ -833,6 +834,7 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 		edges[r.ws] = append(edges[r.ws], edge{d.start, 1}, edge{end, -1})
 	}
 	for ref, ds := range byAttempt {
+		redelivered += len(ds) - 1
 		if len(ds) > 1+requeues[ref] {
 			bad.add("webhook: got (run, attempt) %s delivered %d times, requeued at shutdown %d times; want once more than requeued at most",
 				ref, len(ds), requeues[ref])
@@ -860,7 +862,6 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 				id, r.attempt, r.output.String, last.answer, last.fault)
 		}
 	}
-	most := 0
 	for ws, es := range edges {
 		sort.Slice(es, func(i, j int) bool {
 			if es[i].at.Equal(es[j].at) {
@@ -878,11 +879,12 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 			}
 		}
 	}
-	return most
+	return most, redelivered
 }
 
 // chaosCheckEvents checks that every progress event the server acknowledged is kept
-// with the run, under its seq and the attempt that posted it.
+// with the run, under its seq and the attempt that posted it, and that each run's events
+// are numbered 1, 2, … without a gap or a repeat.
 func chaosCheckEvents(t *testing.T, bad *chaosViolations, db *sql.DB, acked []chaosEvent) {
 	t.Helper()
 	if len(acked) == 0 { // none posted: the server offers no events_url yet
@@ -905,6 +907,14 @@ func chaosCheckEvents(t *testing.T, bad *chaosViolations, db *sql.DB, acked []ch
 	}
 	if err := rs.Err(); err != nil {
 		t.Fatalf("read run_events: got %v; want every row", err)
+	}
+	var gapped []byte
+	if err := db.QueryRow(`SELECT coalesce(json_agg(run_id), '[]') FROM (SELECT run_id FROM run_events
+		GROUP BY run_id HAVING min(seq) <> 1 OR max(seq) <> count(*) OR count(DISTINCT seq) <> count(*)) x`).Scan(&gapped); err != nil {
+		t.Fatalf("read run_events: got %v; want the runs whose seqs have gaps", err)
+	}
+	if string(gapped) != "[]" {
+		bad.add("events: got runs %s whose seqs are not 1 … n; want every run's numbered 1, 2, …", gapped)
 	}
 	for _, e := range acked {
 		if got, ok := kept[fmt.Sprintf("%s %d", e.run, e.seq)]; !ok || got != e.attempt {
