@@ -39,3 +39,16 @@ lint:
 
 db-stop:
 	./dev-db.sh stop
+
+# The chaos test alone (chaos_test.go), for CHAOS_DURATION (5m here; make test runs it for
+# its default, 60 s). It needs PostgreSQL's server binaries, not DATABASE_URL: it runs a
+# cluster of its own, which it stops and restarts. The agentapp processes it starts are
+# the -race build either way (agentappBinary), so races in the product under faults are
+# caught; the test binary itself runs without -race here, because over minutes -race
+# would double the harness's CPU on a shared machine, and make test runs the same harness
+# with -race.
+CHAOS_DURATION ?= 5m
+CHAOS_TIMEOUT  ?= 60m
+.PHONY: chaos
+chaos:
+	@set -x; CHAOS_DURATION=$(CHAOS_DURATION) $(GO) test -count=1 -v -run '^TestChaos$$' -timeout $(CHAOS_TIMEOUT) .
