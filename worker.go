@@ -551,6 +551,9 @@ func (w *worker) renewLeases(ctx context.Context, done chan struct{}) {
 	defer close(done)
 	ticker := time.NewTicker(w.cfg.Lease / 3)
 	defer ticker.Stop()
+	// held is when the leases were last known to be ours: past a lease from then, another
+	// worker may have recovered them, so executions that cannot renew are abandoned.
+	held := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -565,18 +568,29 @@ func (w *worker) renewLeases(ctx context.Context, done chan struct{}) {
 		}
 		refs := <-reply
 		if len(refs) == 0 {
+			held = time.Now()
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/3)
-		held, err := w.st.renew(rctx, w.id, refs, w.cfg.Lease)
+		renewed, err := w.st.renew(rctx, w.id, refs, w.cfg.Lease)
 		cancel()
 		if err != nil {
 			w.log.Warn("renewing leases failed", "runs", len(refs), "err", err)
+			if time.Since(held) > w.cfg.Lease {
+				for _, ref := range refs {
+					select {
+					case w.cancels <- cancelOrder{ref.ID, ref.Attempt, errLeaseLost}:
+					case <-ctx.Done():
+						return
+					}
+				}
+			}
 			continue
 		}
+		held = time.Now()
 		for _, ref := range refs {
 			cause := errLeaseLost
-			if cancelRequested, ok := held[ref]; ok && !cancelRequested {
+			if cancelRequested, ok := renewed[ref]; ok && !cancelRequested {
 				continue
 			} else if ok {
 				cause = errCanceledByRequest
