@@ -725,12 +725,11 @@ type claimedRun struct {
 
 // claimResult is what one claim did.
 type claimResult struct {
-	claimed   []claimedRun
-	requeued  int       // expired leases put back to queued
-	failed    int       // expired leases that ended the run (no attempt left, or canceled)
-	capped    bool      // capped agents had due runs: a freed slot may make one claimable
-	nextDue   time.Time // when the next scheduled run falls due; zero: none, or not asked
-	recovered bool      // the recovery part ran
+	claimed  []claimedRun
+	requeued int       // expired leases put back to queued
+	failed   int       // expired leases that ended the run (no attempt left, or canceled)
+	capped   bool      // capped agents had due runs: a freed slot may make one claimable
+	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
 }
 
 // claim runs agentapp_claim (schema.sql): with recoverLeases it first recovers expired
@@ -742,7 +741,7 @@ func (s *store) claim(ctx context.Context, workerID string, limit int, ws string
 	if ws != "" {
 		wsArg = ws
 	}
-	res := claimResult{recovered: recoverLeases}
+	var res claimResult
 	rows, err := s.db.QueryContext(ctx, `SELECT kind, id, workspace_id, attempt, input, agent_name, agent_kind,
 		agent_config, timeout_ms, next_due FROM agentapp_claim($1, $2, $3, $4, $5)`,
 		workerID, limit, wsArg, lease.Milliseconds(), recoverLeases)
