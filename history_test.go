@@ -214,6 +214,12 @@ func TestPruneDeletesExactlyOldFinalRuns(t *testing.T) {
 	if kept != 200 {
 		t.Errorf("old queued runs: got %d left; want all 200 (never pruned while not final)", kept)
 	}
+	// Compare once the drain is over: both reads then see the same table.
+	eventually(t, 30*time.Second, "the drain over (no queued run, only the 50 seeded running)", func() bool {
+		var queued, running int
+		db.QueryRow(`SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running') FROM runs`).Scan(&queued, &running)
+		return queued == 0 && running == 50
+	})
 	counters, table := countsByStatus(t, db, st, ws.ID)
 	if counters != table {
 		t.Errorf("counters after pruning: got %+v; want count(*) %+v", counters, table)
