@@ -32,7 +32,7 @@ type notifier struct {
 }
 
 // notifyChannels are the channels schema.sql's triggers notify.
-var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_final", "agentapp_events", "agentapp_status"}
+var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_events", "agentapp_status"}
 
 // newNotifier connects in the background; it never blocks start-up on the database.
 func newNotifier(dsn string, log *slog.Logger, onRuns func(), onCancel func(string)) *notifier {
@@ -89,22 +89,34 @@ func (n *notifier) run() {
 		case "agentapp_runs":
 			n.onRuns()
 		case "agentapp_cancel":
-			n.onCancel(msg.Extra)
-		case "agentapp_final":
-			n.mu.Lock()
-			for _, ch := range n.waiters[msg.Extra] {
-				close(ch)
+			for run := range strings.FieldsSeq(msg.Extra) {
+				n.onCancel(run)
 			}
-			delete(n.waiters, msg.Extra)
-			n.mu.Unlock()
 		case "agentapp_events":
 			run, _, _ := strings.Cut(msg.Extra, ":")
 			n.signal("run:"+run, "")
 		case "agentapp_status":
-			ws, run, _ := strings.Cut(msg.Extra, ":")
-			n.signal("run:"+run, "")
-			n.signal("ws:"+ws, run)
+			n.statusChanged(msg.Extra)
 		}
+	}
+}
+
+// statusChanged tells waiters and streams of the runs in an agentapp_status payload:
+// "workspace id:run id:status" entries separated by spaces.
+func (n *notifier) statusChanged(payload string) {
+	for entry := range strings.FieldsSeq(payload) {
+		ws, rest, _ := strings.Cut(entry, ":")
+		run, status, _ := strings.Cut(rest, ":")
+		if runStatus(status).final() {
+			n.mu.Lock()
+			for _, ch := range n.waiters[run] {
+				close(ch)
+			}
+			delete(n.waiters, run)
+			n.mu.Unlock()
+		}
+		n.signal("run:"+run, "")
+		n.signal("ws:"+ws, run)
 	}
 }
 
