@@ -2,7 +2,8 @@ package main
 
 // Hardened by default (SPEC "HTTP API"): 200 slow or stalled clients at once, on raw
 // connections to the agentapp binary, are cut at the server's limits while /healthz keeps
-// answering within a second and a long poll started with them answers at its end.
+// answering within a second, a long poll started with them answers at its end, and a
+// workspace's event stream opened before them still delivers after they have gone.
 // IdleTimeout's value (2 min, too long to wait for) is checked by TestHTTPServerLimits;
 // here idle keep-alive connections outlive the header limit. A rotated key dying in every
 // process within a second is TestRotateKey. Helpers local to this file start with sl.
@@ -10,6 +11,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +32,7 @@ const (
 	// constant fails here. (bodyTimeout is the server's own: SPEC names no figure.)
 	slHeaderLimit = 10 * time.Second // a client that takes longer to send its headers is disconnected
 	slStallLimit  = 30 * time.Second // and so is a client that stops reading its answer this long
+	slKeepAlive   = 15 * time.Second // a stream sends a comment line at least this often
 
 	slHalfLine      = 60 // half a request line, then nothing: cut at slHeaderLimit
 	slTrickleHeader = 20 // headers a byte every slTrickleEvery, never ending: cut at slHeaderLimit
@@ -58,6 +61,7 @@ const (
 	slHealthBound = time.Second            // SPEC: others are answered; the issue says within 1 s
 	slProbeEvery  = 100 * time.Millisecond // how often /healthz is asked meanwhile
 	slLongPoll    = 30 * time.Second       // the ?wait_ms of the long poll
+	slStreamBound = 5 * time.Second        // a run's change shows on the workspace stream within this
 )
 
 // slResult is what one client saw: its kind, how long its limit took to show, and a
@@ -289,8 +293,11 @@ func slIdleKeepAlive(addr string) (time.Duration, error) {
 // TestManySlowClients: 200 slow or stalled clients at once — half request lines, headers
 // trickled forever, slow bodies, stalled bodies, stalled readers of a 7 MB answer, idle
 // keep-alive connections — are each cut at its limit or served, as SPEC says; meanwhile
-// /healthz answers within a second every time and a ?wait_ms=30000 long poll started
-// with them answers 200 at its end.
+// /healthz answers within a second every time, a ?wait_ms=30000 long poll started
+// with them answers 200 at its end, and the workspace's event stream, opened before them
+// and read all along, is never ended by the server: it sends a keep-alive comment at
+// least every 15 s throughout, and once they have all ended (past the 30 s stall limit)
+// it reports a run canceled then, on the same connection, within seconds.
 func TestManySlowClients(t *testing.T) {
 	t.Parallel()
 	// The binary operators run: the race detector multiplies the cost of building the
@@ -309,6 +316,10 @@ func TestManySlowClients(t *testing.T) {
 	polled := a.createRun(t, ws, "echo", "long poll")
 	listPath := "/v1/workspaces/" + ws.ID + "/runs?limit=200"
 	_, _, full := a.do(t, "GET", listPath, ws.APIKey, nil, nil)
+	// Read from now on by evStream's goroutine, one request that is never reconnected;
+	// ws's runs change only when the test cancels one at the end.
+	stream := evStream(t, a.base+"/v1/workspaces/"+ws.ID+"/events", ws.APIKey, nil)
+	opened := time.Now()
 
 	const clients = slHalfLine + slTrickleHeader + slSlowBody + slStalledBody + slStalledReader + slIdle
 	results := make(chan slResult, clients)
@@ -435,5 +446,48 @@ func TestManySlowClients(t *testing.T) {
 	}
 	if lp.took < slLongPoll-100*time.Millisecond || lp.took > slLongPoll+slLate {
 		t.Errorf("long poll ?wait_ms=%d: answered after %v; want at its end, %v", slLongPoll.Milliseconds(), lp.took, slLongPoll)
+	}
+
+	// The stream: what came while the clients ran, then a change made now. A stream the
+	// server ended is a closed channel, with its last keep-alive's time the bound of when.
+	keepAlives, others, last, longest, ended := 0, 0, opened, time.Duration(0), false
+	for drained := false; !drained && !ended; {
+		select {
+		case f, ok := <-stream:
+			switch {
+			case !ok:
+				ended = true
+			case f.Comment == "keep-alive":
+				keepAlives, longest, last = keepAlives+1, max(longest, f.At.Sub(last)), f.At
+			default:
+				others++ // a re-listing of ws's active runs, had the listener been lost
+			}
+		default:
+			drained = true
+		}
+	}
+	canceled := time.Now()
+	open := canceled.Sub(opened)
+	if ended {
+		t.Errorf("workspace stream: got it ended by the server, its last keep-alive %v after it opened (%d in all); want it open %v later",
+			last.Sub(opened).Round(time.Millisecond), keepAlives, open.Round(time.Millisecond))
+		return
+	}
+	longest = max(longest, canceled.Sub(last))
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+polled.ID+"/cancel", ws.APIKey, nil, 200, nil)
+	f, ok := evNext(t, stream, slStreamBound)
+	delay := f.At.Sub(canceled)
+	t.Logf("workspace stream opened before the clients: %d keep-alives (longest gap %v) and %d other frames in %v open; the canceled run came %v after the POST",
+		keepAlives, longest.Round(time.Millisecond), others, open.Round(time.Millisecond), delay.Round(time.Millisecond))
+	if open <= slStallLimit {
+		t.Errorf("workspace stream: open %v before the cancel; want past the stall limit, %v", open.Round(time.Millisecond), slStallLimit)
+	}
+	if want := int(open / slKeepAlive); keepAlives < want || longest > slKeepAlive {
+		t.Errorf("workspace stream over %v: got %d keep-alives, at most %v apart; want at least %d, at most %v apart",
+			open.Round(time.Millisecond), keepAlives, longest.Round(time.Millisecond), want, slKeepAlive)
+	}
+	var run runRecord
+	if !ok || f.Event != "run" || json.Unmarshal([]byte(f.Data), &run) != nil || run.ID != polled.ID || run.Status != statusCanceled {
+		t.Errorf("workspace stream after canceling run %s: got frame %+v (open %v); want event: run with it canceled", polled.ID, f, ok)
 	}
 }
