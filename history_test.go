@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -255,4 +256,47 @@ func TestRetentionThroughTheProcess(t *testing.T) {
 		t.Errorf("runs left: got %d; want the 5 younger than the retention", left)
 	}
 	p.waitLog(t, fmt.Sprintf("runs=%d", 40), 1, 5*time.Second)
+}
+
+// TestRunIDsAreTimeOrdered: runs created through the API, one by one and in a batch, get
+// version 7 UUIDs whose first 48 bits are their creation's Unix milliseconds (within the
+// clocks' skew of the database and this process), so that later runs sort after earlier ones.
+func TestRunIDsAreTimeOrdered(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	var ids []string
+	var created []time.Time
+	for i := range 3 {
+		r := a.createRun(t, ws, "echo", i)
+		ids, created = append(ids, r.ID), append(created, r.CreatedAt)
+		time.Sleep(3 * time.Millisecond)
+	}
+	var batch struct{ Runs []runRecord }
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey,
+		map[string]any{"runs": []map[string]any{{"agent": "echo"}, {"agent": "echo"}}}, 201, &batch)
+	for _, r := range batch.Runs {
+		ids, created = append(ids, r.ID), append(created, r.CreatedAt)
+	}
+	for i, id := range ids {
+		if len(id) != 36 || id[14] != '7' || !strings.ContainsRune("89ab", rune(id[19])) {
+			t.Errorf("run id %s: want a UUID of version 7 and the RFC 9562 variant", id)
+			continue
+		}
+		var ms int64
+		fmt.Sscanf(strings.ReplaceAll(id[:13], "-", ""), "%x", &ms)
+		if d := time.UnixMilli(ms).Sub(created[i]); d < -time.Second || d > time.Second {
+			t.Errorf("run id %s: its time is %v, %v from its created_at %v; want within 1 s",
+				id, time.UnixMilli(ms).UTC(), d, created[i])
+		}
+		if i > 0 && i < 3 && id <= ids[i-1] {
+			t.Errorf("run ids %s then %s, created 3 ms apart: want the later one to sort after", ids[i-1], id)
+		}
+	}
+	if len(ids) != 5 {
+		t.Fatalf("got %d runs; want 5", len(ids))
+	}
+	if ids[3][:13] < ids[2][:13] {
+		t.Errorf("batch run id %s sorts before the earlier run %s", ids[3], ids[2])
+	}
 }

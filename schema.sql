@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 
 CREATE TABLE IF NOT EXISTS runs (
-    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(), -- the API sets time-ordered ids (newRunID)
     seq              bigserial NOT NULL,          -- insertion order: claim order and list cursor
     workspace_id     uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
     agent_id         uuid NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
@@ -90,9 +90,12 @@ CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status 
 -- An agent's running runs, counted against its max_concurrency.
 CREATE INDEX IF NOT EXISTS runs_running_agent_idx ON runs (agent_id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS runs_running_lease_idx ON runs (lease_expires_at) WHERE status = 'running';
--- Listing a workspace's runs, newest first, optionally by status.
+-- Listing a workspace's runs, newest first, optionally by status. Status leads so that
+-- the runs in one status across workspaces ("are any queued or running?") are found
+-- without reading the history. (An earlier release's form led with the workspace.)
 CREATE INDEX IF NOT EXISTS runs_workspace_seq_idx ON runs (workspace_id, seq);
-CREATE INDEX IF NOT EXISTS runs_workspace_status_seq_idx ON runs (workspace_id, status, seq);
+CREATE INDEX IF NOT EXISTS runs_status_workspace_seq_idx ON runs (status, workspace_id, seq);
+DROP INDEX IF EXISTS runs_workspace_status_seq_idx;
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 -- Listing a workspace's runs of one agent (?agent=), newest first.

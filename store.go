@@ -9,6 +9,7 @@ import (
 	"database/sql/driver"
 	_ "embed"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -127,6 +128,24 @@ func newAPIKey() string {
 	b := make([]byte, 24)
 	rand.Read(b)
 	return "ak_" + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// newRunID returns a new run id in the layout of a UUID version 7: 48 bits of Unix
+// milliseconds, then 74 random bits. New runs' entries then sit together at the end of
+// the primary key's index, where random ids spread the writes of every claim and every
+// outcome over the whole index, which grows with history and soon no longer fits in
+// PostgreSQL's buffers (a drain with 2,000,000 finished runs was 2.6 times slower).
+func newRunID() string {
+	var b [16]byte
+	rand.Read(b[6:])
+	ms := uint64(time.Now().UnixMilli())
+	for i := range 6 {
+		b[i] = byte(ms >> (40 - 8*i))
+	}
+	b[6] = b[6]&0x0f | 0x70 // version 7
+	b[8] = b[8]&0x3f | 0x80 // the RFC 9562 variant
+	h := hex.EncodeToString(b[:])
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
 // createWorkspace creates a workspace with a new random API key.
@@ -403,16 +422,16 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 	}
 	row := s.db.QueryRowContext(ctx, `
 		WITH ins AS (
-			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
 			                  priority, run_at, timeout_ms)
-			SELECT $1, a.id, $3, $4, $5, $6, $7, `+runAtSQL("$8", "$9")+`, NULLIF($10::integer, 0)
+			SELECT $11, $1, a.id, $3, $4, $5, $6, $7, `+runAtSQL("$8", "$9")+`, NULLIF($10::integer, 0)
 			FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
 			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 			RETURNING *
 		)
 		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`,
 		ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
-		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS)
+		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS, newRunID())
 	r, err = scanRun(row)
 	if err == nil {
 		return r, true, nil
@@ -483,29 +502,29 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
+	runIDs, ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
 	priorities, runAts, delays, timeouts := make([]int64, len(ns)), make([]string, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
 	for i, n := range ns {
 		id, ok := agentIDs[n.Agent]
 		if !ok {
 			return nil, unknownAgentError{n.Agent}
 		}
-		ids[i], inputs[i], maxes[i] = id, string(n.Input), int64(n.MaxAttempts)
+		runIDs[i], ids[i], inputs[i], maxes[i] = newRunID(), id, string(n.Input), int64(n.MaxAttempts)
 		priorities[i], runAts[i], delays[i], timeouts[i] = int64(n.Priority), timeArg(n.RunAt), n.DelayMS, int64(n.TimeoutMS)
 	}
 	rows, err = s.db.QueryContext(ctx, `
 		WITH ins AS (
-			INSERT INTO runs (workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
-			SELECT $1, w.agent_id, w.input, w.max_attempts, w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`,
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
+			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`,
 			       NULLIF(w.timeout_ms, 0)
-			FROM unnest($2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
-			     WITH ORDINALITY AS w(agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
+			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
+			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
 			ORDER BY w.ord
 			RETURNING *
 		)
 		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id ORDER BY r.seq`,
 		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes), pq.Int64Array(priorities),
-		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts))
+		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs))
 	if err != nil {
 		return nil, err
 	}
