@@ -174,7 +174,10 @@ CREATE OR REPLACE FUNCTION agentapp_claim(p_worker text, p_limit integer, p_work
                                           p_lease_ms bigint, p_recover boolean)
 RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jsonb, agent_name text,
                agent_kind text, agent_config jsonb, timeout_ms integer, next_due timestamptz)
-LANGUAGE plpgsql AS $$
+-- Its statements are planned once per connection, not at every claim: planning cost more
+-- than executing a claim of a few runs (300 claims of 18: 1.5 ms each with custom plans,
+-- 0.9 ms with generic ones), and no statement's best plan depends on its arguments.
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_capped  uuid[];         -- capped agents with due runs whose lock this claim holds
