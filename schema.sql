@@ -168,8 +168,10 @@ END $$;
 --     running runs are counted by a statement that starts after that lock was taken;
 --  3. the served workspaces' turn is recorded.
 -- It returns a row per recovered run (kind = its new status), per claimed run (kind
--- 'claimed'), 'capped' when capped agents had due runs, and 'next' with the time the next
--- scheduled run falls due when it claimed fewer than p_limit.
+-- 'claimed'), 'more' when it claimed fewer than p_limit but more runs may be claimable
+-- (its rounds ran out), 'capped' when capped agents had due runs, and 'next' with the time
+-- the next scheduled run falls due when it claimed fewer than p_limit. Fewer than p_limit
+-- claimed and no 'more' means nothing more was claimable.
 CREATE OR REPLACE FUNCTION agentapp_claim(p_worker text, p_limit integer, p_workspace uuid,
                                           p_lease_ms bigint, p_recover boolean)
 RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jsonb, agent_name text,
@@ -191,6 +193,7 @@ DECLARE
     v_share   integer;
     v_active  integer;        -- workspaces that had candidates in the last round
     v_round   integer;
+    v_more    boolean := false; -- the rounds ended before the claim found all it could
 BEGIN
     IF p_recover THEN
         RETURN QUERY
@@ -286,6 +289,7 @@ BEGIN
         -- Another round helps only past runs a concurrent claim held, or when the shares
         -- of several workspaces left room.
         EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR v_active <= 1);
+        v_more := v_round = 3; -- a fourth round would have followed
     END LOOP;
 
     IF cardinality(v_ids) > 0 THEN
@@ -298,6 +302,10 @@ BEGIN
         SELECT 'claimed'::text, r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config,
                r.timeout_ms, NULL::timestamptz
         FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = ANY (v_ids);
+    END IF;
+    IF v_more THEN
+        RETURN QUERY SELECT 'more'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
+                            NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
     END IF;
     IF cardinality(v_capped) > 0 THEN
         RETURN QUERY SELECT 'capped'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,

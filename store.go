@@ -748,6 +748,7 @@ type claimResult struct {
 	requeued int       // expired leases put back to queued
 	failed   int       // expired leases that ended the run (no attempt left, or canceled)
 	capped   bool      // capped agents had due runs: a freed slot may make one claimable
+	more     bool      // fewer than the limit were claimed, yet more may be claimable
 	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
 }
 
@@ -786,6 +787,8 @@ func (s *store) claim(ctx context.Context, workerID string, limit int, ws string
 			last.EventsURL, last.EventsToken = s.events.link(last.ID, last.Attempt)
 		case "capped":
 			res.capped = true
+		case "more":
+			res.more = true
 		case "next":
 			if next.Valid {
 				res.nextDue = next.Time

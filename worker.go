@@ -127,7 +127,7 @@ type worker struct {
 
 	cycleMu  sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
 	wake     chan struct{} // asks the loop for a cycle now (a run became claimable)
-	more     atomic.Bool   // the last claim took runs, or met capped agents: more may be claimable
+	more     atomic.Bool   // the last claim filled its slots, or met capped agents: more may be claimable
 	nextDue  atomic.Int64  // unix nanoseconds when the next scheduled run falls due; 0: unknown
 	active   atomic.Int64  // slots taken: reserved by a cycle, freed by run's loop
 	stopping atomic.Bool   // run's context is done: cycles claim nothing more
@@ -250,9 +250,9 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 			case s.Claimed > 0:
 				w.log.Debug("worker cycle", "claimed", s.Claimed, "recovered", s.Recovered)
 			}
-			// Claimed some and slots are still free: the share of a workspace may have
-			// capped the claim, so claim again at once until a claim finds nothing.
-			claimNow = s.Claimed > 0 && int(w.active.Load()) < w.cfg.Concurrency
+			// Slots are still free and the claim says more may be claimable (its rounds
+			// over the workspaces' shares ran out): claim again at once.
+			claimNow = w.more.Load() && s.Claimed > 0 && int(w.active.Load()) < w.cfg.Concurrency
 			due.Stop()
 			if next := w.nextDue.Load(); next != 0 && err == nil {
 				if d := time.Until(time.Unix(0, next)); d < w.cfg.Poll {
@@ -365,7 +365,9 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	}
 	// A claim for no free slot learns nothing of the queue: what the last one learnt stands.
 	if n > 0 {
-		w.more.Store(len(res.claimed) > 0 || res.capped)
+		// Fewer than n claimed and no "more": nothing else was claimable. New runs, retries
+		// and freed caps wake the loop; scheduled ones set nextDue.
+		w.more.Store(len(res.claimed) == n || res.more || res.capped)
 		w.nextDue.Store(0)
 		if !res.nextDue.IsZero() {
 			w.nextDue.Store(res.nextDue.UnixNano())
