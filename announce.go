@@ -16,6 +16,7 @@ import (
 type announcer struct {
 	db      *sql.DB
 	log     *slog.Logger
+	origin  string        // this process's worker id: the payload, so that its own listener ignores it
 	local   func()        // wakes this process's worker
 	pending chan struct{} // holds one: an announcement is due
 	done    chan struct{}
@@ -26,8 +27,8 @@ type announcer struct {
 const announceTimeout = 5 * time.Second
 
 // newAnnouncer returns an announcer; run sends its notifications.
-func newAnnouncer(db *sql.DB, log *slog.Logger, local func()) *announcer {
-	return &announcer{db: db, log: log, local: local, pending: make(chan struct{}, 1), done: make(chan struct{})}
+func newAnnouncer(db *sql.DB, log *slog.Logger, origin string, local func()) *announcer {
+	return &announcer{db: db, log: log, origin: origin, local: local, pending: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 // runsCreated is called after runs were inserted and committed.
@@ -50,7 +51,7 @@ func (a *announcer) run(ctx context.Context) {
 		case <-a.pending:
 		}
 		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
-		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', '')`)
+		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', $1)`, a.origin)
 		cancel()
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:

@@ -164,11 +164,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	}
 	m := newMetrics()
 	w := newWorker(&store{db: workerDB, events: st.events}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
-	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, log, w.runsAnnounced, w.cancelLocal)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
-	announce := newAnnouncer(st.db, log, w.wakeUp)
+	announce := newAnnouncer(st.db, log, w.id, w.wakeUp)
 	announceCtx, stopAnnounce := context.WithCancel(context.Background())
 	go announce.run(announceCtx)
 	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
@@ -247,7 +247,7 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 		}
 		return json.NewEncoder(stdout).Encode(s)
 	}
-	n := newNotifier(cfg.DatabaseURL, log, w.wakeUp, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, log, w.runsAnnounced, w.cancelLocal)
 	err = w.run(ctx, true)
 	n.close()
 	return err

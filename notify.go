@@ -19,7 +19,7 @@ import (
 type notifier struct {
 	l         *pq.Listener
 	log       *slog.Logger
-	onRuns    func()
+	onRuns    func(origin string) // origin: the announcing worker's id, or "" (anyone may claim)
 	onCancel  func(runID string)
 	listening atomic.Bool
 	done      chan struct{}
@@ -35,7 +35,7 @@ type notifier struct {
 var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_events", "agentapp_status"}
 
 // newNotifier connects in the background; it never blocks start-up on the database.
-func newNotifier(dsn string, log *slog.Logger, onRuns func(), onCancel func(string)) *notifier {
+func newNotifier(dsn string, log *slog.Logger, onRuns func(origin string), onCancel func(string)) *notifier {
 	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, done: make(chan struct{}),
 		waiters: map[string][]chan struct{}{}, watchers: map[string]map[*watcher]bool{}}
 	n.l = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, n.event)
@@ -74,20 +74,20 @@ func (n *notifier) run() {
 	n.listening.Store(true)
 	n.log.Info("listening for notifications")
 	// Whatever was notified before LISTEN took effect went unheard, as after a reconnect.
-	n.onRuns()
+	n.onRuns("")
 	n.wakeAll()
 	n.pokeAll(true)
 	for msg := range n.l.Notify {
 		if msg == nil {
 			// Reconnected: notifications may have been missed meanwhile.
-			n.onRuns()
+			n.onRuns("")
 			n.wakeAll()
 			n.pokeAll(true)
 			continue
 		}
 		switch msg.Channel {
 		case "agentapp_runs":
-			n.onRuns()
+			n.onRuns(msg.Extra)
 		case "agentapp_cancel":
 			for run := range strings.FieldsSeq(msg.Extra) {
 				n.onCancel(run)

@@ -320,6 +320,15 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	return nil
 }
 
+// runsAnnounced is told that runs became claimable, by origin (a worker id; "" for a
+// trigger's notification or a reconnect). Its own announcements are ignored: the worker
+// was woken when it made them.
+func (w *worker) runsAnnounced(origin string) {
+	if origin != w.id {
+		w.wakeUp()
+	}
+}
+
 // wakeUp asks the loop for a cycle as soon as the current one (if any) ends.
 func (w *worker) wakeUp() {
 	select {
