@@ -416,3 +416,59 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	a.waitRunStatus(t, f.ws1, run.ID, "succeeded", 60*time.Second)
 	a.waitRunStatus(t, f.ws1, f.due, "succeeded", 60*time.Second)
 }
+
+// TestUpgradeFromLastRelease: a database made and filled by the release before this one
+// (testdata/schema-v2.sql: row triggers that notified per row, the workspace-leading
+// listing index, random run ids) gets, once the new binary has migrated it, exactly the
+// schema a new database gets; its rows and counters are intact, its queued run executes,
+// and a run created now is answered by ?wait_ms as soon as it is final.
+func TestUpgradeFromLastRelease(t *testing.T) {
+	t.Parallel()
+	fresh := upSchema(t, openTestDB(t, testDB(t)))
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
+		t.Fatal(err)
+	}
+	v2, err := os.ReadFile("testdata/schema-v2.sql")
+	if err != nil {
+		t.Fatalf("read testdata/schema-v2.sql: got %v; want the last release's schema", err)
+	}
+	if err := upApply(db, string(v2)); err != nil {
+		t.Fatalf("apply testdata/schema-v2.sql to an empty database: got %v; want it applied", err)
+	}
+	ws := testWorkspace{APIKey: "ak_upgrade_key_last_0123456789"}
+	h := sha256.Sum256([]byte(ws.APIKey))
+	var queued string
+	err = db.QueryRow(`WITH w AS (INSERT INTO workspaces (name, api_key_hash) VALUES ('last release', $1) RETURNING id),
+		a AS (INSERT INTO agents (workspace_id, name, kind) SELECT id, 'echo', 'echo' FROM w RETURNING id, workspace_id),
+		done AS (INSERT INTO runs (workspace_id, agent_id, status, input, output, attempt, started_at, finished_at)
+		         SELECT workspace_id, id, 'succeeded', '1', '1', 1, now(), now() FROM a)
+		INSERT INTO runs (workspace_id, agent_id, input) SELECT workspace_id, id, '{"n":2}' FROM a
+		RETURNING workspace_id, id`, h[:]).Scan(&ws.ID, &queued)
+	if err != nil {
+		t.Fatalf("fill the last release's database: %v", err)
+	}
+	env := upStartEnv(t, dsn)
+	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("agentapp migrate on the last release's database: got exit %d; want 0", code)
+	}
+	for _, d := range upDiff(fresh, upSchema(t, db)) {
+		t.Errorf("upgraded schema against a new database's: %s", d)
+	}
+
+	a := ptStart(t, env).app()
+	a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second)
+	run := a.createRun(t, ws, "echo", "after the upgrade")
+	var got runRecord
+	began := time.Now()
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"?wait_ms=30000", ws.APIKey, nil, 200, &got)
+	if took := time.Since(began); got.Status != statusSucceeded || took > 10*time.Second {
+		t.Errorf("?wait_ms=30000 on a new run after the upgrade: got %q after %v; want succeeded as soon as it is", got.Status, took)
+	}
+	var stats runStats
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/stats", ws.APIKey, nil, 200, &stats)
+	if stats.Succeeded != 3 || stats.Queued+stats.Running+stats.Failed+stats.Canceled != 0 {
+		t.Errorf("stats after the upgrade: got %+v; want 3 succeeded and nothing else", stats)
+	}
+}
