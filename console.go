@@ -806,11 +806,13 @@ func (c *console) retryRun(w http.ResponseWriter, r *http.Request, se session) {
 	attempts := 1
 	if v := r.PostForm.Get("attempts"); v != "" {
 		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > maxRunAttempts {
-			c.fail(w, r, invalid("attempts must be from 1 to %d", maxRunAttempts))
+		if err != nil {
+			n = 0 // not a number: refused as out of range
+		}
+		if err := inRange("attempts", &n, 1, maxRunAttempts, &attempts); err != nil {
+			c.fail(w, r, err)
 			return
 		}
-		attempts = n
 	}
 	run, err := c.findRun(r.Context(), se, r.PathValue("id"))
 	if err != nil {
@@ -818,9 +820,6 @@ func (c *console) retryRun(w http.ResponseWriter, r *http.Request, se session) {
 		return
 	}
 	run, err = c.s.store.retryRun(r.Context(), run.WorkspaceID, run.ID, attempts)
-	if errors.Is(err, errConflict) {
-		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, run.Status)
-	}
 	if err != nil {
 		c.fail(w, r, err)
 		return

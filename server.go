@@ -1234,17 +1234,11 @@ func (s *server) retryRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	attempts := 1
-	if req.Attempts != nil {
-		if *req.Attempts < 1 || *req.Attempts > maxRunAttempts {
-			s.fail(w, r, invalid("attempts must be from 1 to %d", maxRunAttempts))
-			return
-		}
-		attempts = *req.Attempts
+	if err := inRange("attempts", req.Attempts, 1, maxRunAttempts, &attempts); err != nil {
+		s.fail(w, r, err)
+		return
 	}
 	run, err := s.store.retryRun(r.Context(), r.PathValue("ws"), r.PathValue("id"), attempts)
-	if errors.Is(err, errConflict) {
-		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, run.Status)
-	}
 	s.answer(w, r, http.StatusOK, run, err)
 }
 

@@ -635,7 +635,7 @@ func (s *store) retryRun(ctx context.Context, ws, id string, attempts int) (runR
 	}
 	r, err = s.getRun(ctx, ws, id)
 	if err == nil {
-		err = errConflict
+		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, r.Status)
 	}
 	return r, err
 }
