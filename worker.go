@@ -587,18 +587,13 @@ func (w *worker) renewLeases(ctx context.Context, done chan struct{}) {
 		cancel()
 		if err != nil {
 			w.log.Warn("renewing leases failed", "runs", len(refs), "err", err)
-			if time.Since(held) > w.cfg.Lease {
-				for _, ref := range refs {
-					select {
-					case w.cancels <- cancelOrder{ref.ID, ref.Attempt, errLeaseLost}:
-					case <-ctx.Done():
-						return
-					}
-				}
+			if time.Since(held) <= w.cfg.Lease {
+				continue
 			}
-			continue
+			renewed = nil // none renewed for a whole lease: below, every one is lost
+		} else {
+			held = time.Now()
 		}
-		held = time.Now()
 		for _, ref := range refs {
 			cause := errLeaseLost
 			if cancelRequested, ok := renewed[ref]; ok && !cancelRequested {
