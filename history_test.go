@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -278,13 +279,19 @@ func TestRunIDsAreTimeOrdered(t *testing.T) {
 	for _, r := range batch.Runs {
 		ids, created = append(ids, r.ID), append(created, r.CreatedAt)
 	}
+	if len(ids) != 5 {
+		t.Fatalf("got %d runs; want 5", len(ids))
+	}
 	for i, id := range ids {
 		if len(id) != 36 || id[14] != '7' || !strings.ContainsRune("89ab", rune(id[19])) {
 			t.Errorf("run id %s: want a UUID of version 7 and the RFC 9562 variant", id)
 			continue
 		}
-		var ms int64
-		fmt.Sscanf(strings.ReplaceAll(id[:13], "-", ""), "%x", &ms)
+		ms, err := strconv.ParseInt(strings.ReplaceAll(id[:13], "-", ""), 16, 64)
+		if err != nil {
+			t.Errorf("run id %s: its first 48 bits: %v", id, err)
+			continue
+		}
 		if d := time.UnixMilli(ms).Sub(created[i]); d < -time.Second || d > time.Second {
 			t.Errorf("run id %s: its time is %v, %v from its created_at %v; want within 1 s",
 				id, time.UnixMilli(ms).UTC(), d, created[i])
@@ -292,9 +299,6 @@ func TestRunIDsAreTimeOrdered(t *testing.T) {
 		if i > 0 && i < 3 && id <= ids[i-1] {
 			t.Errorf("run ids %s then %s, created 3 ms apart: want the later one to sort after", ids[i-1], id)
 		}
-	}
-	if len(ids) != 5 {
-		t.Fatalf("got %d runs; want 5", len(ids))
 	}
 	if ids[3][:13] < ids[2][:13] {
 		t.Errorf("batch run id %s sorts before the earlier run %s", ids[3], ids[2])

@@ -26,12 +26,12 @@ import (
 // the due runs first, so that the test sees the scheduled one still waiting.
 const upFutureDelay = 12 * time.Second
 
-// upV1 is the previous release's schema.
-func upV1(t testing.TB) string {
+// upRelease is an earlier release's schema: "v1" the one before scheduling, "v2" the last.
+func upRelease(t testing.TB, version string) string {
 	t.Helper()
-	b, err := os.ReadFile("testdata/schema-v1.sql")
+	b, err := os.ReadFile("testdata/schema-" + version + ".sql")
 	if err != nil {
-		t.Fatalf("read testdata/schema-v1.sql: got %v; want the previous release's schema", err)
+		t.Fatalf("read testdata/schema-%s.sql: got %v; want that release's schema", version, err)
 	}
 	return string(b)
 }
@@ -222,7 +222,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
 		t.Fatal(err)
 	}
-	if err := upApply(db, upV1(t)); err != nil {
+	if err := upApply(db, upRelease(t, "v1")); err != nil {
 		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
 	}
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -375,7 +375,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
 		t.Fatal(err)
 	}
-	if err := upApply(db, upV1(t)); err != nil {
+	if err := upApply(db, upRelease(t, "v1")); err != nil {
 		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
 	}
 	f := upFill(t, db, "http://127.0.0.1:1/unused")
@@ -389,7 +389,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	// again and replaces the update trigger's function with its own, which reads
 	// run_after. Rows are untouched; until a new binary starts again, putting a run back
 	// to queued fails (shown here in a transaction rolled back).
-	err := upApply(db, upV1(t))
+	err := upApply(db, upRelease(t, "v1"))
 	t.Logf("the previous release's schema applied to the upgraded database: error %v", err)
 	tx, err := db.Begin()
 	if err != nil {
@@ -430,17 +430,13 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
 		t.Fatal(err)
 	}
-	v2, err := os.ReadFile("testdata/schema-v2.sql")
-	if err != nil {
-		t.Fatalf("read testdata/schema-v2.sql: got %v; want the last release's schema", err)
-	}
-	if err := upApply(db, string(v2)); err != nil {
+	if err := upApply(db, upRelease(t, "v2")); err != nil {
 		t.Fatalf("apply testdata/schema-v2.sql to an empty database: got %v; want it applied", err)
 	}
 	ws := testWorkspace{APIKey: "ak_upgrade_key_last_0123456789"}
 	h := sha256.Sum256([]byte(ws.APIKey))
 	var queued string
-	err = db.QueryRow(`WITH w AS (INSERT INTO workspaces (name, api_key_hash) VALUES ('last release', $1) RETURNING id),
+	err := db.QueryRow(`WITH w AS (INSERT INTO workspaces (name, api_key_hash) VALUES ('last release', $1) RETURNING id),
 		a AS (INSERT INTO agents (workspace_id, name, kind) SELECT id, 'echo', 'echo' FROM w RETURNING id, workspace_id),
 		done AS (INSERT INTO runs (workspace_id, agent_id, status, input, output, attempt, started_at, finished_at)
 		         SELECT workspace_id, id, 'succeeded', '1', '1', 1, now(), now() FROM a)
