@@ -16,6 +16,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -34,6 +35,35 @@ var (
 type store struct {
 	db     *sql.DB
 	events eventKeys // signs the events tokens of claimed runs; zero: none (events.go)
+	stmts  sync.Map  // query text -> *sql.Stmt: the worker's and enqueue's statements (prepared)
+}
+
+// prepared returns query prepared for the pool, preparing it on first use. A statement sent
+// unprepared is parsed, analysed and planned again at every call: for a single-run insert
+// that was about a third of PostgreSQL's time. database/sql prepares it again on each
+// connection it runs on, and after a reconnect.
+func (s *store) prepared(ctx context.Context, query string) (*sql.Stmt, error) {
+	if st, ok := s.stmts.Load(query); ok {
+		return st.(*sql.Stmt), nil
+	}
+	st, err := s.db.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if earlier, loaded := s.stmts.LoadOrStore(query, st); loaded {
+		st.Close()
+		return earlier.(*sql.Stmt), nil
+	}
+	return st, nil
+}
+
+// queryPrepared runs query, prepared, with args.
+func (s *store) queryPrepared(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	st, err := s.prepared(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return st.QueryContext(ctx, args...)
 }
 
 // openDB opens a pool for dsn (already checked by loadConfig) with at most maxConns
@@ -420,7 +450,7 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 	if n.IdempotencyKey != "" {
 		key = n.IdempotencyKey
 	}
-	row := s.db.QueryRowContext(ctx, `
+	st, err := s.prepared(ctx, `
 		WITH ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
 			                  priority, run_at, timeout_ms)
@@ -429,8 +459,11 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 			RETURNING *
 		)
-		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`,
-		ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
+		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`)
+	if err != nil {
+		return r, false, err
+	}
+	row := st.QueryRowContext(ctx, ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
 		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS, newRunID())
 	r, err = scanRun(row)
 	if err == nil {
@@ -512,7 +545,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 		runIDs[i], ids[i], inputs[i], maxes[i] = newRunID(), id, string(n.Input), int64(n.MaxAttempts)
 		priorities[i], runAts[i], delays[i], timeouts[i] = int64(n.Priority), timeArg(n.RunAt), n.DelayMS, int64(n.TimeoutMS)
 	}
-	rows, err = s.db.QueryContext(ctx, `
+	rows, err = s.queryPrepared(ctx, `
 		WITH ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
 			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`,
@@ -762,7 +795,7 @@ func (s *store) claim(ctx context.Context, workerID string, limit int, ws string
 		wsArg = ws
 	}
 	var res claimResult
-	rows, err := s.db.QueryContext(ctx, `SELECT kind, id, workspace_id, attempt, input, agent_name, agent_kind,
+	rows, err := s.queryPrepared(ctx, `SELECT kind, id, workspace_id, attempt, input, agent_name, agent_kind,
 		agent_config, timeout_ms, next_due FROM agentapp_claim($1, $2, $3, $4, $5)`,
 		workerID, limit, wsArg, lease.Milliseconds(), recoverLeases)
 	if err != nil {
@@ -816,7 +849,7 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 	for i, r := range refs {
 		ids[i], attempts[i] = r.ID, int64(r.Attempt)
 	}
-	rows, err := s.db.QueryContext(ctx, `
+	rows, err := s.queryPrepared(ctx, `
 		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
 		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
 		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
@@ -861,7 +894,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			outputs[i] = string(o.Output)
 		}
 	}
-	rows, err := s.db.QueryContext(ctx, `
+	rows, err := s.queryPrepared(ctx, `
 		UPDATE runs r SET
 			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
