@@ -41,6 +41,7 @@ const (
 	chaosMaxDelay        = 500 * time.Millisecond
 	chaosHangMax         = 30 * time.Second // a hanging answer ends only when its connection dies, or after this
 	chaosCap             = 2                // max_concurrency of the capped agents
+	chaosDeadConnGrace   = 100 * time.Millisecond
 	chaosFaultEvery      = 3 * time.Second  // the controller's pace
 	chaosOutage          = 4 * time.Second  // PostgreSQL down this long: past the lease, so leases expire meanwhile
 	chaosLeaseGrace      = 10 * time.Second // an expired lease not recovered after this (PostgreSQL up) is a violation
@@ -130,7 +131,8 @@ type chaosHook struct {
 // server watch the connection, so that a request whose connection dies (a killed
 // process, a timeout, a cancel) ends at once. A delivery ends when its handler returns,
 // or earlier when an arrival finds its connection dead: that way an end and the arrival
-// it made room for are never ordered by which handler the scheduler ran first.
+// it made room for are never ordered by which handler the scheduler ran first (see
+// awaitDeadConns for the connection whose death is not seen yet).
 func (h *chaosHook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		RunID       string `json:"run_id"`
@@ -162,6 +164,9 @@ func (h *chaosHook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		d.fault = chaosBadOutput
 	}
 	h.mu.Lock()
+	if d.agent == "capped" {
+		h.awaitDeadConns(d)
+	}
 	for o := range h.open {
 		if o.ctx.Err() != nil {
 			o.end = time.Now()
@@ -218,6 +223,32 @@ func (h *chaosHook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, answer)
+	}
+}
+
+// awaitDeadConns is called, with h.mu held, when a delivery of a capped agent arrives
+// while as many of its agent's deliveries as the cap are open: it waits up to
+// chaosDeadConnGrace for one of them to be seen dead. A worker closes an attempt's
+// connection before it writes the outcome that frees the slot, but the HTTP server sees
+// the close only once that connection's goroutine has run, which on a loaded machine
+// can come after the next delivery it made room for. An open delivery whose connection
+// is alive is never waited out: a real excess still counts.
+func (h *chaosHook) awaitDeadConns(d *chaosDelivery) {
+	deadline := time.Now().Add(chaosDeadConnGrace)
+	for {
+		open, dead := 0, false
+		for o := range h.open {
+			if o.ws == d.ws && o.agent == d.agent {
+				open++
+				dead = dead || o.ctx.Err() != nil
+			}
+		}
+		if open < chaosCap || dead || time.Now().After(deadline) {
+			return
+		}
+		h.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		h.mu.Lock()
 	}
 }
 
