@@ -158,6 +158,18 @@ BEGIN
     END IF;
 END $$;
 
+-- agentapp_queue_head is the head of an agent's queue as a claim sees it: up to p_n of its
+-- due runs, lower priority first, then the earliest due, leaving out p_skip. One SELECT in
+-- SQL, so that the planner inlines it into the claim's statements.
+CREATE OR REPLACE FUNCTION agentapp_queue_head(p_agent uuid, p_skip uuid[], p_n integer)
+RETURNS TABLE (id uuid, priority smallint, run_at timestamptz, seq bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
+    WHERE r.agent_id = p_agent AND r.status = 'queued' AND r.run_at <= now() AND r.id <> ALL (p_skip)
+    ORDER BY r.priority, r.run_at, r.seq
+    LIMIT p_n
+$$;
+
 -- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
 --  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
 --  2. up to p_limit due runs are claimed for worker p_worker. Workspaces take turns: the
@@ -262,12 +274,7 @@ BEGIN
                     SELECT w.id FROM workspaces w WHERE p_workspace IS NULL OR w.id = p_workspace
                     ORDER BY w.served_at, w.id) ws
                 CROSS JOIN LATERAL (
-                    SELECT r.id FROM agents a CROSS JOIN LATERAL (
-                        SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-                        WHERE r.agent_id = a.id AND r.status = 'queued' AND r.run_at <= now()
-                          AND r.id <> ALL (v_skipped)
-                        ORDER BY r.priority, r.run_at, r.seq
-                        LIMIT 1) r
+                    SELECT r.id FROM agents a CROSS JOIN LATERAL agentapp_queue_head(a.id, v_skipped, 1) r
                     WHERE a.workspace_id = ws.id AND NOT a.paused
                       AND (a.max_concurrency IS NULL
                            OR (a.id = ANY (v_capped) AND a.max_concurrency > (SELECT count(*) FROM runs x
@@ -289,12 +296,7 @@ BEGIN
                   AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped))
             ), cand AS (
                 SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
-                FROM elig e CROSS JOIN LATERAL (
-                    SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-                    WHERE r.agent_id = e.agent_id AND r.status = 'queued' AND r.run_at <= now()
-                      AND r.id <> ALL (v_skipped)
-                    ORDER BY r.priority, r.run_at, r.seq
-                    LIMIT e.room) c
+                FROM elig e CROSS JOIN LATERAL agentapp_queue_head(e.agent_id, v_skipped, e.room) c
                 WHERE e.room > 0
             )
             SELECT ARRAY(
