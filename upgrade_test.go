@@ -421,7 +421,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 // (testdata/schema-v2.sql: row triggers that notified per row, the workspace-leading
 // listing index, random run ids) gets, once the new binary has migrated it, exactly the
 // schema a new database gets; its rows and counters are intact, its queued run executes,
-// and a run created now is answered by ?wait_ms as soon as it is final.
+// and a long poll on a run created now answers as soon as the run is final.
 func TestUpgradeFromLastRelease(t *testing.T) {
 	t.Parallel()
 	fresh := upSchema(t, openTestDB(t, testDB(t)))
@@ -455,12 +455,16 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 
 	a := ptStart(t, env).app()
 	a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second)
-	run := a.createRun(t, ws, "echo", "after the upgrade")
+	// Due a second from now, so that the long poll is waiting when the run ends: it can
+	// only answer early through the new status notifications.
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
+		map[string]any{"agent": "echo", "input": "after the upgrade", "delay_ms": 1000}, 201, &run)
 	var got runRecord
 	began := time.Now()
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"?wait_ms=30000", ws.APIKey, nil, 200, &got)
-	if took := time.Since(began); got.Status != statusSucceeded || took > 10*time.Second {
-		t.Errorf("?wait_ms=30000 on a new run after the upgrade: got %q after %v; want succeeded as soon as it is", got.Status, took)
+	if took := time.Since(began); got.Status != statusSucceeded || took < 900*time.Millisecond || took > 10*time.Second {
+		t.Errorf("?wait_ms=30000 on a run due 1 s after the upgrade: got %q after %v; want succeeded once it ran, after about 1 s", got.Status, took)
 	}
 	var stats runStats
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/stats", ws.APIKey, nil, 200, &stats)
