@@ -26,6 +26,18 @@ import (
 // the due runs first, so that the test sees the scheduled one still waiting.
 const upFutureDelay = 12 * time.Second
 
+// upMadeBy empties db's public schema and applies an earlier release's schema to it, as
+// that release would have made the database.
+func upMadeBy(t testing.TB, db *sql.DB, version string) {
+	t.Helper()
+	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
+		t.Fatal(err)
+	}
+	if err := upApply(db, upRelease(t, version)); err != nil {
+		t.Fatalf("apply testdata/schema-%s.sql to an empty database: got %v; want it applied", version, err)
+	}
+}
+
 // upRelease is an earlier release's schema: "v1" the one before scheduling, "v2" the last.
 func upRelease(t testing.TB, version string) string {
 	t.Helper()
@@ -219,12 +231,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	// testDB applied today's schema: start from the empty database the previous release met.
-	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
-		t.Fatal(err)
-	}
-	if err := upApply(db, upRelease(t, "v1")); err != nil {
-		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
-	}
+	upMadeBy(t, db, "v1")
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"from":"hook"}`)
@@ -372,12 +379,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
-		t.Fatal(err)
-	}
-	if err := upApply(db, upRelease(t, "v1")); err != nil {
-		t.Fatalf("apply testdata/schema-v1.sql to an empty database: got %v; want it applied", err)
-	}
+	upMadeBy(t, db, "v1")
 	f := upFill(t, db, "http://127.0.0.1:1/unused")
 	env := upStartEnv(t, dsn)
 	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
@@ -427,12 +429,7 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 	fresh := upSchema(t, openTestDB(t, testDB(t)))
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	if _, err := db.Exec(`DROP SCHEMA public CASCADE; CREATE SCHEMA public`); err != nil {
-		t.Fatal(err)
-	}
-	if err := upApply(db, upRelease(t, "v2")); err != nil {
-		t.Fatalf("apply testdata/schema-v2.sql to an empty database: got %v; want it applied", err)
-	}
+	upMadeBy(t, db, "v2")
 	ws := testWorkspace{APIKey: "ak_upgrade_key_last_0123456789"}
 	h := sha256.Sum256([]byte(ws.APIKey))
 	var queued string
