@@ -442,7 +442,7 @@ func readContext(ctx context.Context, ending bool) (context.Context, context.Can
 // stream must end now (the client left, or a write failed).
 func (s *server) waitStream(ctx context.Context, wake <-chan struct{}, keepAlive <-chan time.Time, sse *sseWriter) (ending, ok bool) {
 	var poll <-chan time.Time
-	if s.notifier == nil || !s.notifier.listening.Load() {
+	if s.notifier == nil || !s.notifier.hears() {
 		t := time.NewTimer(streamPoll)
 		defer t.Stop()
 		poll = t.C

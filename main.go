@@ -164,7 +164,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	}
 	m := newMetrics()
 	w := newWorker(&store{db: workerDB, events: st.events}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
-	n := newNotifier(cfg.DatabaseURL, log, w.runsAnnounced, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
@@ -247,7 +247,7 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 		}
 		return json.NewEncoder(stdout).Encode(s)
 	}
-	n := newNotifier(cfg.DatabaseURL, log, w.runsAnnounced, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal)
 	err = w.run(ctx, true)
 	n.close()
 	return err

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"database/sql"
 	"errors"
 	"log/slog"
 	"net"
@@ -24,23 +26,153 @@ type notifier struct {
 	listening atomic.Bool
 	done      chan struct{}
 
+	stopRefresh, refreshDone chan struct{}
+
 	mu      sync.Mutex
 	waiters map[string][]chan struct{} // run id → requests waiting for it to be final
 
 	wmu      sync.Mutex
 	watchers map[string]map[*watcher]bool // "run:" or "ws:" + id → open streams (events.go)
+
+	// Run status changes are notified only while some process lists itself in
+	// status_listeners (schema.sql): this one does before its first waiter or stream reads.
+	db       *sql.DB
+	id       string      // this process's row in status_listeners: its worker id
+	umu      sync.Mutex  // held by use, release and the refresh
+	users    int         // waiters and streams now
+	lastUser time.Time   // when the last one ended
+	listed   atomic.Bool // this process's row is in status_listeners
+	failedAt time.Time   // when listing last failed; zero: it has not since it last worked
 }
+
+// statusListenerTTL is how long a status_listeners row lasts without a refresh (a process
+// that ended without deleting its row), and how long a process stays listed after its last
+// waiter or stream ended, so that a steady trickle of ?wait_ms requests lists it once.
+const statusListenerTTL = time.Minute
 
 // notifyChannels are the channels schema.sql's triggers notify.
 var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_events", "agentapp_status"}
 
-// newNotifier connects in the background; it never blocks start-up on the database.
-func newNotifier(dsn string, log *slog.Logger, onRuns func(origin string), onCancel func(string)) *notifier {
+// newNotifier connects in the background; it never blocks start-up on the database. db
+// and id serve its row in status_listeners.
+func newNotifier(dsn string, db *sql.DB, id string, log *slog.Logger, onRuns func(origin string), onCancel func(string)) *notifier {
 	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, done: make(chan struct{}),
-		waiters: map[string][]chan struct{}{}, watchers: map[string]map[*watcher]bool{}}
+		waiters: map[string][]chan struct{}{}, watchers: map[string]map[*watcher]bool{}, db: db, id: id,
+		stopRefresh: make(chan struct{}), refreshDone: make(chan struct{})}
 	n.l = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, n.event)
 	go n.run()
+	go n.refresh()
 	return n
+}
+
+// hears reports whether run status changes reach this process now: its LISTEN connection is
+// up and it is listed. Waiters and streams poll otherwise.
+func (n *notifier) hears() bool { return n.listening.Load() && n.listed.Load() }
+
+// use counts a waiter or stream in; before it reads anything, this process is listed, so
+// that every change committed after that read is notified. A failed listing leaves it
+// polling (hears is false) until the refresh lists it.
+func (n *notifier) use() {
+	n.umu.Lock()
+	defer n.umu.Unlock()
+	n.users++
+	if !n.listed.Load() && time.Since(n.failedAt) >= time.Second {
+		n.list()
+	}
+}
+
+// release counts a waiter or stream out.
+func (n *notifier) release() {
+	n.umu.Lock()
+	defer n.umu.Unlock()
+	n.users--
+	n.lastUser = time.Now()
+}
+
+// list inserts this process's row into status_listeners (umu held). The claims and outcome
+// writes that decided not to notify before the row was visible may still be committing: the
+// lock waits for every write of runs in progress to end, so that a read after the listing
+// sees what they wrote.
+func (n *notifier) list() {
+	ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+	defer cancel()
+	err := func() error {
+		tx, err := n.db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		if _, err := tx.ExecContext(ctx, `INSERT INTO status_listeners (id) VALUES ($1)
+			ON CONFLICT (id) DO UPDATE SET refreshed_at = now()`, n.id); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `LOCK TABLE runs IN SHARE MODE`); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
+		if n.failedAt.IsZero() {
+			// An outage is logged by whoever meets it first; this only adds to it.
+			level := slog.LevelWarn
+			if isUnavailable(err) {
+				level = slog.LevelDebug
+			}
+			n.log.Log(ctx, level, "could not ask for run status notifications; waiters and streams poll meanwhile", "err", err)
+		}
+		n.failedAt = time.Now()
+		return
+	}
+	n.failedAt = time.Time{}
+	n.listed.Store(true)
+}
+
+// refresh keeps this process's row while it has waiters or streams (and statusListenerTTL
+// after), removing other processes' expired rows on the way, and deletes it afterwards. A
+// row found missing (removed while this process could not reach the database) is listed
+// again, and everyone waiting re-reads: changes may have gone unnotified meanwhile.
+func (n *notifier) refresh() {
+	defer close(n.refreshDone)
+	ticker := time.NewTicker(statusListenerTTL / 6)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-n.stopRefresh:
+			if n.listed.Load() {
+				ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+				n.db.ExecContext(ctx, `DELETE FROM status_listeners WHERE id = $1`, n.id)
+				cancel()
+			}
+			return
+		case <-ticker.C:
+		}
+		n.umu.Lock()
+		wanted := n.users > 0 || time.Since(n.lastUser) < statusListenerTTL
+		ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+		switch {
+		case wanted && n.listed.Load():
+			var kept bool
+			err := n.db.QueryRowContext(ctx, `
+				WITH expired AS (
+					DELETE FROM status_listeners WHERE refreshed_at < now() - $2 * interval '1 millisecond' AND id <> $1)
+				UPDATE status_listeners SET refreshed_at = now() WHERE id = $1 RETURNING true`,
+				n.id, statusListenerTTL.Milliseconds()).Scan(&kept)
+			if errors.Is(err, sql.ErrNoRows) {
+				n.listed.Store(false)
+				n.list()
+				n.wakeAll()
+				n.pokeAll(true)
+			}
+		case wanted:
+			n.list() // the listing at use failed
+		case n.listed.Load():
+			if _, err := n.db.ExecContext(ctx, `DELETE FROM status_listeners WHERE id = $1`, n.id); err == nil {
+				n.listed.Store(false)
+			}
+		}
+		cancel()
+		n.umu.Unlock()
+	}
 }
 
 // event is called by the listener on connection changes; it must not block.
@@ -123,11 +255,13 @@ func (n *notifier) statusChanged(payload string) {
 // subscribe returns a channel closed when the run may have become final (or when
 // notifications were interrupted), and a function to call when no longer waiting.
 func (n *notifier) subscribe(runID string) (<-chan struct{}, func()) {
+	n.use()
 	ch := make(chan struct{})
 	n.mu.Lock()
 	n.waiters[runID] = append(n.waiters[runID], ch)
 	n.mu.Unlock()
 	return ch, func() {
+		defer n.release()
 		n.mu.Lock()
 		defer n.mu.Unlock()
 		list := n.waiters[runID]
@@ -156,10 +290,12 @@ func (n *notifier) wakeAll() {
 	}
 }
 
-// close stops listening and wakes every waiter.
+// close stops listening, deletes this process's status_listeners row and wakes every waiter.
 func (n *notifier) close() {
 	n.l.Close()
 	<-n.done
+	close(n.stopRefresh)
+	<-n.refreshDone
 	n.listening.Store(false)
 	n.wakeAll()
 	n.pokeAll(false) // streams poll from now on
@@ -214,6 +350,7 @@ func (w *watcher) take() ([]string, bool) {
 
 // watch subscribes to key ("run:<id>" or "ws:<id>") until the returned function is called.
 func (n *notifier) watch(key string) (*watcher, func()) {
+	n.use()
 	w := &watcher{wake: make(chan struct{}, 1), runs: map[string]bool{}}
 	n.wmu.Lock()
 	if n.watchers[key] == nil {
@@ -222,6 +359,7 @@ func (n *notifier) watch(key string) (*watcher, func()) {
 	n.watchers[key][w] = true
 	n.wmu.Unlock()
 	return w, func() {
+		defer n.release()
 		n.wmu.Lock()
 		defer n.wmu.Unlock()
 		delete(n.watchers[key], w)

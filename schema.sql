@@ -370,12 +370,29 @@ END $$;
 -- An UPDATE sends them once per statement, 90 runs to a notification (a payload holds
 -- 8000 bytes), not once per row: a claim or an outcome write of 100 runs sends 2, not
 -- 200 (a notification per row cost a drain about a fifth of its speed, measured).
+--
+-- agentapp_status is sent only while a process is listed in status_listeners: one that has a
+-- request waiting on a run (?wait_ms) or a stream open, or had one within the last minute.
+-- Nobody else needs it, and it costs: PostgreSQL commits notifying transactions one after
+-- another, each holding its notification lock through its WAL flush, and queues every
+-- payload (a drain of 10,000 runs sent 1.7 MB). A process lists itself before it reads, in
+-- a transaction that waits for the writes of runs in progress (LOCK … IN SHARE MODE), so a
+-- change that was not notified has committed before that read.
+CREATE TABLE IF NOT EXISTS status_listeners (
+    id           text PRIMARY KEY, -- the process's worker id
+    refreshed_at timestamptz NOT NULL DEFAULT now() -- every 10 s; removed a minute after the last
+);
+
 CREATE OR REPLACE FUNCTION agentapp_runs_notify_changes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_channel text;
     v_payload text;
+    v_status  boolean := EXISTS (SELECT 1 FROM status_listeners);
 BEGIN
+    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w WHERE w.status = 'queued' OR w.cancel_requested) THEN
+        RETURN NULL; -- no status wanted, nothing claimable, no cancel: the common claim and outcome write
+    END IF;
     -- One join of the old rows to the new ones serves all three channels.
     FOR v_channel, v_payload IN
         WITH d AS (
@@ -386,7 +403,7 @@ BEGIN
         SELECT 'agentapp_status', string_agg(c.entry, ' ') FROM (
             SELECT d.workspace_id::text || ':' || d.id::text || ':' || d.status AS entry,
                    (row_number() OVER () - 1) / 90 AS chunk
-            FROM d WHERE d.status <> d.was) c
+            FROM d WHERE v_status AND d.status <> d.was) c
         GROUP BY c.chunk
         UNION ALL
         -- Claimable now or later (retried, requeued, recovered): idle workers learn when.

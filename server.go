@@ -1187,7 +1187,7 @@ func (s *server) waitRun(ctx context.Context, ws, id string, wait time.Duration)
 			return r, err
 		}
 		recheck := remaining
-		if s.notifier == nil || !s.notifier.listening.Load() {
+		if s.notifier == nil || !s.notifier.hears() {
 			recheck = min(remaining, 500*time.Millisecond)
 		}
 		t := time.NewTimer(recheck)

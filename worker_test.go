@@ -978,7 +978,8 @@ func TestWorkerSlots(t *testing.T) {
 func TestWorkerNotifierWakesOnceListening(t *testing.T) {
 	t.Parallel()
 	woken := make(chan struct{}, 1)
-	n := newNotifier(testDB(t), testLogger(t), func(string) {
+	dsn := testDB(t)
+	n := newNotifier(dsn, openTestDB(t, dsn), "test-notifier", testLogger(t), func(string) {
 		select {
 		case woken <- struct{}{}:
 		default:

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// statusListener LISTENs on agentapp_status from the test, as another process would.
+func statusListener(t *testing.T, dsn string) <-chan *pq.Notification {
+	t.Helper()
+	l := pq.NewListener(dsn, 10*time.Millisecond, time.Second, nil)
+	t.Cleanup(func() { l.Close() })
+	if err := l.Listen("agentapp_status"); err != nil {
+		t.Fatal(err)
+	}
+	return l.Notify
+}
+
+// countListed is the number of rows in status_listeners.
+func countListed(t *testing.T, db *sql.DB) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(`SELECT count(*) FROM status_listeners`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestStatusNotifiedOnlyWhileListened: with no process waiting on a run or streaming, the
+// worker's claims and outcome writes notify no agentapp_status; once a request waits with
+// ?wait_ms, its process is listed and the changes are notified (and answer it at once).
+func TestStatusNotifiedOnlyWhileListened(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	db := openTestDB(t, dsn)
+	heard := statusListener(t, dsn)
+
+	r := a.createRun(t, ws, "echo", "quiet")
+	a.waitRunStatus(t, ws, r.ID, "succeeded", 20*time.Second)
+	select {
+	case msg := <-heard:
+		t.Errorf("agentapp_status with no waiter or stream: got %q; want no notification", msg.Extra)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if n := countListed(t, db); n != 0 {
+		t.Errorf("status_listeners before any waiter: got %d rows; want 0", n)
+	}
+
+	var due runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
+		map[string]any{"agent": "echo", "input": "heard", "delay_ms": 500}, 201, &due)
+	began := time.Now()
+	var got runRecord
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+due.ID+"?wait_ms=20000", ws.APIKey, nil, 200, &got)
+	took := time.Since(began)
+	if got.Status != statusSucceeded || took > 10*time.Second {
+		t.Errorf("?wait_ms=20000 on a run due in 500 ms: got %s after %s; want succeeded well before the deadline", got.Status, took)
+	}
+	if n := countListed(t, db); n != 1 {
+		t.Errorf("status_listeners after a waiter: got %d rows; want 1 (the process, for a minute after)", n)
+	}
+	want := map[string]bool{ws.ID + ":" + due.ID + ":running": true, ws.ID + ":" + due.ID + ":succeeded": true}
+	deadline := time.After(10 * time.Second)
+	for len(want) > 0 {
+		select {
+		case msg := <-heard:
+			for _, e := range strings.Fields(msg.Extra) {
+				delete(want, e)
+			}
+		case <-deadline:
+			t.Fatalf("agentapp_status while a process is listed: still missing %v after 10s", want)
+		}
+	}
+}
+
+// TestStatusListingWaitsForWritesInProgress: a write of runs that decided not to notify (no
+// process was listed) but has not committed yet must not be missed by a waiter that lists
+// its process meanwhile: the listing waits for that write to end, so the waiter's first read
+// sees it.
+func TestStatusListingWaitsForWritesInProgress(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil)) // no embedded worker: the test is the only writer
+	ws := a.createWorkspace(t)
+	r := a.createRun(t, ws, "echo", "in progress")
+	db := openTestDB(t, dsn)
+
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`UPDATE runs SET status = 'canceled', error = 'canceled by the test', finished_at = now()
+		WHERE id = $1`, r.ID); err != nil {
+		t.Fatal(err)
+	}
+	type answer struct {
+		run  runRecord
+		err  error
+		took time.Duration
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		began := time.Now()
+		status, _, body, err := send(http.DefaultClient, "GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+r.ID+"?wait_ms=15000",
+			ws.APIKey, nil, nil)
+		var got runRecord
+		if err == nil && status != 200 {
+			err = fmt.Errorf("status %d: %s", status, body)
+		}
+		if err == nil {
+			err = json.Unmarshal(body, &got)
+		}
+		answered <- answer{got, err, time.Since(began)}
+	}()
+	select {
+	case got := <-answered:
+		t.Fatalf("?wait_ms answered before the write in progress committed: %+v", got)
+	case <-time.After(500 * time.Millisecond):
+	}
+	committed := time.Now()
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	got := <-answered
+	if got.err != nil {
+		t.Fatal(got.err)
+	}
+	if after := time.Since(committed); got.run.Status != statusCanceled || after > 5*time.Second {
+		t.Errorf("?wait_ms=15000: got %s, %s after the commit (%s in all); want canceled at once", got.run.Status, after, got.took)
+	}
+}
