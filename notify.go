@@ -106,6 +106,12 @@ func (n *notifier) list() {
 			ON CONFLICT (id) DO UPDATE SET refreshed_at = now()`, n.id); err != nil {
 			return err
 		}
+		// Bounded: writes of runs queue behind the lock while it waits (behind a session
+		// left idle in a transaction, for one); past it, waiters poll and the listing is
+		// tried again.
+		if _, err := tx.ExecContext(ctx, `SET LOCAL lock_timeout = '200ms'`); err != nil {
+			return err
+		}
 		if _, err := tx.ExecContext(ctx, `LOCK TABLE runs IN SHARE MODE`); err != nil {
 			return err
 		}

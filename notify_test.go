@@ -125,7 +125,7 @@ func TestStatusListingWaitsForWritesInProgress(t *testing.T) {
 	select {
 	case got := <-answered:
 		t.Fatalf("?wait_ms answered before the write in progress committed: %+v", got)
-	case <-time.After(500 * time.Millisecond):
+	case <-time.After(150 * time.Millisecond): // within the listing's lock_timeout
 	}
 	committed := time.Now()
 	if err := tx.Commit(); err != nil {
@@ -137,5 +137,58 @@ func TestStatusListingWaitsForWritesInProgress(t *testing.T) {
 	}
 	if after := time.Since(committed); got.run.Status != statusCanceled || after > 5*time.Second {
 		t.Errorf("?wait_ms=15000: got %s, %s after the commit (%s in all); want canceled at once", got.run.Status, after, got.took)
+	}
+	if n := countListed(t, db); n != 1 {
+		t.Errorf("status_listeners: got %d rows; want the process listed (the listing waited for the write, not timed out)", n)
+	}
+}
+
+// TestStatusListingGivesWayToIdleTransactions: a session idle in a transaction that wrote
+// runs would hold the listing's lock off indefinitely, and every write of runs would queue
+// behind the waiting lock. The listing gives up after its lock_timeout instead: new runs are
+// accepted meanwhile, and the waiter polls, answering soon after the commit.
+func TestStatusListingGivesWayToIdleTransactions(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil))
+	ws := a.createWorkspace(t)
+	r := a.createRun(t, ws, "echo", "held")
+	db := openTestDB(t, dsn)
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`UPDATE runs SET status = 'canceled', error = 'canceled by the test', finished_at = now()
+		WHERE id = $1`, r.ID); err != nil {
+		t.Fatal(err)
+	}
+	answered := make(chan runRecord, 1)
+	go func() {
+		var got runRecord
+		_, _, body, err := send(http.DefaultClient, "GET", a.base+"/v1/workspaces/"+ws.ID+"/runs/"+r.ID+"?wait_ms=20000",
+			ws.APIKey, nil, nil)
+		if err == nil {
+			err = json.Unmarshal(body, &got)
+		}
+		if err != nil {
+			t.Error(err)
+		}
+		answered <- got
+	}()
+	time.Sleep(100 * time.Millisecond) // the listing is waiting for the lock
+	began := time.Now()
+	a.createRun(t, ws, "echo", "not held up")
+	if took := time.Since(began); took > 2*time.Second {
+		t.Errorf("POST …/runs while a listing waited on an idle transaction: took %s; want it not held up for long", took)
+	}
+	time.Sleep(time.Second)
+	committed := time.Now()
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	got := <-answered
+	if after := time.Since(committed); got.Status != statusCanceled || after > 5*time.Second {
+		t.Errorf("?wait_ms=20000: got %s %s after the commit; want canceled soon after it (the waiter polls)", got.Status, after)
 	}
 }
