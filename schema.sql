@@ -89,7 +89,17 @@ END $$;
 CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
 -- An agent's running runs, counted against its max_concurrency.
 CREATE INDEX IF NOT EXISTS runs_running_agent_idx ON runs (agent_id) WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS runs_running_lease_idx ON runs (lease_expires_at) WHERE status = 'running';
+-- Running runs by lease, an earlier release's index, is dropped: the recovery of expired
+-- leases reads the running runs (as many as the workers' slots) without it, and without it
+-- a lease renewal changes no indexed column, so PostgreSQL can write it in place (HOT)
+-- instead of adding an entry to every index of runs; each claim adds one fewer, too (a
+-- drain of 10,000 runs went from 9,817 to 10,493 runs/s, medians of 3).
+DO $$
+BEGIN
+    IF to_regclass('runs_running_lease_idx') IS NOT NULL THEN
+        DROP INDEX runs_running_lease_idx;
+    END IF;
+END $$;
 -- Listing a workspace's runs, newest first, optionally by status. Status leads so that
 -- the runs in one status across workspaces ("are any queued or running?") are found
 -- without reading the history. (An earlier release's form led with the workspace.)
