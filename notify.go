@@ -45,9 +45,9 @@ type notifier struct {
 	failedAt time.Time   // when listing last failed; zero: it has not since it last worked
 }
 
-// statusListenerTTL is how long a status_listeners row lasts without a refresh (a process
-// that ended without deleting its row), and how long a process stays listed after its last
-// waiter or stream ended, so that a steady trickle of ?wait_ms requests lists it once.
+// statusListenerTTL is how long a process stays listed after its last waiter or stream
+// ended, so that a steady trickle of ?wait_ms requests lists it once. A row not refreshed
+// for workerStaleAfter (a process that ended without deleting it) is removed.
 const statusListenerTTL = time.Minute
 
 // notifyChannels are the channels schema.sql's triggers notify.
@@ -134,9 +134,10 @@ func (n *notifier) list() {
 }
 
 // refresh keeps this process's row while it has waiters or streams (and statusListenerTTL
-// after), removing other processes' expired rows on the way, and deletes it afterwards. A
-// row found missing (removed while this process could not reach the database) is listed
-// again, and everyone waiting re-reads: changes may have gone unnotified meanwhile.
+// after), and deletes it afterwards; rows not refreshed for statusListenerTTL (a process
+// that ended without deleting its own) are removed by every worker's heartbeat. A row
+// found missing (removed while this process could not reach the database) is listed again,
+// and everyone waiting re-reads: changes may have gone unnotified meanwhile.
 func (n *notifier) refresh() {
 	defer close(n.refreshDone)
 	ticker := time.NewTicker(statusListenerTTL / 6)
@@ -158,11 +159,8 @@ func (n *notifier) refresh() {
 		switch {
 		case wanted && n.listed.Load():
 			var kept bool
-			err := n.db.QueryRowContext(ctx, `
-				WITH expired AS (
-					DELETE FROM status_listeners WHERE refreshed_at < now() - $2 * interval '1 millisecond' AND id <> $1)
-				UPDATE status_listeners SET refreshed_at = now() WHERE id = $1 RETURNING true`,
-				n.id, statusListenerTTL.Milliseconds()).Scan(&kept)
+			err := n.db.QueryRowContext(ctx, `UPDATE status_listeners SET refreshed_at = now() WHERE id = $1 RETURNING true`,
+				n.id).Scan(&kept)
 			if errors.Is(err, sql.ErrNoRows) {
 				n.listed.Store(false)
 				n.list()

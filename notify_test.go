@@ -192,3 +192,34 @@ func TestStatusListingGivesWayToIdleTransactions(t *testing.T) {
 		t.Errorf("?wait_ms=20000: got %s %s after the commit; want canceled soon after it (the waiter polls)", got.Status, after)
 	}
 }
+
+// TestStaleStatusListenersRemoved: a process that ended without deleting its
+// status_listeners row (killed) would keep every claim notifying; a worker's heartbeat
+// removes rows not refreshed for a minute, and keeps fresh ones.
+func TestStaleStatusListenersRemoved(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	startApp(t, testEnv(t, dsn, nil)) // applies the schema
+	if _, err := db.Exec(`INSERT INTO status_listeners (id, refreshed_at) VALUES
+		('killed', now() - interval '61 seconds'), ('alive', now() - interval '30 seconds')`); err != nil {
+		t.Fatal(err)
+	}
+	startApp(t, testEnv(t, dsn, nil)) // its first heartbeat comes at start
+	eventually(t, 10*time.Second, "the stale status_listeners row is removed", func() bool {
+		var ids []string
+		rows, err := db.Query(`SELECT id FROM status_listeners ORDER BY id`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id string
+			if err := rows.Scan(&id); err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, id)
+		}
+		return strings.Join(ids, ",") == "alive"
+	})
+}
