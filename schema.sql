@@ -385,7 +385,8 @@ END $$;
 -- request waiting on a run (?wait_ms) or a stream open, or had one within the last minute.
 -- Nobody else needs it, and it costs: PostgreSQL commits notifying transactions one after
 -- another, each holding its notification lock through its WAL flush, and queues every
--- payload (a drain of 10,000 runs sent 1.7 MB). A process lists itself before it reads, in
+-- payload (a drain of 10,000 runs: 20,000 entries of about 84 bytes; with them it drained
+-- 8,588 runs/s, without 9,848). A process lists itself before it reads, in
 -- a transaction that waits for the writes of runs in progress (LOCK … IN SHARE MODE), so a
 -- change that was not notified has committed before that read.
 CREATE TABLE IF NOT EXISTS status_listeners (
