@@ -1030,9 +1030,9 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	case err != nil:
 		s.fail(w, r, err)
 	case created:
-		writeJSON(w, http.StatusCreated, run)
+		writeRun(w, http.StatusCreated, run)
 	default:
-		writeJSON(w, http.StatusOK, run)
+		writeRun(w, http.StatusOK, run)
 	}
 }
 
@@ -1087,7 +1087,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.announce.runsCreated()
-	writeJSON(w, http.StatusCreated, map[string][]runRecord{"runs": runs})
+	writeRuns(w, http.StatusCreated, runs, false, "")
 }
 
 // intParam reads an optional integer query parameter within [lo, hi].
@@ -1151,12 +1151,11 @@ func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	var nextCursor *string
+	var nextCursor string
 	if next != "" {
-		c := encodeCursor(next)
-		nextCursor = &c
+		nextCursor = encodeCursor(next)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"runs": runs, "next_cursor": nextCursor})
+	writeRuns(w, http.StatusOK, runs, true, nextCursor)
 }
 
 // getRun answers a run; with ?wait_ms it waits up to that long for the run to be final.
