@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -74,6 +75,107 @@ func FuzzDecodeRunRequest(f *testing.F) {
 			t.Fatalf("body %q: got agent %q, max_attempts %d accepted; want it refused", body, n.Agent, n.MaxAttempts)
 		}
 	})
+}
+
+// FuzzCheckKeys holds checkKeys (a byte scanner) to the token walk it replaced, on any
+// valid JSON and the request types the API decodes: the same refusal, or none.
+func FuzzCheckKeys(f *testing.F) {
+	for _, seed := range []string{
+		`{"runs":[{"agent":"echo","input":{"a":1,"b":[{"c":2,"c":3}]}}]}`,
+		`{"runs":[{"agent":"echo"},{"Agent":"echo"}]}`,
+		`{"agent":"echo","\u0061gent":"x"}`,
+		`{"agent":"echo","input":{"":1,"":2}}`,
+		`[{"a":1},{"a":1,"a":2}]`,
+		` {"agent" : "echo" , "input" : { "k\"ey" : 1 , "k\u0022ey" : 2 } } `,
+		`{"agent":"echo","input":{"a1":1,"a2":2,"a3":3,"a4":4,"a5":5,"a6":6,"a7":7,"a8":8,"a9":9,"a10":10,"a11":11,"a12":12,"a13":13,"a14":14,"a15":15,"a16":16,"a17":17,"a5":0}}`,
+		`"x"`, `null`, `[]`, `{}`, `{"limit":1}`,
+	} {
+		f.Add([]byte(seed), uint8(0))
+		f.Add([]byte(seed), uint8(1))
+	}
+	batch := &struct {
+		Runs []runRequest `json:"runs"`
+	}{}
+	types := []reflect.Type{reflect.TypeOf(&runRequest{}), reflect.TypeOf(batch), nil}
+	f.Fuzz(func(t *testing.T, body []byte, which uint8) {
+		if !json.Valid(body) {
+			return
+		}
+		typ := types[int(which)%len(types)]
+		got, want := checkKeys(body, typ), checkKeysByTokens(body, typ)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("body %q into %v: got %v; want %v", body, typ, got, want)
+		}
+	})
+}
+
+// checkKeysByTokens is checkKeys as it was, over encoding/json's Token: the reference.
+func checkKeysByTokens(data []byte, t reflect.Type) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	err := walkTokens(dec, t, "", 0)
+	var bad *requestError
+	if errors.As(err, &bad) {
+		return err
+	}
+	return nil
+}
+
+func walkTokens(dec *json.Decoder, t reflect.Type, where string, depth int) error {
+	if depth > maxJSONDepth {
+		return badRequest("request body is nested too deeply")
+	}
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch tok {
+	case json.Delim('{'):
+		var fields map[string]reflect.Type
+		if t != nil && t.Kind() == reflect.Struct {
+			fields = jsonFields(t)
+		}
+		seen := map[string]bool{}
+		for dec.More() {
+			tok, err := dec.Token()
+			if err != nil {
+				return err
+			}
+			key, _ := tok.(string)
+			if seen[key] {
+				return badRequest("key %q given twice in %s", key, bodyPath(where))
+			}
+			seen[key] = true
+			var ft reflect.Type
+			if fields != nil {
+				var ok bool
+				if ft, ok = fields[key]; !ok {
+					return badRequest("unknown field %q in %s", key, bodyPath(where))
+				}
+			}
+			if err := walkTokens(dec, ft, where+"."+key, depth+1); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+		return err
+	case json.Delim('['):
+		var et reflect.Type
+		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
+			et = t.Elem()
+		}
+		for i := 0; dec.More(); i++ {
+			if err := walkTokens(dec, et, fmt.Sprintf("%s[%d]", where, i), depth+1); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+		return err
+	}
+	return nil
 }
 
 // fuzzConfigVars are the variables FuzzLoadConfig sets, in the order of its arguments.

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"path"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -413,9 +414,12 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 		err = errors.New("trailing data after the JSON value")
 	}
 	var typeErr *json.UnmarshalTypeError
+	var syntaxErr *json.SyntaxError
 	switch {
 	case err == nil:
 		return nil
+	case errors.As(err, &syntaxErr) && strings.HasSuffix(syntaxErr.Error(), "exceeded max depth"):
+		return badRequest("request body is nested too deeply (over %d levels)", maxJSONDepth)
 	case errors.As(err, &typeErr) && typeErr.Field == "":
 		return invalid("request body must be a JSON object, got %s", typeErr.Value)
 	case errors.As(err, &typeErr):
@@ -430,73 +434,164 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 // names (encoding/json would accept {"AGENT":…} for "agent"). Malformed JSON is left to
 // the decoder, whose message says where.
 func checkKeys(data []byte, t reflect.Type) error {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.UseNumber()
-	err := walkJSON(dec, t, "", 0)
-	var bad *requestError
-	if errors.As(err, &bad) {
-		return err
+	if !json.Valid(data) {
+		return nil
 	}
-	return nil
+	c := keyChecker{data: data, fields: map[reflect.Type]map[string]reflect.Type{}}
+	return c.value(t)
 }
 
-// walkJSON reads one value from dec; t is the Go type it decodes into (nil: any) and
-// where its path in the body, for messages.
-func walkJSON(dec *json.Decoder, t reflect.Type, where string, depth int) error {
-	if depth > maxJSONDepth {
-		return badRequest("request body is nested too deeply")
-	}
-	tok, err := dec.Token()
-	if err != nil {
-		return err
-	}
+// keyChecker walks a valid JSON text for checkKeys byte by byte, without allocating per
+// token as encoding/json's Token does (a batch of 1,000 runs spent more time there than in
+// decoding). path is where it is, for messages.
+type keyChecker struct {
+	data   []byte
+	pos    int
+	path   []pathStep
+	fields map[reflect.Type]map[string]reflect.Type // jsonFields, per struct type met
+}
+
+// pathStep is a key (its text, unescaped) or, when index is not -1, an index in an array.
+type pathStep struct {
+	key   []byte
+	index int
+}
+
+// value reads one value; t is the Go type it decodes into (nil: any).
+func (c *keyChecker) value(t reflect.Type) error {
 	for t != nil && t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
-	switch tok {
-	case json.Delim('{'):
+	c.skipSpace()
+	switch c.data[c.pos] {
+	case '{':
+		c.pos++
 		var fields map[string]reflect.Type
 		if t != nil && t.Kind() == reflect.Struct {
-			fields = jsonFields(t)
+			if fields = c.fields[t]; fields == nil {
+				fields = jsonFields(t)
+				c.fields[t] = fields
+			}
 		}
-		seen := map[string]bool{}
-		for dec.More() {
-			tok, err := dec.Token()
-			if err != nil {
-				return err
+		var seen [][]byte        // the keys so far, while they are few
+		var many map[string]bool // past that
+		for c.skipSpace(); c.data[c.pos] != '}'; {
+			key := c.key()
+			if many == nil && len(seen) == 16 {
+				many = make(map[string]bool, 64)
+				for _, k := range seen {
+					many[string(k)] = true
+				}
 			}
-			key, _ := tok.(string)
-			if seen[key] {
-				return badRequest("key %q given twice in %s", key, bodyPath(where))
+			twice := many[string(key)]
+			if many == nil {
+				twice = slices.ContainsFunc(seen, func(k []byte) bool { return bytes.Equal(k, key) })
+				seen = append(seen, key)
+			} else {
+				many[string(key)] = true
 			}
-			seen[key] = true
+			if twice {
+				return badRequest("key %q given twice in %s", key, c.where())
+			}
 			var ft reflect.Type
 			if fields != nil {
 				var ok bool
-				if ft, ok = fields[key]; !ok {
-					return badRequest("unknown field %q in %s", key, bodyPath(where))
+				if ft, ok = fields[string(key)]; !ok {
+					return badRequest("unknown field %q in %s", key, c.where())
 				}
 			}
-			if err := walkJSON(dec, ft, where+"."+key, depth+1); err != nil {
+			c.skipSpace()
+			c.pos++ // ':'
+			c.path = append(c.path, pathStep{key: key, index: -1})
+			if err := c.value(ft); err != nil {
 				return err
 			}
+			c.path = c.path[:len(c.path)-1]
+			if c.skipSpace(); c.data[c.pos] == ',' {
+				c.pos++
+				c.skipSpace()
+			}
 		}
-		_, err = dec.Token()
-		return err
-	case json.Delim('['):
+		c.pos++
+	case '[':
+		c.pos++
 		var et reflect.Type
 		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
 			et = t.Elem()
 		}
-		for i := 0; dec.More(); i++ {
-			if err := walkJSON(dec, et, fmt.Sprintf("%s[%d]", where, i), depth+1); err != nil {
+		for i := 0; c.skipSpace() && c.data[c.pos] != ']'; i++ {
+			c.path = append(c.path, pathStep{index: i})
+			if err := c.value(et); err != nil {
 				return err
 			}
+			c.path = c.path[:len(c.path)-1]
+			if c.skipSpace(); c.data[c.pos] == ',' {
+				c.pos++
+			}
 		}
-		_, err = dec.Token()
-		return err
+		c.pos++
+	case '"':
+		c.str()
+	default: // a number, true, false or null
+		for c.pos < len(c.data) && !strings.ContainsRune(",]} \t\n\r", rune(c.data[c.pos])) {
+			c.pos++
+		}
 	}
 	return nil
+}
+
+// skipSpace moves past whitespace; it reports true, for loop conditions.
+func (c *keyChecker) skipSpace() bool {
+	for c.pos < len(c.data) && (c.data[c.pos] == ' ' || c.data[c.pos] == '\t' || c.data[c.pos] == '\n' || c.data[c.pos] == '\r') {
+		c.pos++
+	}
+	return true
+}
+
+// str moves past the string at pos and returns its text between the quotes, raw; plain
+// is false when that has an escape or a byte outside ASCII.
+func (c *keyChecker) str() (raw []byte, plain bool) {
+	start, plain := c.pos, true
+	for c.pos++; c.data[c.pos] != '"'; c.pos++ {
+		switch b := c.data[c.pos]; {
+		case b == '\\':
+			plain = false
+			c.pos++
+		case b >= utf8.RuneSelf:
+			plain = false
+		}
+	}
+	c.pos++
+	return c.data[start+1 : c.pos-1], plain
+}
+
+// key reads a key: its text as encoding/json decodes it (escapes resolved, invalid UTF-8
+// as U+FFFD), a slice of data in the usual case.
+func (c *keyChecker) key() []byte {
+	raw, plain := c.str()
+	if plain || (utf8.Valid(raw) && bytes.IndexByte(raw, '\\') < 0) {
+		return raw
+	}
+	var s string
+	json.Unmarshal(c.data[c.pos-len(raw)-2:c.pos], &s) // valid: json.Valid passed
+	return []byte(s)
+}
+
+// where names the current place in the body for messages: "the request body", or a path
+// such as runs[3].input.
+func (c *keyChecker) where() string {
+	var b strings.Builder
+	for _, p := range c.path {
+		if p.index >= 0 {
+			fmt.Fprintf(&b, "[%d]", p.index)
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte('.')
+		}
+		b.Write(p.key)
+	}
+	return bodyPath(b.String())
 }
 
 // bodyPath names a place in the body for messages.

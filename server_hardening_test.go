@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strconv"
 	"strings"
 	"syscall"
@@ -180,6 +181,45 @@ func TestStrictJSONKeys(t *testing.T) {
 	}
 	if st := a.stats(t, ws); st.Queued != 1 {
 		t.Errorf("after the refused bodies: got %d queued runs; want 1", st.Queued)
+	}
+}
+
+// TestCheckKeysMessages: checkKeys names the key and where it is, through arrays, escaped
+// keys and objects with many keys; malformed JSON is left to the decoder.
+func TestCheckKeysMessages(t *testing.T) {
+	batch := reflect.TypeOf(&struct {
+		Runs []runRequest `json:"runs"`
+	}{})
+	many := `{"agent":"echo","input":{` + ""
+	for i := range 40 {
+		many += fmt.Sprintf(`"k%d":%d,`, i, i)
+	}
+	many += `"k7":1}}`
+	deep := strings.Repeat(`[`, maxJSONDepth+1) + strings.Repeat(`]`, maxJSONDepth+1)
+	for _, tc := range []struct {
+		name, body string
+		typ        reflect.Type
+		want       string // "": accepted
+	}{
+		{"accepted", `{"runs":[{"agent":"echo","input":{"a":1,"A":[{"a":1}]}}]}`, batch, ""},
+		{"unknown field in a batch run", `{"runs":[{"agent":"echo"},{"agent":"echo","inptu":1}]}`, batch, `unknown field "inptu" in runs[1]`},
+		{"key twice deep in an input", `{"runs":[{"agent":"echo","input":[0,{"x":{"z":1,"z":2}}]}]}`, batch, `key "z" given twice in runs[0].input[1].x`},
+		{"escaped key equal to another", `{"agent":"echo","\u0061gent":"x"}`, reflect.TypeOf(&runRequest{}), `key "agent" given twice in the request body`},
+		{"key twice among many", many, reflect.TypeOf(&runRequest{}), `key "k7" given twice in input`},
+		{"nested too deeply: left to the decoder", deep, nil, ""},
+		{"malformed: left to the decoder", `{"agent":"echo","agent":}`, reflect.TypeOf(&runRequest{}), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkKeys([]byte(tc.body), tc.typ)
+			if got := fmt.Sprint(err); (tc.want == "" && err != nil) || (tc.want != "" && got != tc.want) {
+				t.Errorf("got %v; want %q", err, tc.want)
+			}
+		})
+	}
+	var v any
+	err := decode(httptest.NewRequest("POST", "/", strings.NewReader(deep)), &v, false)
+	if want := "request body is nested too deeply (over 10000 levels)"; fmt.Sprint(err) != want {
+		t.Errorf("decode of %d nested arrays: got %v; want %q", maxJSONDepth+1, err, want)
 	}
 }
 
