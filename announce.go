@@ -22,6 +22,13 @@ type announcer struct {
 	done    chan struct{}
 }
 
+// announceEvery is the least time between two notifications. After a quiet spell a new
+// run is announced at once; a burst of inserts is then announced at most this often rather
+// than once per commit, as each NOTIFY costs a round trip here and a transaction in every
+// listening process (this one's too: PostgreSQL delivers it to its own listener). An idle
+// worker elsewhere is woken by the first; a busy one claims whatever is queued when it can.
+const announceEvery = 5 * time.Millisecond
+
 // announceTimeout bounds one NOTIFY; a failed one is not retried: the workers' poll is the
 // fallback, as when their listening connection is down.
 const announceTimeout = 5 * time.Second
@@ -44,12 +51,28 @@ func (a *announcer) runsCreated() {
 func (a *announcer) run(ctx context.Context) {
 	defer close(a.done)
 	failing := false
+	var last time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-a.pending:
 		}
+		if wait := announceEvery - time.Since(last); wait > 0 {
+			timer := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return
+			case <-timer.C:
+			}
+			// This notification covers the runs committed while it waited.
+			select {
+			case <-a.pending:
+			default:
+			}
+		}
+		last = time.Now()
 		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
 		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', $1)`, a.origin)
 		cancel()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,12 +16,81 @@ import (
 // statusListener LISTENs on agentapp_status from the test, as another process would.
 func statusListener(t *testing.T, dsn string) <-chan *pq.Notification {
 	t.Helper()
+	return testListener(t, dsn, "agentapp_status")
+}
+
+// testListener LISTENs on channel from the test, as another process would.
+func testListener(t *testing.T, dsn, channel string) <-chan *pq.Notification {
+	t.Helper()
 	l := pq.NewListener(dsn, 10*time.Millisecond, time.Second, nil)
 	t.Cleanup(func() { l.Close() })
-	if err := l.Listen("agentapp_status"); err != nil {
+	if err := l.Listen(channel); err != nil {
 		t.Fatal(err)
 	}
 	return l.Notify
+}
+
+// TestAnnouncementsCoalesced: runs created by 8 clients at once are announced to other
+// processes (agentapp_runs) at most every announceEvery, not once per commit; a run created
+// after the burst is still announced.
+func TestAnnouncementsCoalesced(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil))
+	ws := a.createWorkspace(t)
+	heard := testListener(t, dsn, "agentapp_runs")
+
+	const clients, each = 8, 50
+	errs := make(chan error, clients)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range each {
+				code, _, body, err := send(testClient, "POST", a.base+"/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, nil,
+					map[string]any{"agent": "echo"})
+				if err == nil && code != http.StatusCreated {
+					err = fmt.Errorf("POST …/runs: got %d %s; want 201", code, body)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	announced := 0
+	for quiet := false; !quiet; {
+		select {
+		case <-heard:
+			announced++
+		case <-time.After(time.Second):
+			quiet = true
+		}
+	}
+	// The last announcement may follow the burst by announceEvery, so allow one interval more.
+	most := int(took/announceEvery) + 2
+	t.Logf("%d runs created in %v: %d announcements (at most %d allowed)", clients*each, took.Round(time.Millisecond), announced, most)
+	if announced < 1 || announced > most {
+		t.Errorf("announcements of %d runs created in %v: got %d; want 1 … %d", clients*each, took, announced, most)
+	}
+
+	created := time.Now()
+	a.createRun(t, ws, "echo", "after the burst")
+	select {
+	case <-heard:
+		t.Logf("a run created after the burst was announced %v later", time.Since(created).Round(time.Microsecond))
+	case <-time.After(5 * time.Second):
+		t.Fatal("a run created after the burst: not announced within 5 s")
+	}
 }
 
 // countListed is the number of rows in status_listeners.
