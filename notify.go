@@ -146,9 +146,7 @@ func (n *notifier) refresh() {
 		select {
 		case <-n.stopRefresh:
 			if n.listed.Load() {
-				ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
-				n.db.ExecContext(ctx, `DELETE FROM status_listeners WHERE id = $1`, n.id)
-				cancel()
+				n.unlist()
 			}
 			return
 		case <-ticker.C:
@@ -170,12 +168,19 @@ func (n *notifier) refresh() {
 		case wanted:
 			n.list() // the listing at use failed
 		case n.listed.Load():
-			if _, err := n.db.ExecContext(ctx, `DELETE FROM status_listeners WHERE id = $1`, n.id); err == nil {
-				n.listed.Store(false)
-			}
+			n.unlist()
 		}
 		cancel()
 		n.umu.Unlock()
+	}
+}
+
+// unlist deletes this process's row from status_listeners.
+func (n *notifier) unlist() {
+	ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+	defer cancel()
+	if _, err := n.db.ExecContext(ctx, `DELETE FROM status_listeners WHERE id = $1`, n.id); err == nil {
+		n.listed.Store(false)
 	}
 }
 

@@ -149,6 +149,21 @@ func waitInBackground(a *app, ws testWorkspace, id string, wait time.Duration) <
 	return answered
 }
 
+// commitAndAwait commits tx and returns the run status the background wait answered, and
+// how long after the commit it did.
+func commitAndAwait(t *testing.T, tx *sql.Tx, answered <-chan waitAnswer) (runStatus, time.Duration) {
+	t.Helper()
+	committed := time.Now()
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	got := <-answered
+	if got.err != nil {
+		t.Fatal(got.err)
+	}
+	return got.run.Status, time.Since(committed)
+}
+
 // TestStatusNotifiedOnlyWhileListened: with no process waiting on a run or streaming, the
 // worker's claims and outcome writes notify no agentapp_status; once a request waits with
 // ?wait_ms, its process is listed and the changes are notified (and answer it at once).
@@ -211,16 +226,8 @@ func TestStatusListingWaitsForWritesInProgress(t *testing.T) {
 		t.Fatalf("?wait_ms answered before the write in progress committed: %+v", got)
 	case <-time.After(150 * time.Millisecond): // within the listing's lock_timeout
 	}
-	committed := time.Now()
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	got := <-answered
-	if got.err != nil {
-		t.Fatal(got.err)
-	}
-	if after := time.Since(committed); got.run.Status != statusCanceled || after > 5*time.Second {
-		t.Errorf("?wait_ms=15000: got %s, %s after the commit; want canceled at once", got.run.Status, after)
+	if status, after := commitAndAwait(t, tx, answered); status != statusCanceled || after > 5*time.Second {
+		t.Errorf("?wait_ms=15000: got %s, %s after the commit; want canceled at once", status, after)
 	}
 	if n := countListed(t, db); n != 1 {
 		t.Errorf("status_listeners: got %d rows; want the process listed (the listing waited for the write, not timed out)", n)
@@ -242,16 +249,8 @@ func TestStatusListingGivesWayToIdleTransactions(t *testing.T) {
 		t.Errorf("POST …/runs while a listing waited on an idle transaction: took %s; want it not held up for long", took)
 	}
 	time.Sleep(time.Second)
-	committed := time.Now()
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	got := <-answered
-	if got.err != nil {
-		t.Fatal(got.err)
-	}
-	if after := time.Since(committed); got.run.Status != statusCanceled || after > 5*time.Second {
-		t.Errorf("?wait_ms=20000: got %s %s after the commit; want canceled soon after it (the waiter polls)", got.run.Status, after)
+	if status, after := commitAndAwait(t, tx, answered); status != statusCanceled || after > 5*time.Second {
+		t.Errorf("?wait_ms=20000: got %s %s after the commit; want canceled soon after it (the waiter polls)", status, after)
 	}
 }
 

@@ -475,20 +475,20 @@ func (c *keyChecker) value(t reflect.Type) error {
 		}
 		var seen [][]byte        // the keys so far, while they are few
 		var many map[string]bool // past that
-		for c.skipSpace(); c.data[c.pos] != '}'; {
+		for c.skipSpace(); c.data[c.pos] != '}'; c.skipSpace() {
 			key := c.key()
-			if many == nil && len(seen) == 16 {
-				many = make(map[string]bool, 64)
-				for _, k := range seen {
-					many[string(k)] = true
-				}
-			}
-			twice := many[string(key)]
-			if many == nil {
-				twice = slices.ContainsFunc(seen, func(k []byte) bool { return bytes.Equal(k, key) })
-				seen = append(seen, key)
-			} else {
+			var twice bool
+			if many != nil {
+				twice = many[string(key)]
 				many[string(key)] = true
+			} else {
+				twice = slices.ContainsFunc(seen, func(k []byte) bool { return bytes.Equal(k, key) })
+				if seen = append(seen, key); len(seen) > 16 {
+					many = make(map[string]bool, 64)
+					for _, k := range seen {
+						many[string(k)] = true
+					}
+				}
 			}
 			if twice {
 				return badRequest("key %q given twice in %s", key, c.where())
@@ -509,17 +509,17 @@ func (c *keyChecker) value(t reflect.Type) error {
 			c.path = c.path[:len(c.path)-1]
 			if c.skipSpace(); c.data[c.pos] == ',' {
 				c.pos++
-				c.skipSpace()
 			}
 		}
 		c.pos++
 	case '[':
 		c.pos++
+		c.skipSpace()
 		var et reflect.Type
 		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
 			et = t.Elem()
 		}
-		for i := 0; c.skipSpace() && c.data[c.pos] != ']'; i++ {
+		for i := 0; c.data[c.pos] != ']'; i++ {
 			c.path = append(c.path, pathStep{index: i})
 			if err := c.value(et); err != nil {
 				return err
@@ -527,6 +527,7 @@ func (c *keyChecker) value(t reflect.Type) error {
 			c.path = c.path[:len(c.path)-1]
 			if c.skipSpace(); c.data[c.pos] == ',' {
 				c.pos++
+				c.skipSpace()
 			}
 		}
 		c.pos++
@@ -540,12 +541,11 @@ func (c *keyChecker) value(t reflect.Type) error {
 	return nil
 }
 
-// skipSpace moves past whitespace; it reports true, for loop conditions.
-func (c *keyChecker) skipSpace() bool {
+// skipSpace moves past whitespace.
+func (c *keyChecker) skipSpace() {
 	for c.pos < len(c.data) && (c.data[c.pos] == ' ' || c.data[c.pos] == '\t' || c.data[c.pos] == '\n' || c.data[c.pos] == '\r') {
 		c.pos++
 	}
-	return true
 }
 
 // str moves past the string at pos and returns its text between the quotes, raw; plain
@@ -596,10 +596,10 @@ func (c *keyChecker) where() string {
 
 // bodyPath names a place in the body for messages.
 func bodyPath(where string) string {
-	if where == "" {
+	if where = strings.TrimPrefix(where, "."); where == "" {
 		return "the request body"
 	}
-	return strings.TrimPrefix(where, ".")
+	return where
 }
 
 // jsonFields maps the JSON names of struct t's fields to their types.

@@ -202,6 +202,8 @@ func TestCheckKeysMessages(t *testing.T) {
 		want       string // "": accepted
 	}{
 		{"accepted", `{"runs":[{"agent":"echo","input":{"a":1,"A":[{"a":1}]}}]}`, batch, ""},
+		{"whitespace everywhere", " {\n \"runs\" : [ ] , \"x\" : [ { } , [ ] , \"s\" ] }\t", nil, ""},
+		{"key twice after whitespace", "{ \"a\" : [ 1 , { } ] ,\r\n \"a\" : 2 }", nil, `key "a" given twice in the request body`},
 		{"unknown field in a batch run", `{"runs":[{"agent":"echo"},{"agent":"echo","inptu":1}]}`, batch, `unknown field "inptu" in runs[1]`},
 		{"key twice deep in an input", `{"runs":[{"agent":"echo","input":[0,{"x":{"z":1,"z":2}}]}]}`, batch, `key "z" given twice in runs[0].input[1].x`},
 		{"escaped key equal to another", `{"agent":"echo","\u0061gent":"x"}`, reflect.TypeOf(&runRequest{}), `key "agent" given twice in the request body`},
