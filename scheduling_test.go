@@ -394,6 +394,66 @@ func TestSchedMaxConcurrencyAcrossProcesses(t *testing.T) {
 	}
 }
 
+// TestSchedCapsAcrossWorkspaces: caps and pauses hold when each claim takes one run per
+// workspace (12 workspaces, 3 processes of RUN_WORKER_CONCURRENCY 4, so a claim's share
+// of a workspace is one run), the path that locks a capped agent only when its run heads a
+// served workspace's queue. Each workspace has a capped agent (max_concurrency 2), an
+// uncapped one and a paused one whose runs were queued first, at the head of the queue.
+func TestSchedCapsAcrossWorkspaces(t *testing.T) {
+	t.Parallel()
+	const workspaces, perAgent = 12, 8
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, _ scCall) {
+		time.Sleep(30*time.Millisecond + rand.N(40*time.Millisecond))
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"ok":true}`))
+	})
+	var procs []*proc
+	for range 3 {
+		procs = append(procs, ptStart(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "4"})))
+	}
+	a := procs[0].app()
+	var held []string
+	for i := range workspaces {
+		ws := a.createWorkspace(t)
+		capped, free, paused := fmt.Sprintf("capped-%d", i), fmt.Sprintf("free-%d", i), fmt.Sprintf("paused-%d", i)
+		for _, name := range []string{capped, free, paused} {
+			a.createAgent(t, ws, name, "webhook", map[string]any{"url": hook.URL})
+		}
+		scPatchAgent(t, a, ws, paused, map[string]any{"paused": true})
+		scPatchAgent(t, a, ws, capped, map[string]any{"max_concurrency": 2})
+		for _, r := range scBatch(t, a, ws, []string{paused}, 6) {
+			held = append(held, r.ID)
+		}
+		scBatch(t, a, ws, []string{capped, free}, 2*perAgent)
+	}
+	want := workspaces * 2 * perAgent
+	eventually(t, 120*time.Second, fmt.Sprintf("all %d runs of the capped and uncapped agents succeeded", want), func() bool {
+		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`) == want
+	})
+	most := 0
+	for i := range workspaces {
+		n, m := hook.stats(fmt.Sprintf("capped-%d", i))
+		most = max(most, m)
+		if m > 2 || n != perAgent {
+			t.Errorf("capped-%d: got %d requests, at most %d in flight; want %d requests, never more than 2 at once", i, n, m, perAgent)
+		}
+		if n, _ := hook.stats(fmt.Sprintf("paused-%d", i)); n != 0 {
+			t.Errorf("paused-%d: got %d requests; want none", i, n)
+		}
+	}
+	t.Logf("%d runs; the capped agents' most in flight: %d", want, most)
+	if most != 2 {
+		t.Errorf("capped agents' most in flight: got %d; want 2 (the cap used)", most)
+	}
+	for _, id := range held {
+		if r := readRunRow(t, db, id); r.Status != "queued" || r.Attempt != 0 {
+			t.Errorf("paused agent's run %s: got %s attempt %d; want queued, attempt 0", id, r.Status, r.Attempt)
+		}
+	}
+}
+
 // TestSchedPauseAndCap: a paused agent's runs stay queued while another agent's run in the
 // same workspace succeeds, and run once it is resumed; a changed cap holds from the next
 // claim.

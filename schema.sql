@@ -72,8 +72,10 @@ END $$;
 -- An older binary started on an upgraded database creates its claim index again.
 DROP INDEX IF EXISTS runs_queued_idx;
 
--- Claiming: an agent's queued runs, lower priority first, then the earliest due.
+-- Claiming: an agent's queued runs, lower priority first, then the earliest due; and a
+-- workspace's, in the same order (a claim's turn of one run per workspace).
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS runs_claim_workspace_idx ON runs (workspace_id, priority, run_at, seq) WHERE status = 'queued';
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
 -- predicate names priority (always >= 0) so that only queries that say so use it: with a
 -- long history the planner preferred it to runs_claim_idx for the claim, reading every
@@ -191,7 +193,7 @@ $$;
 --  3. the served workspaces' turn is recorded.
 -- It returns a row per recovered run (kind = its new status), per claimed run (kind
 -- 'claimed'), 'more' when it claimed fewer than p_limit but more runs may be claimable
--- (its rounds ran out), 'capped' when capped agents had due runs, and 'next' with the time
+-- (its rounds ran out), 'capped' when it met capped agents with due runs, and 'next' with the time
 -- the next scheduled run falls due when it claimed fewer than p_limit. Fewer than p_limit
 -- claimed and no 'more' means nothing more was claimable.
 CREATE OR REPLACE FUNCTION agentapp_claim(p_worker text, p_limit integer, p_workspace uuid,
@@ -206,7 +208,12 @@ RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jso
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_capped  uuid[];         -- capped agents with due runs whose lock this claim holds
+    v_capped  uuid[];         -- capped agents with due runs whose lock this claim holds (shares > 1)
+    v_full    uuid[] := '{}'; -- capped agents found at their max_concurrency (shares of 1)
+    v_locked  uuid[];         -- capped agents of the runs a round picked, then the full ones
+    v_agents  uuid[];         -- the agents of the picked runs
+    v_capped_met boolean := false; -- capped agents had due runs: a freed slot may make one claimable
+    v_dropped integer;        -- picked runs of agents found full
     v_ids     uuid[] := '{}'; -- claimed so far
     v_ws      uuid[] := '{}'; -- their workspaces
     v_skipped uuid[] := '{}'; -- picked but held by a concurrent claim
@@ -245,24 +252,8 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Advisory locks live in memory: taking one writes nothing, unlike a row lock. At most
-    -- p_limit of them, the least recently served first: no claim needs more. The due-run
-    -- test is a scalar subquery asked of the agents in that order until p_limit answered:
-    -- as EXISTS, the generic plan joined it by reading every queued run (3.5 ms a claim with
-    -- 10,000 queued and no capped agent at all).
-    SELECT coalesce(array_agg(c.id), '{}') INTO v_capped FROM (
-        SELECT s.id FROM (
-            SELECT a.id FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-            WHERE a.max_concurrency IS NOT NULL AND NOT a.paused
-              AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-            ORDER BY w.served_at OFFSET 0) s
-        WHERE (SELECT true FROM runs r WHERE r.agent_id = s.id AND r.status = 'queued' AND r.run_at <= now() LIMIT 1)
-        LIMIT p_limit) c
-    WHERE pg_try_advisory_xact_lock(734629, hashtext(c.id::text));
-
     SELECT count(DISTINCT a.workspace_id) INTO v_active FROM agents a
-    WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-      AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped));
+    WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace);
 
     -- Candidates are read without locking them (a lock is a write, and most candidates are
     -- not picked); only the picked runs are locked, skipping those a concurrent claim holds.
@@ -275,27 +266,88 @@ BEGIN
         v_want := p_limit - cardinality(v_ids);
         EXIT WHEN v_want <= 0 OR v_active = 0;
         v_share := ceil(v_want::numeric / v_active)::integer;
+        v_dropped := 0;
         IF v_share = 1 THEN
             -- A run from each workspace, the least recently served first, is the same pick
             -- as below, found by walking the workspaces in that order and stopping at v_want:
             -- the claim reads the queues of the workspaces it serves, not of every one.
-            SELECT coalesce(array_agg(t.id), '{}'), count(*) INTO v_picked, v_found FROM (
-                SELECT c.id FROM (
+            -- A workspace's run is the first of its due runs whose agent may take one: not
+            -- paused, and uncapped, or capped, not found full, and its lock taken here. The
+            -- first branch finds it among the workspace's first 4 due runs, one index probe
+            -- (runs_claim_workspace_idx); only when paused or full agents hold all 4 does the
+            -- second branch look at each agent's head, a probe per agent, so that no backlog
+            -- of such an agent is read through. Both give the same run. So only the capped
+            -- agents met at the head of a served workspace are locked, not every capped
+            -- agent with due runs.
+            SELECT coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.agent_id), '{}'),
+                   coalesce(array_agg(t.agent_id) FILTER (WHERE t.capped), '{}'), count(*)
+            INTO v_picked, v_agents, v_locked, v_found FROM (
+                SELECT c.id, c.agent_id, c.capped FROM (
                     SELECT w.id FROM workspaces w WHERE p_workspace IS NULL OR w.id = p_workspace
                     ORDER BY w.served_at, w.id) ws
                 CROSS JOIN LATERAL (
-                    SELECT r.id FROM agents a CROSS JOIN LATERAL agentapp_queue_head(a.id, v_skipped, 1) r
-                    WHERE a.workspace_id = ws.id AND NOT a.paused
-                      AND (a.max_concurrency IS NULL
-                           OR (a.id = ANY (v_capped) AND a.max_concurrency > (SELECT count(*) FROM runs x
-                                   WHERE x.agent_id = a.id AND x.status = 'running')))
-                    ORDER BY r.priority, r.run_at, r.seq
+                    (SELECT h.id, h.agent_id, e.capped FROM (
+                         SELECT r.id, r.agent_id, r.priority, r.run_at, r.seq FROM runs r
+                         WHERE r.workspace_id = ws.id AND r.status = 'queued' AND r.run_at <= now()
+                           AND r.id <> ALL (v_skipped)
+                         ORDER BY r.priority, r.run_at, r.seq
+                         LIMIT 4) h
+                     CROSS JOIN LATERAL (
+                         SELECT a.max_concurrency IS NOT NULL AS capped FROM agents a
+                         WHERE a.id = h.agent_id AND NOT a.paused
+                           AND (a.max_concurrency IS NULL
+                                OR (a.id <> ALL (v_full) AND pg_try_advisory_xact_lock(734629, hashtext(a.id::text))))) e
+                     ORDER BY h.priority, h.run_at, h.seq
+                     LIMIT 1)
+                    UNION ALL
+                    (SELECT r.id, a.id, a.max_concurrency IS NOT NULL
+                     FROM agents a CROSS JOIN LATERAL agentapp_queue_head(a.id, v_skipped, 1) r
+                     WHERE a.workspace_id = ws.id AND NOT a.paused
+                       AND (a.max_concurrency IS NULL
+                            OR (a.id <> ALL (v_full) AND pg_try_advisory_xact_lock(734629, hashtext(a.id::text))))
+                     ORDER BY r.priority, r.run_at, r.seq
+                     LIMIT 1)
                     LIMIT 1) c
                 LIMIT v_want) t;
             IF v_found < v_want THEN
                 v_active := v_found; -- every workspace was walked
             END IF;
+            -- A run of a capped agent is kept only while the agent is below its cap, its
+            -- running runs counted by a statement that starts after the lock was taken (a
+            -- round gives an agent one run at most: one per workspace).
+            IF cardinality(v_locked) > 0 THEN
+                v_capped_met := true;
+                SELECT coalesce(array_agg(a.id), '{}') INTO v_locked
+                FROM agents a LEFT JOIN (SELECT x.agent_id, count(*) AS n FROM runs x
+                                         WHERE x.status = 'running' AND x.agent_id = ANY (v_locked)
+                                         GROUP BY x.agent_id) k ON k.agent_id = a.id
+                WHERE a.id = ANY (v_locked) AND a.max_concurrency <= coalesce(k.n, 0);
+                IF cardinality(v_locked) > 0 THEN
+                    v_full := v_full || v_locked;
+                    v_dropped := cardinality(v_locked);
+                    v_picked := ARRAY(SELECT p.id FROM unnest(v_picked, v_agents) p (id, agent_id)
+                                      WHERE p.agent_id <> ALL (v_locked));
+                END IF;
+            END IF;
         ELSE
+            IF v_capped IS NULL THEN
+                -- Advisory locks live in memory: taking one writes nothing, unlike a row
+                -- lock. At most p_limit of them, the least recently served first: no claim
+                -- needs more. The due-run test is a scalar subquery asked of the agents in
+                -- that order until p_limit answered: as EXISTS, the generic plan joined it by
+                -- reading every queued run (3.5 ms a claim with 10,000 queued and no capped
+                -- agent at all).
+                SELECT coalesce(array_agg(c.id), '{}') INTO v_capped FROM (
+                    SELECT s.id FROM (
+                        SELECT a.id FROM agents a JOIN workspaces w ON w.id = a.workspace_id
+                        WHERE a.max_concurrency IS NOT NULL AND NOT a.paused
+                          AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+                        ORDER BY w.served_at OFFSET 0) s
+                    WHERE (SELECT true FROM runs r WHERE r.agent_id = s.id AND r.status = 'queued' AND r.run_at <= now() LIMIT 1)
+                    LIMIT p_limit) c
+                WHERE pg_try_advisory_xact_lock(734629, hashtext(c.id::text));
+                v_capped_met := v_capped_met OR cardinality(v_capped) > 0;
+            END IF;
             WITH elig AS (
                 SELECT a.id AS agent_id, a.workspace_id, w.served_at,
                        CASE WHEN a.max_concurrency IS NULL THEN v_share
@@ -338,7 +390,7 @@ BEGIN
         v_skipped := v_skipped || v_missed;
         -- Another round helps only past runs a concurrent claim held, or when the shares
         -- of several workspaces left room.
-        EXIT WHEN cardinality(v_missed) = 0 AND (cardinality(v_new) = 0 OR v_active <= 1);
+        EXIT WHEN cardinality(v_missed) = 0 AND v_dropped = 0 AND (cardinality(v_new) = 0 OR v_active <= 1);
         v_more := v_round = 3; -- a fourth round would have followed
     END LOOP;
 
@@ -357,7 +409,7 @@ BEGIN
         RETURN QUERY SELECT 'more'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
                             NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
     END IF;
-    IF cardinality(v_capped) > 0 THEN
+    IF v_capped_met THEN
         RETURN QUERY SELECT 'capped'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
                             NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
     END IF;
