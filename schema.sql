@@ -348,28 +348,45 @@ BEGIN
                 WHERE pg_try_advisory_xact_lock(734629, hashtext(c.id::text));
                 v_capped_met := v_capped_met OR cardinality(v_capped) > 0;
             END IF;
-            WITH elig AS (
+            -- Each workspace's turns are its first v_share candidates. When its first
+            -- v_share due runs (runs_claim_workspace_idx, one probe) are all of uncapped,
+            -- unpaused agents, they are those candidates (fast). Otherwise its candidates
+            -- are each eligible agent's first runs, up to the agent's room (elig, a probe
+            -- per agent), numbered in the same order. Either way the same runs.
+            WITH fast AS (
+                SELECT w.id AS workspace_id, w.served_at, f.ids, f.ok
+                FROM workspaces w CROSS JOIN LATERAL (
+                    SELECT array_agg(h.id ORDER BY h.priority, h.run_at, h.seq) AS ids,
+                           bool_and(a.max_concurrency IS NULL AND NOT a.paused) AS ok
+                    FROM (SELECT r.id, r.agent_id, r.priority, r.run_at, r.seq FROM runs r
+                          WHERE r.workspace_id = w.id AND r.status = 'queued' AND r.run_at <= now()
+                            AND r.id <> ALL (v_skipped)
+                          ORDER BY r.priority, r.run_at, r.seq
+                          LIMIT v_share) h
+                    JOIN agents a ON a.id = h.agent_id) f
+                WHERE (p_workspace IS NULL OR w.id = p_workspace) AND f.ids IS NOT NULL
+            ), elig AS (
                 SELECT a.id AS agent_id, a.workspace_id, w.served_at,
                        CASE WHEN a.max_concurrency IS NULL THEN v_share
                             ELSE least(v_share, a.max_concurrency - (SELECT count(*) FROM runs r
                                        WHERE r.agent_id = a.id AND r.status = 'running'))::integer END AS room
                 FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-                WHERE NOT a.paused AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
+                WHERE NOT a.paused AND a.workspace_id IN (SELECT fast.workspace_id FROM fast WHERE NOT fast.ok)
                   AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped))
             ), cand AS (
-                SELECT c.id, c.priority, c.run_at, c.seq, e.workspace_id, e.served_at
-                FROM elig e CROSS JOIN LATERAL agentapp_queue_head(e.agent_id, v_skipped, e.room) c
-                WHERE e.room > 0
+                SELECT u.id, u.turn, fast.workspace_id, fast.served_at
+                FROM fast CROSS JOIN LATERAL unnest(fast.ids) WITH ORDINALITY AS u (id, turn)
+                WHERE fast.ok
+                UNION ALL
+                SELECT t.id, t.turn, t.workspace_id, t.served_at FROM (
+                    SELECT c.id, e.workspace_id, e.served_at,
+                           row_number() OVER (PARTITION BY e.workspace_id ORDER BY c.priority, c.run_at, c.seq) AS turn
+                    FROM elig e CROSS JOIN LATERAL agentapp_queue_head(e.agent_id, v_skipped, e.room) c
+                    WHERE e.room > 0) t
             )
-            SELECT ARRAY(
-                       SELECT t.id FROM (
-                           SELECT cand.id, cand.workspace_id, cand.served_at,
-                                  row_number() OVER (PARTITION BY cand.workspace_id
-                                                     ORDER BY cand.priority, cand.run_at, cand.seq) AS turn
-                           FROM cand) t
-                       WHERE t.turn <= v_share
-                       ORDER BY t.turn, t.served_at, t.workspace_id
-                       LIMIT v_want),
+            SELECT ARRAY(SELECT cand.id FROM cand WHERE cand.turn <= v_share
+                         ORDER BY cand.turn, cand.served_at, cand.workspace_id
+                         LIMIT v_want),
                    (SELECT count(DISTINCT cand.workspace_id) FROM cand)
             INTO v_picked, v_active;
         END IF;
