@@ -533,6 +533,44 @@ func BenchmarkSoak(b *testing.B) {
 	b.ReportMetric(float64(connsDrain), "conns-drained")
 }
 
+// BenchmarkClaimIdleWorkspaces: one claim of 100 runs (agentapp_claim, called straight)
+// while 3 workspaces have queued runs, among 3 workspaces in all and among 10,000 (each with
+// an agent): what the workspaces with nothing queued cost a claim, whose walk visits every
+// workspace when the busy ones cannot fill it.
+func BenchmarkClaimIdleWorkspaces(b *testing.B) {
+	for _, workspaces := range []int{3, 10_000} {
+		b.Run(fmt.Sprintf("workspaces=%d", workspaces), func(b *testing.B) {
+			db := openTestDB(b, testDB(b))
+			seed := func(query string, args ...any) {
+				b.Helper()
+				if _, err := db.Exec(query, args...); err != nil {
+					b.Fatalf("seed: %s: %v", query, err)
+				}
+			}
+			seed(`INSERT INTO workspaces (name, api_key_hash)
+				SELECT 'idle-' || w, sha256(convert_to('idle-key-' || w, 'UTF8')) FROM generate_series(1, $1) w`, workspaces)
+			seed(`INSERT INTO agents (workspace_id, name, kind) SELECT id, 'echo', 'echo' FROM workspaces`)
+			// The 3 busy workspaces, each with a third of the runs the claims take and 100
+			// more: no claim finds a workspace short of its share.
+			seed(`INSERT INTO runs (workspace_id, agent_id)
+				SELECT a.workspace_id, a.id FROM (SELECT id, workspace_id FROM agents ORDER BY id LIMIT 3) a,
+				generate_series(1, $1::int * 100 / 3 + 100)`, b.N)
+			seed(`ANALYZE`)
+			claim, err := db.Prepare(`SELECT count(*) FROM agentapp_claim('bench', 100, NULL, 60000, false) WHERE kind = 'claimed'`)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				var n int
+				if err := claim.QueryRow().Scan(&n); err != nil || n != 100 {
+					b.Fatalf("claim: got %d runs, %v; want 100", n, err)
+				}
+			}
+		})
+	}
+}
+
 // BenchmarkFairClaim: the drain of FAIR_N (default 1,000,000) queued echo runs by one
 // process with the embedded worker at defaults, first spread over 100 workspaces × 10
 // agents (3 of each workspace's agents capped at max_concurrency 5), then all in one
