@@ -535,21 +535,14 @@ func BenchmarkSoak(b *testing.B) {
 
 // BenchmarkClaimIdleWorkspaces: one claim of 100 runs (agentapp_claim, called straight)
 // while 3 workspaces have queued runs, among 3 workspaces in all and among 10,000 (each with
-// an agent): what the workspaces with nothing queued cost a claim, whose walk visits every
-// workspace when the busy ones cannot fill it.
+// an agent): what the workspaces with nothing queued cost a claim (nothing, when they are
+// not marked has_queued).
 func BenchmarkClaimIdleWorkspaces(b *testing.B) {
 	for _, workspaces := range []int{3, 10_000} {
 		b.Run(fmt.Sprintf("workspaces=%d", workspaces), func(b *testing.B) {
 			db := openTestDB(b, testDB(b))
-			seed := func(query string, args ...any) {
-				b.Helper()
-				if _, err := db.Exec(query, args...); err != nil {
-					b.Fatalf("seed: %s: %v", query, err)
-				}
-			}
-			seed(`INSERT INTO workspaces (name, api_key_hash)
-				SELECT 'idle-' || w, sha256(convert_to('idle-key-' || w, 'UTF8')) FROM generate_series(1, $1) w`, workspaces)
-			seed(`INSERT INTO agents (workspace_id, name, kind) SELECT id, 'echo', 'echo' FROM workspaces`)
+			seedEchoWorkspaces(b, db, workspaces)
+			seed := sqlExec(b, db)
 			// The 3 busy workspaces, each with a third of the runs the claims take and 100
 			// more: no claim finds a workspace short of its share.
 			seed(`INSERT INTO runs (workspace_id, agent_id)

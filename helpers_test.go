@@ -546,6 +546,27 @@ func seedWorkspace(t testing.TB, st *store) testWorkspace {
 	return testWorkspace{ID: w.ID, APIKey: w.APIKey}
 }
 
+// sqlExec returns a function that executes a statement on db and fails the test if it fails.
+func sqlExec(t testing.TB, db *sql.DB) func(query string, args ...any) {
+	return func(query string, args ...any) {
+		t.Helper()
+		if _, err := db.Exec(query, args...); err != nil {
+			t.Fatalf("%s: %v", query, err)
+		}
+	}
+}
+
+// seedEchoWorkspaces creates n workspaces straight in the database, each with an echo agent
+// named "echo", in two statements.
+func seedEchoWorkspaces(t testing.TB, db *sql.DB, n int) {
+	t.Helper()
+	exec := sqlExec(t, db)
+	exec(`INSERT INTO workspaces (name, api_key_hash)
+		SELECT 'seed-' || w, sha256(convert_to('seed-key-' || w || '-' || gen_random_uuid(), 'UTF8')) FROM generate_series(1, $1) w`, n)
+	exec(`INSERT INTO agents (workspace_id, name, kind)
+		SELECT w.id, 'echo', 'echo' FROM workspaces w WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.workspace_id = w.id)`)
+}
+
 // seedRuns creates, straight in the database, a workspace with an echo agent and n
 // queued runs of it, oldest first.
 func seedRuns(t testing.TB, st *store, n, maxAttempts int) (ws testWorkspace, ids []string) {

@@ -659,3 +659,148 @@ func TestSchedIdleLoad(t *testing.T) {
 		t.Errorf("the run due in an hour: got %+v; want it still queued", st)
 	}
 }
+
+// TestSchedIdleWorkspaces: a claim walks only the workspaces marked has_queued (so that
+// workspaces with nothing queued cost it nothing). A new workspace is unmarked; a run's
+// insert marks its workspace, and so does a run queued again (a retry, a recovered lease);
+// a claim that came up short unmarks the workspaces it found empty. Then, under concurrent
+// inserts, requeues and claims from several connections, every run is claimed and finishes:
+// none is left queued in an unmarked workspace, where no claim would look.
+func TestSchedIdleWorkspaces(t *testing.T) {
+	t.Parallel()
+	const workspaces = 50
+	db := openTestDB(t, testDB(t))
+	seedEchoWorkspaces(t, db, workspaces)
+	exec := sqlExec(t, db)
+	var wss []string
+	if err := db.QueryRow(`SELECT array_agg(id ORDER BY id) FROM workspaces`).Scan(pq.Array(&wss)); err != nil {
+		t.Fatal(err)
+	}
+	insert := func(ws string) {
+		t.Helper()
+		exec(`INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`, ws)
+	}
+	marked := func() []string {
+		t.Helper()
+		var ids []string
+		if err := db.QueryRow(`SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM workspaces WHERE has_queued`).Scan(pq.Array(&ids)); err != nil {
+			t.Fatal(err)
+		}
+		return ids
+	}
+	claim := func(limit int) []string {
+		t.Helper()
+		var ids []string
+		if err := db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', $1, NULL, 60000, false)
+			WHERE kind = 'claimed'`, limit).Scan(pq.Array(&ids)); err != nil {
+			t.Fatal(err)
+		}
+		return ids
+	}
+	const requeue = `UPDATE runs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL WHERE id = ANY ($1)`
+
+	if m := marked(); len(m) != 0 {
+		t.Fatalf("new workspaces: got %d marked; want none", len(m))
+	}
+	for range 3 {
+		insert(wss[0])
+	}
+	insert(wss[1])
+	if m := marked(); fmt.Sprint(m) != fmt.Sprint(wss[:2]) {
+		t.Fatalf("after runs were queued in 2 workspaces: got %v marked; want %v", m, wss[:2])
+	}
+	got := claim(100)
+	if len(got) != 4 {
+		t.Fatalf("claim of 100: got %d runs; want all 4", len(got))
+	}
+	if n := len(claim(100)); n != 0 {
+		t.Fatalf("claim of 100 with nothing queued: got %d runs; want none", n)
+	}
+	if m := marked(); len(m) != 0 {
+		t.Fatalf("after a claim found both workspaces empty: got %v marked; want none", m)
+	}
+	exec(requeue, pq.Array(got[:1]))
+	var ws string
+	if err := db.QueryRow(`SELECT workspace_id FROM runs WHERE id = $1`, got[0]).Scan(&ws); err != nil {
+		t.Fatal(err)
+	}
+	if m := marked(); fmt.Sprint(m) != fmt.Sprint([]string{ws}) {
+		t.Fatalf("after a run was queued again: got %v marked; want its workspace %s", m, ws)
+	}
+	if again := claim(100); fmt.Sprint(again) != fmt.Sprint(got[:1]) {
+		t.Fatalf("claim after the requeue: got %v; want the requeued run %v", again, got[:1])
+	}
+	exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = ANY ($1)`, pq.Array(got))
+
+	// Inserts into random workspaces race the claims that unmark them; claimed runs are
+	// finished, or a quarter of the time queued again.
+	const inserters, perInserter, claimers = 4, 100, 2
+	var ins, cl sync.WaitGroup
+	stop := make(chan struct{})
+	for range inserters {
+		ins.Add(1)
+		go func() {
+			defer ins.Done()
+			for range perInserter {
+				ws := wss[rand.N(len(wss))]
+				if _, err := db.Exec(`INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`, ws); err != nil {
+					t.Errorf("insert a run: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	defer func() { // before the pool closes, also when the test fails
+		close(stop)
+		cl.Wait()
+	}()
+	for range claimers {
+		cl.Add(1)
+		go func() {
+			defer cl.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var ids []string
+				if err := db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', 5, NULL, 60000, false)
+					WHERE kind = 'claimed'`).Scan(pq.Array(&ids)); err != nil {
+					t.Errorf("claim: %v", err)
+					return
+				}
+				var done, again []string
+				for _, id := range ids {
+					if rand.N(4) == 0 {
+						again = append(again, id)
+					} else {
+						done = append(done, id)
+					}
+				}
+				_, err := db.Exec(requeue, pq.Array(again))
+				if err == nil {
+					_, err = db.Exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = ANY ($1)`, pq.Array(done))
+				}
+				if err != nil {
+					t.Errorf("requeue or finish claimed runs: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	ins.Wait()
+	want := inserters*perInserter + len(got)
+	var stranded, final int
+	took := eventually(t, 30*time.Second, fmt.Sprintf("all %d runs succeeded", want), func() bool {
+		stranded = scCount(t, db, `SELECT count(*) FROM runs r JOIN workspaces w ON w.id = r.workspace_id
+			WHERE r.status = 'queued' AND NOT w.has_queued`)
+		if stranded > 0 {
+			t.Fatalf("got %d queued runs in unmarked workspaces; want none", stranded)
+		}
+		final = scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`)
+		return final == want
+	})
+	t.Logf("%d runs inserted by %d connections into %d workspaces, claimed by %d: all succeeded %v after the last insert; %d workspaces left marked",
+		inserters*perInserter, inserters, workspaces, claimers, took.Round(time.Millisecond), len(marked()))
+}
