@@ -136,7 +136,7 @@ DECLARE
     v_shard smallint := pg_backend_pid() % 16;
     v_ws    uuid[];
 BEGIN
-    IF TG_OP <> 'DELETE' THEN
+    IF TG_OP = 'UPDATE' THEN
         v_ws := ARRAY(SELECT DISTINCT w.workspace_id FROM new_runs w WHERE w.status = 'queued' ORDER BY 1);
         IF cardinality(v_ws) > 0 THEN
             PERFORM 1 FROM workspaces w WHERE w.id = ANY (v_ws) ORDER BY w.id FOR KEY SHARE;
@@ -144,9 +144,15 @@ BEGIN
         END IF;
     END IF;
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
-        SELECT workspace_id, status, v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        -- One statement counts and marks (the rows' foreign keys took the key-share locks,
+        -- their checks done before this trigger: row triggers fire before statement ones).
+        WITH c AS (
+            INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+            SELECT workspace_id, status, v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n
+            RETURNING c.workspace_id, c.status)
+        UPDATE workspaces w SET has_queued = true
+        WHERE w.id IN (SELECT c.workspace_id FROM c WHERE c.status = 'queued') AND NOT w.has_queued;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO run_counts AS c (workspace_id, status, shard, n)
         SELECT workspace_id, status, v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
