@@ -663,7 +663,8 @@ func TestSchedIdleLoad(t *testing.T) {
 // TestSchedIdleWorkspaces: a claim walks only the workspaces marked has_queued (so that
 // workspaces with nothing queued cost it nothing). A new workspace is unmarked; a run's
 // insert marks its workspace, and so does a run queued again (a retry, a recovered lease);
-// a claim that came up short unmarks the workspaces it found empty. Then, under concurrent
+// a claim that came up short unmarks the workspaces it found empty that were not served in
+// the last second. Then, under concurrent
 // inserts, requeues and claims from several connections, every run is claimed and finishes:
 // none is left queued in an unmarked workspace, where no claim would look.
 func TestSchedIdleWorkspaces(t *testing.T) {
@@ -716,8 +717,13 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 	if n := len(claim(100)); n != 0 {
 		t.Fatalf("claim of 100 with nothing queued: got %d runs; want none", n)
 	}
+	if m := marked(); len(m) != 2 {
+		t.Fatalf("after a claim found both workspaces empty, within a second of their turn: got %v marked; want both still", m)
+	}
+	exec(`UPDATE workspaces SET served_at = served_at - interval '2 seconds'`)
+	claim(100)
 	if m := marked(); len(m) != 0 {
-		t.Fatalf("after a claim found both workspaces empty: got %v marked; want none", m)
+		t.Fatalf("after a claim found both workspaces empty, their turn 2 s before: got %v marked; want none", m)
 	}
 	exec(requeue, pq.Array(got[:1]))
 	var ws string
@@ -764,9 +770,14 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 					return
 				default:
 				}
+				// Every workspace's turn a second back: a claim may unmark any it finds empty.
 				var ids []string
-				if err := db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', 5, NULL, 60000, false)
-					WHERE kind = 'claimed'`).Scan(pq.Array(&ids)); err != nil {
+				_, err := db.Exec(`UPDATE workspaces SET served_at = now() - interval '2 seconds'`)
+				if err == nil {
+					err = db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', 5, NULL, 60000, false)
+						WHERE kind = 'claimed'`).Scan(pq.Array(&ids))
+				}
+				if err != nil {
 					t.Errorf("claim: %v", err)
 					return
 				}
@@ -778,7 +789,7 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 						done = append(done, id)
 					}
 				}
-				_, err := db.Exec(requeue, pq.Array(again))
+				_, err = db.Exec(requeue, pq.Array(again))
 				if err == nil {
 					_, err = db.Exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = ANY ($1)`, pq.Array(done))
 				}

@@ -472,17 +472,21 @@ BEGIN
         FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = ANY (v_ids);
     END IF;
     IF cardinality(v_ids) < p_limit AND NOT v_more THEN
-        -- The claim found all it could: a marked workspace it did not serve may have nothing
-        -- queued (its entries in runs_claim_workspace_idx are read from their end, where the
-        -- runs still queued are, not through the dead entries of those it ran; the ORDER BY
-        -- names every column so that no other index serves it). Those that look empty are row-locked (FOR UPDATE, skipping rows locked
-        -- now) and unmarked by a later statement, which sees every run queued before the
-        -- lock was taken. A run queued in such a workspace meanwhile holds a key-share lock
-        -- on its row (its insert's foreign key, or the trigger that marks it), so the row is
-        -- skipped here, or its lock waits for this claim and the trigger marks it again.
+        -- The claim found all it could: a marked workspace not served for a second may have
+        -- nothing queued. (One served since stays marked, so that a workspace whose runs come
+        -- one at a time is not unmarked and marked again, two writes, for each.) Its entries
+        -- in runs_claim_workspace_idx are read from their end, where the runs still queued
+        -- are, not through the dead entries of those it ran; the ORDER BY names every column
+        -- so that no other index serves it. Those that look empty are row-locked (FOR UPDATE,
+        -- skipping rows locked now) and unmarked by a later statement, which sees every run
+        -- queued before the lock was taken. A run queued in such a workspace meanwhile holds
+        -- a key-share lock on its row (its insert's foreign key, or the trigger that marks
+        -- it), so the row is skipped here, or its lock waits for this claim and the trigger
+        -- marks it again.
         SELECT coalesce(array_agg(x.id), '{}') INTO v_empty FROM (
             SELECT w.id FROM workspaces w
-            WHERE w.has_queued AND w.id <> ALL (v_ws) AND (p_workspace IS NULL OR w.id = p_workspace)
+            WHERE w.has_queued AND w.served_at < now() - interval '1 second'
+              AND w.id <> ALL (v_ws) AND (p_workspace IS NULL OR w.id = p_workspace)
               AND (SELECT r.id FROM runs r WHERE r.workspace_id = w.id AND r.status = 'queued'
                    ORDER BY r.workspace_id DESC, r.priority DESC, r.run_at DESC, r.seq DESC LIMIT 1) IS NULL
             ORDER BY w.id FOR UPDATE SKIP LOCKED) x;
