@@ -556,15 +556,14 @@ func sqlExec(t testing.TB, db *sql.DB) func(query string, args ...any) {
 	}
 }
 
-// seedEchoWorkspaces creates n workspaces straight in the database, each with an echo agent
-// named "echo", in two statements.
+// seedEchoWorkspaces creates n workspaces straight in a database that has none, each with
+// an echo agent named "echo", in two statements.
 func seedEchoWorkspaces(t testing.TB, db *sql.DB, n int) {
 	t.Helper()
 	exec := sqlExec(t, db)
 	exec(`INSERT INTO workspaces (name, api_key_hash)
-		SELECT 'seed-' || w, sha256(convert_to('seed-key-' || w || '-' || gen_random_uuid(), 'UTF8')) FROM generate_series(1, $1) w`, n)
-	exec(`INSERT INTO agents (workspace_id, name, kind)
-		SELECT w.id, 'echo', 'echo' FROM workspaces w WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.workspace_id = w.id)`)
+		SELECT 'seed-' || w, sha256(convert_to('seed-key-' || w, 'UTF8')) FROM generate_series(1, $1) w`, n)
+	exec(`INSERT INTO agents (workspace_id, name, kind) SELECT id, 'echo', 'echo' FROM workspaces`)
 }
 
 // seedRuns creates, straight in the database, a workspace with an echo agent and n

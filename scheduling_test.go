@@ -664,9 +664,9 @@ func TestSchedIdleLoad(t *testing.T) {
 // workspaces with nothing queued cost it nothing). A new workspace is unmarked; a run's
 // insert marks its workspace, and so does a run queued again (a retry, a recovered lease);
 // a claim that came up short unmarks the workspaces it found empty that were not served in
-// the last second. Then, under concurrent
-// inserts, requeues and claims from several connections, every run is claimed and finishes:
-// none is left queued in an unmarked workspace, where no claim would look.
+// the last second. Then, under concurrent inserts, requeues and claims from several
+// connections, every run is claimed and finishes: none is left queued in an unmarked
+// workspace, where no claim would look.
 func TestSchedIdleWorkspaces(t *testing.T) {
 	t.Parallel()
 	const workspaces = 50
@@ -677,10 +677,7 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 	if err := db.QueryRow(`SELECT array_agg(id ORDER BY id) FROM workspaces`).Scan(pq.Array(&wss)); err != nil {
 		t.Fatal(err)
 	}
-	insert := func(ws string) {
-		t.Helper()
-		exec(`INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`, ws)
-	}
+	const insert = `INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`
 	marked := func() []string {
 		t.Helper()
 		var ids []string
@@ -689,11 +686,15 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		}
 		return ids
 	}
+	claimIDs := func(limit int) (ids []string, err error) {
+		err = db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', $1, NULL, 60000, false)
+			WHERE kind = 'claimed'`, limit).Scan(pq.Array(&ids))
+		return ids, err
+	}
 	claim := func(limit int) []string {
 		t.Helper()
-		var ids []string
-		if err := db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', $1, NULL, 60000, false)
-			WHERE kind = 'claimed'`, limit).Scan(pq.Array(&ids)); err != nil {
+		ids, err := claimIDs(limit)
+		if err != nil {
 			t.Fatal(err)
 		}
 		return ids
@@ -704,9 +705,9 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		t.Fatalf("new workspaces: got %d marked; want none", len(m))
 	}
 	for range 3 {
-		insert(wss[0])
+		exec(insert, wss[0])
 	}
-	insert(wss[1])
+	exec(insert, wss[1])
 	if m := marked(); fmt.Sprint(m) != fmt.Sprint(wss[:2]) {
 		t.Fatalf("after runs were queued in 2 workspaces: got %v marked; want %v", m, wss[:2])
 	}
@@ -748,8 +749,7 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		go func() {
 			defer ins.Done()
 			for range perInserter {
-				ws := wss[rand.N(len(wss))]
-				if _, err := db.Exec(`INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`, ws); err != nil {
+				if _, err := db.Exec(insert, wss[rand.N(len(wss))]); err != nil {
 					t.Errorf("insert a run: %v", err)
 					return
 				}
@@ -774,8 +774,7 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 				var ids []string
 				_, err := db.Exec(`UPDATE workspaces SET served_at = now() - interval '2 seconds'`)
 				if err == nil {
-					err = db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', 5, NULL, 60000, false)
-						WHERE kind = 'claimed'`).Scan(pq.Array(&ids))
+					ids, err = claimIDs(5)
 				}
 				if err != nil {
 					t.Errorf("claim: %v", err)
@@ -802,15 +801,12 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 	}
 	ins.Wait()
 	want := inserters*perInserter + len(got)
-	var stranded, final int
 	took := eventually(t, 30*time.Second, fmt.Sprintf("all %d runs succeeded", want), func() bool {
-		stranded = scCount(t, db, `SELECT count(*) FROM runs r JOIN workspaces w ON w.id = r.workspace_id
-			WHERE r.status = 'queued' AND NOT w.has_queued`)
-		if stranded > 0 {
-			t.Fatalf("got %d queued runs in unmarked workspaces; want none", stranded)
+		if n := scCount(t, db, `SELECT count(*) FROM runs r JOIN workspaces w ON w.id = r.workspace_id
+			WHERE r.status = 'queued' AND NOT w.has_queued`); n > 0 {
+			t.Fatalf("got %d queued runs in unmarked workspaces; want none", n)
 		}
-		final = scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`)
-		return final == want
+		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`) == want
 	})
 	t.Logf("%d runs inserted by %d connections into %d workspaces, claimed by %d: all succeeded %v after the last insert; %d workspaces left marked",
 		inserters*perInserter, inserters, workspaces, claimers, took.Round(time.Millisecond), len(marked()))

@@ -203,13 +203,26 @@ BEGIN
         CREATE INDEX workspaces_has_queued_idx ON workspaces (id) WHERE has_queued;
     END IF;
 END $$;
+-- agentapp_queue_tail is the last of a workspace's queued runs in claim order, if it has
+-- any: read from the end of its entries in runs_claim_workspace_idx, where the runs still
+-- queued are, not through the dead entries of those it ran from the start, as a forward
+-- probe (or an EXISTS, which drops the ORDER BY) would. The ORDER BY names every column of
+-- that index so that no other serves it. One SELECT in SQL, inlined where it is called.
+CREATE OR REPLACE FUNCTION agentapp_queue_tail(p_workspace uuid)
+RETURNS TABLE (id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT r.id FROM runs r WHERE r.workspace_id = p_workspace AND r.status = 'queued'
+    ORDER BY r.workspace_id DESC, r.priority DESC, r.run_at DESC, r.seq DESC
+    LIMIT 1
+$$;
+
 -- Workspaces with queued runs that are not marked are marked: after the upgrade from a
 -- database without has_queued, or when an older binary's trigger (which does not mark)
 -- queued runs after it applied its schema to this database. Rows locked now are being
 -- marked by the trigger, and skipped.
 UPDATE workspaces w SET has_queued = true
 FROM (SELECT x.id FROM workspaces x
-      WHERE NOT x.has_queued AND EXISTS (SELECT 1 FROM runs r WHERE r.workspace_id = x.id AND r.status = 'queued')
+      WHERE NOT x.has_queued AND (SELECT t.id FROM agentapp_queue_tail(x.id) t) IS NOT NULL
       ORDER BY x.id FOR NO KEY UPDATE SKIP LOCKED) s
 WHERE w.id = s.id;
 
@@ -269,7 +282,7 @@ DECLARE
     v_found   integer;
     v_want    integer;
     v_share   integer;
-    v_active  integer;        -- workspaces that had candidates in the last round
+    v_active  integer;        -- workspaces that may have candidates: the marked ones, then those of the last round
     v_round   integer;
     v_more    boolean := false; -- the rounds ended before the claim found all it could
     v_empty   uuid[];         -- marked workspaces found with nothing queued, row-locked
@@ -474,11 +487,8 @@ BEGIN
     IF cardinality(v_ids) < p_limit AND NOT v_more THEN
         -- The claim found all it could: a marked workspace not served for a second may have
         -- nothing queued. (One served since stays marked, so that a workspace whose runs come
-        -- one at a time is not unmarked and marked again, two writes, for each.) Its entries
-        -- in runs_claim_workspace_idx are read from their end, where the runs still queued
-        -- are, not through the dead entries of those it ran; the ORDER BY names every column
-        -- so that no other index serves it. Those that look empty are row-locked (FOR UPDATE,
-        -- skipping rows locked now) and unmarked by a later statement, which sees every run
+        -- one at a time is not unmarked and marked again, two writes, for each.) Those that
+        -- look empty are row-locked (FOR UPDATE, skipping rows locked now) and unmarked by a later statement, which sees every run
         -- queued before the lock was taken. A run queued in such a workspace meanwhile holds
         -- a key-share lock on its row (its insert's foreign key, or the trigger that marks
         -- it), so the row is skipped here, or its lock waits for this claim and the trigger
@@ -487,14 +497,11 @@ BEGIN
             SELECT w.id FROM workspaces w
             WHERE w.has_queued AND w.served_at < now() - interval '1 second'
               AND w.id <> ALL (v_ws) AND (p_workspace IS NULL OR w.id = p_workspace)
-              AND (SELECT r.id FROM runs r WHERE r.workspace_id = w.id AND r.status = 'queued'
-                   ORDER BY r.workspace_id DESC, r.priority DESC, r.run_at DESC, r.seq DESC LIMIT 1) IS NULL
+              AND (SELECT t.id FROM agentapp_queue_tail(w.id) t) IS NULL
             ORDER BY w.id FOR UPDATE SKIP LOCKED) x;
         IF cardinality(v_empty) > 0 THEN
             UPDATE workspaces w SET has_queued = false
-            WHERE w.id = ANY (v_empty)
-              AND (SELECT r.id FROM runs r WHERE r.workspace_id = w.id AND r.status = 'queued'
-                   ORDER BY r.workspace_id DESC, r.priority DESC, r.run_at DESC, r.seq DESC LIMIT 1) IS NULL;
+            WHERE w.id = ANY (v_empty) AND (SELECT t.id FROM agentapp_queue_tail(w.id) t) IS NULL;
         END IF;
     END IF;
     IF v_more THEN
