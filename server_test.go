@@ -673,6 +673,38 @@ func TestAPIBatch(t *testing.T) {
 	}
 }
 
+// TestAPIBatchAnswersAsStored: each run a batch answers is, byte for byte, what a GET of it
+// answers, whatever fields the batch set and however it spelled its inputs (the batch builds
+// its answer from the request and the columns the database made).
+func TestAPIBatchAnswersAsStored(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "echo2", "echo", nil)
+	status, _, data := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey, nil, strings.NewReader(`{"runs":[
+		{"agent":"echo"},
+		{"agent":"echo2","input":{"b": [1, 2.50], "a": "x"},"max_attempts":5,"priority":7,"timeout_ms":1500},
+		{"agent":"echo","input":"later","delay_ms":60000},
+		{"agent":"echo2","input":null,"run_at":"2030-01-02T03:04:05.123456+02:00"}]}`))
+	if status != 201 {
+		t.Fatalf("batch: got %d %s; want 201", status, data)
+	}
+	var got struct{ Runs []json.RawMessage }
+	if err := json.Unmarshal(data, &got); err != nil || len(got.Runs) != 4 {
+		t.Fatalf("batch: got %d runs (%v) in %s; want 4", len(got.Runs), err, data)
+	}
+	for i, raw := range got.Runs {
+		var r runRecord
+		if err := json.Unmarshal(raw, &r); err != nil {
+			t.Fatal(err)
+		}
+		status, _, one := a.do(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+r.ID, ws.APIKey, nil, nil)
+		if status != 200 || string(bytes.TrimSpace(one)) != string(raw) {
+			t.Errorf("runs[%d]: the batch answered\n%s\nand GET answered %d\n%s", i, raw, status, one)
+		}
+	}
+}
+
 // getRunWait does GET …/runs/{id}?wait_ms=wait and returns the run and how long it took.
 func getRunWait(t testing.TB, a *app, ws testWorkspace, id string, wait int) (runRecord, time.Duration) {
 	t.Helper()
