@@ -611,18 +611,17 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	// Newest first within each workspace in scope (an index range each), then merged: a
-	// page reads at most runsPageSize+1 rows per workspace, however many runs there are.
-	// The workspaces are passed as an array, not joined: the planner then knows how many
-	// there are, where it would guess hundreds for a small table never analyzed and pay
-	// for JIT compilation on every page.
-	rows, err := c.s.store.db.QueryContext(ctx, `
-		SELECT x.* FROM unnest($1::uuid[]) AS w(id) CROSS JOIN LATERAL (
-			SELECT `+runColumns+` FROM runs r JOIN agents a ON a.id = r.agent_id
-			WHERE r.workspace_id = w.id AND r.seq < $2 AND ($3 = '' OR r.status = $3)
-			  AND ($4 = '' OR r.agent_id IN (SELECT ag.id FROM agents ag WHERE ag.workspace_id = w.id AND ag.name = $4))
-			ORDER BY r.seq DESC LIMIT $5) x
-		ORDER BY x.seq DESC LIMIT $5`, ids, before, f.Status, f.Agent, runsPageSize+1)
+	// Newest first within each workspace in scope (agentapp_runs_page), then merged: a
+	// page reads at most runsPageSize+1 rows per status and agent of each workspace,
+	// however many runs there are. The workspaces are passed as an array, not joined: the
+	// planner then knows how many there are, where it would guess hundreds for a small
+	// table never analyzed and pay for JIT compilation on every page.
+	rows, err := c.s.store.queryPrepared(ctx, `
+		SELECT `+runColumns+` FROM (
+			SELECT p.* FROM unnest($1::uuid[]) AS w(id) CROSS JOIN LATERAL agentapp_runs_page(w.id, $3, $4, $2, $5) p
+			ORDER BY p.seq DESC LIMIT $5) r
+		JOIN agents a ON a.id = r.agent_id
+		ORDER BY r.seq DESC`, ids, before, statusList(f.Status), f.Agent, runsPageSize+1)
 	if err != nil {
 		c.fail(w, r, err)
 		return

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -758,11 +759,13 @@ func TestSchedulingListByAgent(t *testing.T) {
 	a := startApp(t, schedulingEnv(t, testDB(t)))
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "a b/c", "echo", map[string]any{})
-	var ofA, ofEcho []string
+	var ofA, ofEcho, every []string // newest first
 	for i := range 5 {
-		ofA = append([]string{a.createRun(t, ws, "a b/c", i).ID}, ofA...) // newest first
+		ofA = append([]string{a.createRun(t, ws, "a b/c", i).ID}, ofA...)
+		every = append([]string{ofA[0]}, every...)
 		if i%2 == 0 {
 			ofEcho = append([]string{a.createRun(t, ws, "echo", i).ID}, ofEcho...)
+			every = append([]string{ofEcho[0]}, every...)
 		}
 	}
 	agentA := "agent=a+b%2Fc"
@@ -785,6 +788,23 @@ func TestSchedulingListByAgent(t *testing.T) {
 	all, pages = listAllRuns(t, a, ws, agentA+"&status=canceled&limit=1")
 	if got := runIDs(all); strings.Join(got, ",") != ofA[1]+","+ofA[3] || pages != 2 {
 		t.Errorf("?%s&status=canceled&limit=1: got %v in %d pages; want [%s %s] in 2", agentA, got, pages, ofA[1], ofA[3])
+	}
+	// Unfiltered, the runs of both agents in every status come newest first, page after page.
+	for _, limit := range []int{1, 2, 3, 200} {
+		all, _ = listAllRuns(t, a, ws, "limit="+strconv.Itoa(limit))
+		if got := runIDs(all); strings.Join(got, ",") != strings.Join(every, ",") {
+			t.Errorf("?limit=%d, every page: got %v; want %v", limit, got, every)
+		}
+	}
+	var canceled []string
+	for _, id := range every {
+		if id == ofA[1] || id == ofA[3] || id == ofEcho[0] {
+			canceled = append(canceled, id)
+		}
+	}
+	all, _ = listAllRuns(t, a, ws, "status=canceled&limit=1")
+	if got := runIDs(all); strings.Join(got, ",") != strings.Join(canceled, ",") {
+		t.Errorf("?status=canceled&limit=1: got %v; want %v", got, canceled)
 	}
 	all, _ = listAllRuns(t, a, ws, agentA+"&status=queued")
 	if got := runIDs(all); strings.Join(got, ",") != ofA[0]+","+ofA[2]+","+ofA[4] {

@@ -613,11 +613,9 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 			return nil, "", err
 		}
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT `+runColumns+`
-		FROM runs r JOIN agents a ON a.id = r.agent_id
-		WHERE r.workspace_id = $1 AND r.seq < $2 AND ($3 = '' OR r.status = $3)
-		  AND ($5 = '' OR r.agent_id = (SELECT id FROM agents WHERE workspace_id = $1 AND name = $5))
-		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, status, limit+1, agentName)
+	rows, err := s.queryPrepared(ctx, `SELECT `+runColumns+`
+		FROM agentapp_runs_page($1, $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
+		ORDER BY r.seq DESC`, ws, cursor, statusList(status), limit+1, agentName)
 	if err != nil {
 		return nil, "", err
 	}
@@ -638,6 +636,22 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 		next = runs[limit-1].ID
 	}
 	return runs, next, nil
+}
+
+// allStatuses are the statuses a run may have.
+var allStatuses = []runStatus{statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled}
+
+// statusList is the statuses of a list filter as an array argument: status, or every
+// status when it is "".
+func statusList(status string) pq.StringArray {
+	if status != "" {
+		return pq.StringArray{status}
+	}
+	list := make(pq.StringArray, len(allStatuses))
+	for i, st := range allStatuses {
+		list[i] = string(st)
+	}
+	return list
 }
 
 // cancelRun cancels a queued run at once, or asks for a running run to be canceled where
