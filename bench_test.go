@@ -145,7 +145,7 @@ func benchQuantile(sorted []time.Duration, q float64) float64 {
 // The callers check the runs themselves afterwards.
 func benchDrained(b *testing.B, db *sql.DB, p *proc, timeout time.Duration) time.Time {
 	b.Helper()
-	probe, err := db.Prepare(`SELECT coalesce(sum(n), 0) > 0 FROM run_counts WHERE status IN ('queued', 'running')`)
+	probe, err := db.Prepare(`SELECT coalesce(sum(n), 0) > 0 FROM run_counts WHERE status = 'active'`)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -750,35 +750,21 @@ type runStats struct {
 }
 
 // stats counts the runs of ws by status; ws "" counts every workspace's. It sums the
-// counters the triggers keep (schema.sql: run_counts), never the runs themselves.
+// counters the triggers keep (schema.sql: run_counts), and counts the running runs, no
+// more than the workers' slots, in one statement: the history is never counted.
 func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 	var st runStats
-	rows, err := s.db.QueryContext(ctx,
-		`SELECT status, sum(n) FROM run_counts WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid GROUP BY status`, ws)
-	if err != nil {
-		return st, err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var status string
-		var n int64
-		if err := rows.Scan(&status, &n); err != nil {
-			return st, err
-		}
-		switch status {
-		case "queued":
-			st.Queued = n
-		case "running":
-			st.Running = n
-		case "succeeded":
-			st.Succeeded = n
-		case "failed":
-			st.Failed = n
-		case "canceled":
-			st.Canceled = n
-		}
-	}
-	return st, rows.Err()
+	var active int64
+	err := s.db.QueryRowContext(ctx, `
+		SELECT coalesce(sum(n) FILTER (WHERE status IN ('active', 'queued', 'running')), 0),
+		       coalesce(sum(n) FILTER (WHERE status = 'succeeded'), 0),
+		       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0),
+		       coalesce(sum(n) FILTER (WHERE status = 'canceled'), 0),
+		       (SELECT count(*) FROM runs WHERE status = 'running' AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))
+		FROM run_counts WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid`, ws).
+		Scan(&active, &st.Succeeded, &st.Failed, &st.Canceled, &st.Running)
+	st.Queued = active - st.Running
+	return st, err
 }
 
 // oldestQueuedAge is how long the longest-waiting due run has waited since it fell due; 0
