@@ -604,23 +604,15 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		}
 		d.First = "/ui/runs" + f.query("")
 	}
-	ids := pq.StringArray{}
+	// Newest first over the workspaces in scope (every workspace's when scope is nil): a
+	// page reads at most runsPageSize+1 index entries per status and agent, however many
+	// runs there are.
+	var ids any // null: every workspace
 	if scope != nil {
-		ids = append(ids, scope.(string))
-	} else if err := c.s.store.db.QueryRowContext(ctx, `SELECT coalesce(array_agg(id), '{}') FROM workspaces`).Scan(&ids); err != nil {
-		c.fail(w, r, err)
-		return
+		ids = pq.StringArray{scope.(string)}
 	}
-	// Newest first within each workspace in scope (agentapp_runs_page), then merged: a
-	// page reads at most runsPageSize+1 rows per status and agent of each workspace,
-	// however many runs there are. The workspaces are passed as an array, not joined: the
-	// planner then knows how many there are, where it would guess hundreds for a small
-	// table never analyzed and pay for JIT compilation on every page.
-	rows, err := c.s.store.queryPrepared(ctx, `
-		SELECT `+runColumns+` FROM (
-			SELECT p.* FROM unnest($1::uuid[]) AS w(id) CROSS JOIN LATERAL agentapp_runs_page(w.id, $3, $4, $2, $5) p
-			ORDER BY p.seq DESC LIMIT $5) r
-		JOIN agents a ON a.id = r.agent_id
+	rows, err := c.s.store.queryPrepared(ctx, `SELECT `+runColumns+`
+		FROM agentapp_runs_page($1, $3, $4, $2, $5) r JOIN agents a ON a.id = r.agent_id
 		ORDER BY r.seq DESC`, ids, before, statusList(f.Status), f.Agent, runsPageSize+1)
 	if err != nil {
 		c.fail(w, r, err)

@@ -146,25 +146,33 @@ BEGIN
     END LOOP;
 END $$;
 
--- agentapp_runs_page is a page of a workspace's runs in the given statuses, only the named
--- agent's unless p_agent is '', newest first, older than seq p_before: the newest p_n of
--- up to p_n from each status and agent, found in runs_list_idx alone (a range each, whose
--- entries hold all a page needs to pick its rows), then read. Its cost grows with the
--- workspace's agents, never with its history. One SELECT in SQL, inlined where it is called.
-CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspace uuid, p_statuses text[], p_agent text,
+-- agentapp_runs_page is a page of the runs of the given workspaces (null: every one) in
+-- the given statuses, only those of agents named p_agent unless it is '', newest first,
+-- older than seq p_before: the newest p_n of up to p_n from each status and agent, found in runs_list_idx
+-- alone (a range each, whose entries hold all a page needs to pick its rows), then read
+-- one by one. Its cost grows with the workspaces' agents, never with their history. Its
+-- plan is made once per connection (planning it cost more than running it) and holds for
+-- any page: the rows are read back through a subquery that cannot be turned into a join,
+-- which that plan would have made a hash join over every run of the workspace.
+CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
                                               p_before bigint, p_n integer)
 RETURNS SETOF runs
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+BEGIN
+    RETURN QUERY
     SELECT r.* FROM (
-        SELECT s.status, g.id AS agent_id, k.seq
+        SELECT s.status, g.workspace_id, g.id AS agent_id, k.seq
         FROM unnest(p_statuses) AS s (status) CROSS JOIN agents g CROSS JOIN LATERAL (
             SELECT x.seq FROM runs x
-            WHERE x.status = s.status AND x.workspace_id = p_workspace AND x.agent_id = g.id AND x.seq < p_before
+            WHERE x.status = s.status AND x.workspace_id = g.workspace_id AND x.agent_id = g.id AND x.seq < p_before
             ORDER BY x.seq DESC LIMIT p_n) k
-        WHERE g.workspace_id = p_workspace AND (p_agent = '' OR g.name = p_agent)
+        WHERE (p_workspaces IS NULL OR g.workspace_id = ANY (p_workspaces)) AND (p_agent = '' OR g.name = p_agent)
         ORDER BY k.seq DESC LIMIT p_n) p
-    JOIN runs r ON r.status = p.status AND r.workspace_id = p_workspace AND r.agent_id = p.agent_id AND r.seq = p.seq
-$$;
+    CROSS JOIN LATERAL (
+        SELECT x.* FROM runs x
+        WHERE x.status = p.status AND x.workspace_id = p.workspace_id AND x.agent_id = p.agent_id AND x.seq = p.seq
+        LIMIT 1) r;
+END $$;
 
 -- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
 -- console never count the history: their cost does not grow with it. Each statement adds

@@ -614,7 +614,7 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 		}
 	}
 	rows, err := s.queryPrepared(ctx, `SELECT `+runColumns+`
-		FROM agentapp_runs_page($1, $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
+		FROM agentapp_runs_page(ARRAY[$1::uuid], $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
 		ORDER BY r.seq DESC`, ws, cursor, statusList(status), limit+1, agentName)
 	if err != nil {
 		return nil, "", err
