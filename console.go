@@ -568,7 +568,7 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 	if se.admin {
 		f.Workspace = q.Get("workspace")
 	}
-	d := runsData{Filter: f, Statuses: []runStatus{statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled}}
+	d := runsData{Filter: f, Statuses: allStatuses}
 	switch runStatus(f.Status) {
 	case "", statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled:
 	default:

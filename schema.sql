@@ -148,12 +148,13 @@ END $$;
 
 -- agentapp_runs_page is a page of the runs of the given workspaces (null: every one) in
 -- the given statuses, only those of agents named p_agent unless it is '', newest first,
--- older than seq p_before: the newest p_n of up to p_n from each status and agent, found in runs_list_idx
--- alone (a range each, whose entries hold all a page needs to pick its rows), then read
--- one by one. Its cost grows with the workspaces' agents, never with their history. Its
--- plan is made once per connection (planning it cost more than running it) and holds for
--- any page: the rows are read back through a subquery that cannot be turned into a join,
--- which that plan would have made a hash join over every run of the workspace.
+-- older than seq p_before: the newest p_n of up to p_n from each status and agent, found
+-- in runs_list_idx alone (a range each, whose entries hold all a page needs to pick its
+-- rows), then read one by one. Its cost grows with the workspaces' agents, never with
+-- their history. Its plan is made once per connection (planned at every call, planning
+-- took about half of a page's time) and holds for any page: the rows are read back
+-- through a subquery that cannot be turned into a join, which that plan would have made
+-- a hash join over every run of the workspace.
 CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
                                               p_before bigint, p_n integer)
 RETURNS SETOF runs
@@ -180,8 +181,9 @@ END $$;
 -- finishes do not queue on one hot row; readers sum the shards. status is a final status,
 -- or 'active' for the runs queued or running, so that a claim, which only moves runs from
 -- queued to running, changes no counter: a fair claim from 50 workspaces otherwise updated
--- 100 counters. Readers count the running runs themselves (runs_list_idx, as many as the
--- workers' slots) and take them from 'active'. (Earlier releases counted 'queued' and
+-- 100 counters. Readers count the running runs themselves (runs_list_idx: as many as the
+-- workers' slots, and the entries of runs that ended since the index was last cleaned)
+-- and take them from 'active'. (Earlier releases counted 'queued' and
 -- 'running' apart; readers add those rows to 'active'.)
 CREATE TABLE IF NOT EXISTS run_counts (
     workspace_id uuid NOT NULL,
@@ -205,19 +207,13 @@ CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_shard smallint := pg_backend_pid() % 16;
-    v_ws    uuid[];
+    v_ws    uuid[] := '{}'; -- workspaces of runs that became queued, found unmarked once locked
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        v_ws := ARRAY(SELECT DISTINCT w.workspace_id FROM new_runs w WHERE w.status = 'queued' ORDER BY 1);
-        IF cardinality(v_ws) > 0 THEN
-            PERFORM 1 FROM workspaces w WHERE w.id = ANY (v_ws) ORDER BY w.id FOR KEY SHARE;
-            UPDATE workspaces w SET has_queued = true WHERE w.id = ANY (v_ws) AND NOT w.has_queued;
-        END IF;
-    END IF;
+    -- The key-share locks are taken by a statement that reads each workspace row as it
+    -- stands once locked (a claim's unmark it waited for included); only the workspaces it
+    -- found unmarked are marked, by a statement that starts after that (below).
     IF TG_OP = 'INSERT' THEN
-        -- One statement counts and takes the key-share locks, reading each workspace row
-        -- as it stands once locked (a claim's unmark it waited for included); only the
-        -- workspaces found unmarked are marked, by a statement that starts after that.
+        -- The same statement counts.
         WITH l AS (
             SELECT w.id, w.has_queued FROM workspaces w
             WHERE w.id IN (SELECT n.workspace_id FROM new_runs n WHERE n.status = 'queued')
@@ -227,14 +223,15 @@ BEGIN
             SELECT workspace_id, agentapp_counter(status), v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
             ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n)
         SELECT coalesce(array_agg(l.id) FILTER (WHERE NOT l.has_queued), '{}') INTO v_ws FROM l;
-        IF cardinality(v_ws) > 0 THEN
-            UPDATE workspaces w SET has_queued = true WHERE w.id = ANY (v_ws) AND NOT w.has_queued;
-        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO run_counts AS c (workspace_id, status, shard, n)
         SELECT workspace_id, agentapp_counter(status), v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
     ELSE
+        SELECT coalesce(array_agg(l.id) FILTER (WHERE NOT l.has_queued), '{}') INTO v_ws FROM (
+            SELECT w.id, w.has_queued FROM workspaces w
+            WHERE w.id IN (SELECT n.workspace_id FROM new_runs n WHERE n.status = 'queued')
+            ORDER BY w.id FOR KEY SHARE) l;
         INSERT INTO run_counts AS c (workspace_id, status, shard, n)
         -- A row whose counter did not change adds 1 and takes 1 from the same count (a run's
         -- workspace never changes): no join of the old rows to the new ones is needed.
@@ -244,6 +241,9 @@ BEGIN
             SELECT w.workspace_id, agentapp_counter(w.status), 1 FROM new_runs w) d
         GROUP BY 1, 2 HAVING sum(d.n) <> 0 ORDER BY 1, 2
         ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    END IF;
+    IF cardinality(v_ws) > 0 THEN
+        UPDATE workspaces w SET has_queued = true WHERE w.id = ANY (v_ws) AND NOT w.has_queued;
     END IF;
     RETURN NULL;
 END $$;
