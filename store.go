@@ -36,6 +36,7 @@ type store struct {
 	db     *sql.DB
 	events eventKeys // signs the events tokens of claimed runs; zero: none (events.go)
 	stmts  sync.Map  // query text -> *sql.Stmt: the worker's and enqueue's statements (prepared)
+	gather gatherer  // single-run creates waiting to be written together (gather.go)
 }
 
 // prepared returns query prepared for the pool, preparing it on first use. A statement sent
@@ -443,10 +444,8 @@ type newRun struct {
 	storedSize     int       // Input's size as stored and answered
 }
 
-// createRun inserts one queued run. With an idempotency key already used in the
-// workspace it returns the first run and created=false, or errConflict when that run was
-// created from a different request.
-func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord, created bool, err error) {
+// createRunAlone is createRun in a statement of its own, for the run with the given id.
+func (s *store) createRunAlone(ctx context.Context, ws string, n newRun, id string) (r runRecord, created bool, err error) {
 	var key any
 	if n.IdempotencyKey != "" {
 		key = n.IdempotencyKey
@@ -465,7 +464,7 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (r runRecord
 		return r, false, err
 	}
 	row := st.QueryRowContext(ctx, ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
-		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS, newRunID())
+		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS, id)
 	r, err = scanRun(row)
 	if err == nil {
 		return r, true, nil
