@@ -97,8 +97,7 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (runRecord, 
 	batch := s.gather.join(p)
 	for {
 		if batch != nil {
-			s.writeGathered(ctx, batch)
-			s.gather.handOff()
+			s.writeLead(ctx, batch)
 		}
 		res := <-p.done
 		switch {
@@ -112,24 +111,44 @@ func (s *store) createRun(ctx context.Context, ws string, n newRun) (runRecord, 
 	}
 }
 
-// writeGathered inserts batch in one statement and tells each create its outcome. The
+// writeLead writes batch, answers its creates and hands on those that gathered
+// meanwhile, even if writing panics: the creates of batch are then answered with an
+// error, and no later create waits for a statement that will never end.
+func (s *store) writeLead(ctx context.Context, batch []*pendingCreate) {
+	var results []createResult
+	defer func() {
+		for i, p := range batch {
+			if results == nil {
+				p.done <- createResult{err: errors.New("the statement writing this create failed")}
+			} else {
+				p.done <- results[i]
+			}
+		}
+		s.gather.handOff()
+	}()
+	results = s.writeGathered(ctx, batch)
+}
+
+// writeGathered inserts batch in one statement and returns each create's outcome. The
 // statement runs to its end even when the request that writes it goes away: the others
 // wait for it.
-func (s *store) writeGathered(ctx context.Context, batch []*pendingCreate) {
+func (s *store) writeGathered(ctx context.Context, batch []*pendingCreate) []createResult {
 	runs, err := s.insertGathered(context.WithoutCancel(ctx), batch)
 	var pqErr *pq.Error
 	rejected := errors.As(err, &pqErr) && !isUnavailable(err)
-	for _, p := range batch {
+	results := make([]createResult, len(batch))
+	for i, p := range batch {
 		r, ok := runs[p.id]
 		switch {
 		case ok:
-			p.done <- createResult{run: r, created: true}
+			results[i] = createResult{run: r, created: true}
 		case err == nil || rejected:
-			p.done <- createResult{alone: true}
+			results[i] = createResult{alone: true}
 		default:
-			p.done <- createResult{err: err}
+			results[i] = createResult{err: err}
 		}
 	}
+	return results
 }
 
 // insertGathered inserts the creates of batch that name an agent of their workspace and

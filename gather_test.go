@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestGatheredCreates sends 320 creates from 32 goroutines at once, over two workspaces:
@@ -134,15 +135,10 @@ func TestGatheredStatement(t *testing.T) {
 		if key != "" {
 			n.RequestHash = []byte("h")
 		}
-		return &pendingCreate{ws: ws.ID, n: n, id: newRunID(), done: make(chan createResult, 1)}
+		return &pendingCreate{ws: ws.ID, n: n, id: newRunID()}
 	}
 	write := func(batch ...*pendingCreate) []createResult {
-		st.writeGathered(ctx, batch)
-		var out []createResult
-		for _, p := range batch {
-			out = append(out, <-p.done)
-		}
-		return out
+		return st.writeGathered(ctx, batch)
 	}
 
 	res := write(pending("echo", `{"a":1}`, ""), pending("nope", `2`, ""), pending("echo", `3`, "used"), pending("echo", `{"a":4}`, "fresh"))
@@ -239,5 +235,38 @@ func TestAPIConcurrentCreates(t *testing.T) {
 	}
 	if len(listed) != 201 || listed[repeatIDs[0]] != 1 {
 		t.Errorf("list: got %d runs; want the 200 and the repeats' one", len(listed))
+	}
+}
+
+// TestGatheredWriterPanics: a writer whose statement panics (here: a store without a
+// pool) still answers its creates, with an error, and hands on the creates that gathered
+// meanwhile, so that no create waits for ever.
+func TestGatheredWriterPanics(t *testing.T) {
+	t.Parallel()
+	st := &store{}
+	lead := &pendingCreate{n: newRun{Agent: "echo", Input: json.RawMessage(`1`)}, id: newRunID(), done: make(chan createResult, 1)}
+	waiting := &pendingCreate{n: newRun{Agent: "echo", Input: json.RawMessage(`2`)}, id: newRunID(), done: make(chan createResult, 1)}
+	st.gather.writing, st.gather.pending = true, []*pendingCreate{waiting}
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("writing without a pool: got no panic; want one")
+			}
+		}()
+		st.writeLead(context.Background(), []*pendingCreate{lead})
+	}()
+	if r := <-lead.done; r.err == nil {
+		t.Errorf("the panicking statement's create: got %+v; want an error", r)
+	}
+	select {
+	case r := <-waiting.done:
+		if len(r.lead) != 1 || r.lead[0] != waiting {
+			t.Errorf("the create waiting: got %+v; want to write itself next", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the create waiting: got nothing in 10 s; want to be handed on")
+	}
+	if !st.gather.writing || len(st.gather.pending) != 0 {
+		t.Errorf("gatherer: got writing %v with %d pending; want the next statement in flight, none pending", st.gather.writing, len(st.gather.pending))
 	}
 }
