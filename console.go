@@ -900,7 +900,8 @@ func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	rows, err := c.s.store.db.QueryContext(r.Context(), `
 		SELECT a.id, a.workspace_id, w.name, a.name, a.kind, a.config, a.max_concurrency, a.paused,
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' LIMIT $2) q),
-		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'running' LIMIT $2) q)
+		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
+		                                AND r.agent_id = a.id LIMIT $2) q)
 		FROM agents a JOIN workspaces w ON w.id = a.workspace_id
 		WHERE $1::uuid IS NULL OR a.workspace_id = $1
 		ORDER BY w.name, w.id, a.name LIMIT $3`, se.scope(), agentCountCap+1, agentsPageLimit+1)
