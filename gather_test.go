@@ -141,8 +141,16 @@ func TestGatheredStatement(t *testing.T) {
 		return st.writeGathered(ctx, batch)
 	}
 
-	res := write(pending("echo", `{"a":1}`, ""), pending("nope", `2`, ""), pending("echo", `3`, "used"), pending("echo", `{"a":4}`, "fresh"))
-	for i, want := range []bool{true, false, false, true} {
+	// Array literals carry the values: quotes, backslashes, braces, commas and NULL in
+	// inputs and keys must arrive as sent.
+	odd := pending("echo", `{"s":"a,\"b\"{c}\\d NULL é ✓"}`, `NULL,"k"{}\`)
+	res := write(pending("echo", `{"a":1}`, ""), pending("nope", `2`, ""), pending("echo", `3`, "used"), pending("echo", `{"a":4}`, "fresh"), odd)
+	var oddKey, oddInput string
+	if err := st.db.QueryRow(`SELECT idempotency_key, input::text FROM runs WHERE id = $1`, odd.id).Scan(&oddKey, &oddInput); err != nil ||
+		oddKey != odd.n.IdempotencyKey || oddInput != `{"s": "a,\"b\"{c}\\d NULL é ✓"}` {
+		t.Errorf("odd values: got key %q, input %s (%v); want key %q, input %s", oddKey, oddInput, err, odd.n.IdempotencyKey, odd.n.Input)
+	}
+	for i, want := range []bool{true, false, false, true, true} {
 		if r := res[i]; r.created != want || r.alone == want || r.err != nil {
 			t.Errorf("create %d of the accepted batch: got %+v; want created %v, else alone", i, r, want)
 		}
@@ -160,8 +168,8 @@ func TestGatheredStatement(t *testing.T) {
 		}
 	}
 	var n int
-	if err := st.db.QueryRow(`SELECT count(*) FROM runs`).Scan(&n); err != nil || n != 3 {
-		t.Errorf("runs: got %d (%v); want 3: the first, and the accepted batch's two", n, err)
+	if err := st.db.QueryRow(`SELECT count(*) FROM runs`).Scan(&n); err != nil || n != 4 {
+		t.Errorf("runs: got %d (%v); want 4: the first, and the accepted batch's three", n, err)
 	}
 }
 
