@@ -569,10 +569,8 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		f.Workspace = q.Get("workspace")
 	}
 	d := runsData{Filter: f, Statuses: allStatuses}
-	switch runStatus(f.Status) {
-	case "", statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled:
-	default:
-		c.fail(w, r, invalid("status must be one of queued, running, succeeded, failed, canceled"))
+	if err := checkStatusFilter(f.Status); err != nil {
+		c.fail(w, r, err)
 		return
 	}
 	d.CancelQueued = (f.Status == "" || runStatus(f.Status) == statusQueued) && (!se.admin || f.Workspace != "")
@@ -585,7 +583,7 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		scope = strings.ToLower(f.Workspace)
 	}
 	ctx := r.Context()
-	before := int64(1<<63 - 1)
+	before := int64(newestFirst)
 	if f.Cursor != "" {
 		id, ok := decodeCursor(f.Cursor)
 		if ok {

@@ -204,7 +204,7 @@ func (s *store) progress(ctx context.Context, ws, id string, after int) (runProg
 func (s *store) runsOf(ctx context.Context, ws string, ids []string, active bool) ([]runRecord, error) {
 	if active {
 		rows, err := s.db.QueryContext(ctx, `SELECT id FROM agentapp_runs_page(ARRAY[$1::uuid], '{queued,running}', '', $2, 1000)`,
-			ws, int64(1<<63-1))
+			ws, int64(newestFirst))
 		if err != nil {
 			return nil, err
 		}

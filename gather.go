@@ -151,8 +151,9 @@ func (s *store) writeGathered(ctx context.Context, batch []*pendingCreate) []cre
 	return results
 }
 
-// insertGathered inserts the creates of batch that name an agent of their workspace and
-// whose idempotency key is unused, in their order, and returns them by id.
+// insertGathered inserts the creates of batch (gathered, or one alone) that name an agent
+// of their workspace and whose idempotency key is unused, in their order, and returns them
+// by id.
 func (s *store) insertGathered(ctx context.Context, batch []*pendingCreate) (map[string]runRecord, error) {
 	k := len(batch)
 	ids, wss, agents, inputs, keys := make([]string, k), make([]string, k), make([]string, k), make([]string, k), make([]string, k)

@@ -1219,13 +1219,19 @@ func decodeCursor(c string) (string, bool) {
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:], true
 }
 
+// checkStatusFilter checks a list's status filter: "" (every status) or a run status.
+func checkStatusFilter(status string) error {
+	if status != "" && !slices.Contains(allStatuses, runStatus(status)) {
+		return invalid("status must be one of queued, running, succeeded, failed, canceled")
+	}
+	return nil
+}
+
 // listRuns answers a page of the workspace's runs, newest first.
 func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 	status := r.URL.Query().Get("status")
-	switch status {
-	case "", "queued", "running", "succeeded", "failed", "canceled":
-	default:
-		s.fail(w, r, invalid("status must be one of queued, running, succeeded, failed, canceled"))
+	if err := checkStatusFilter(status); err != nil {
+		s.fail(w, r, err)
 		return
 	}
 	limit, err := intParam(r, "limit", 50, 1, 200)

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"strings"
 	"sync"
@@ -446,43 +447,24 @@ type newRun struct {
 
 // createRunAlone is createRun in a statement of its own, for the run with the given id.
 func (s *store) createRunAlone(ctx context.Context, ws string, n newRun, id string) (r runRecord, created bool, err error) {
-	var key any
-	if n.IdempotencyKey != "" {
-		key = n.IdempotencyKey
-	}
-	st, err := s.prepared(ctx, `
-		WITH ins AS (
-			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
-			                  priority, run_at, timeout_ms)
-			SELECT $11, $1, a.id, $3, $4, $5, $6, $7, `+runAtSQL("$8", "$9")+`, NULLIF($10::integer, 0)
-			FROM agents a WHERE a.workspace_id = $1 AND a.name = $2
-			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-			RETURNING *
-		)
-		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`)
+	runs, err := s.insertGathered(ctx, []*pendingCreate{{ws: ws, n: n, id: id}})
 	if err != nil {
 		return r, false, err
 	}
-	row := st.QueryRowContext(ctx, ws, n.Agent, string(n.Input), n.MaxAttempts, key, n.RequestHash,
-		n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS, id)
-	r, err = scanRun(row)
-	if err == nil {
+	if r, ok := runs[id]; ok {
 		return r, true, nil
 	}
-	if !errors.Is(err, sql.ErrNoRows) {
-		return r, false, err
-	}
 	// Nothing inserted: either the key was used before or the agent is unknown.
-	if key != nil {
-		var id string
+	if key := n.IdempotencyKey; key != "" {
+		var first string
 		var hash []byte
 		err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
-			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&id, &hash)
+			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&first, &hash)
 		switch {
 		case err == nil && string(hash) != string(n.RequestHash) && (n.EarlierHash == nil || string(hash) != string(n.EarlierHash)):
 			return runRecord{}, false, errConflict
 		case err == nil:
-			r, err = s.getRun(ctx, ws, id)
+			r, err = s.getRun(ctx, ws, first)
 			return r, false, err
 		case !errors.Is(err, sql.ErrNoRows):
 			return runRecord{}, false, err
@@ -602,7 +584,7 @@ func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
 // with the given name (an unknown name has none). next is the id of the last run when a
 // following page exists, else "". An after that is not a run of ws is an invalid cursor.
 func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limit int, after string) (runs []runRecord, next string, err error) {
-	cursor := int64(1<<63 - 1)
+	cursor := int64(newestFirst)
 	if after != "" {
 		err := s.db.QueryRowContext(ctx, `SELECT seq FROM runs WHERE id = $1 AND workspace_id = $2`, after, ws).Scan(&cursor)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -636,6 +618,9 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 	}
 	return runs, next, nil
 }
+
+// newestFirst is the seq before which a list's first page starts: before every run.
+const newestFirst = math.MaxInt64
 
 // allStatuses are the statuses a run may have.
 var allStatuses = []runStatus{statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled}
