@@ -165,23 +165,8 @@ func (s *store) insertGathered(ctx context.Context, batch []*pendingCreate) (map
 		hashes[i], maxes[i], priorities[i], delays[i] = p.n.RequestHash, int64(p.n.MaxAttempts), int64(p.n.Priority), p.n.DelayMS
 		timeouts[i], runAts[i] = int64(p.n.TimeoutMS), timeArg(p.n.RunAt)
 	}
-	// The agent is looked up by its unique name in a subquery kept apart (LIMIT 1), so
-	// that every row takes the index, whatever the plan thinks of the arrays' length.
-	rows, err := s.queryPrepared(ctx, `
-		WITH ins AS (
-			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
-			                  priority, run_at, timeout_ms)
-			SELECT w.id, w.workspace_id, a.id, w.input, w.max_attempts, NULLIF(w.key, ''), NULLIF(w.hash, ''::bytea),
-			       w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`, NULLIF(w.timeout_ms, 0)
-			FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $7::bytea[],
-			            $8::smallint[], $9::text[], $10::bigint[], $11::int[])
-			     WITH ORDINALITY AS w(id, workspace_id, agent, input, max_attempts, key, hash, priority, run_at, delay_ms, timeout_ms, ord)
-			CROSS JOIN LATERAL (SELECT g.id FROM agents g WHERE g.workspace_id = w.workspace_id AND g.name = w.agent LIMIT 1) a
-			ORDER BY w.ord
-			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-			RETURNING *
-		)
-		SELECT `+runColumns+` FROM ins r JOIN agents a ON a.id = r.agent_id`,
+	rows, err := s.queryPrepared(ctx, `SELECT `+runColumns+`
+		FROM agentapp_create_runs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) r JOIN agents a ON a.id = r.agent_id`,
 		pq.StringArray(ids), pq.StringArray(wss), pq.StringArray(agents), pq.StringArray(inputs), pq.Int64Array(maxes),
 		pq.StringArray(keys), hashes, pq.Int64Array(priorities), pq.StringArray(runAts), pq.Int64Array(delays),
 		pq.Int64Array(timeouts))

@@ -180,6 +180,43 @@ BEGIN
         LIMIT 1) r;
 END $$;
 
+-- agentapp_run_at is a new run's due time: p_delay_ms after the database's now(), or
+-- p_run_at (timestamptz text, '' for none) if later, so that a delay does not depend on
+-- the client's clock and a run_at in the past is now.
+CREATE OR REPLACE FUNCTION agentapp_run_at(p_run_at text, p_delay_ms bigint) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT greatest(now() + p_delay_ms * interval '1 millisecond', NULLIF(p_run_at, '')::timestamptz)
+$$;
+
+-- agentapp_create_runs inserts single-run creates, gathered (gather.go): those that name
+-- an agent of their workspace and whose idempotency key is unused, in their order. The
+-- agent is looked up by its unique name in a subquery kept apart (LIMIT 1), so that every
+-- row takes the index whatever the plan makes of the arrays' length. Its plan is made once
+-- per connection: planned at every call, planning took 0.20 ms of a statement's 0.52 ms
+-- in PostgreSQL (8 clients, about 4 creates a statement), and the creates went 3,607/s
+-- instead of 2,680/s.
+CREATE OR REPLACE FUNCTION agentapp_create_runs(p_ids uuid[], p_workspaces uuid[], p_agents text[], p_inputs jsonb[],
+                                                p_max_attempts integer[], p_keys text[], p_hashes bytea[],
+                                                p_priorities smallint[], p_run_ats text[], p_delays_ms bigint[],
+                                                p_timeouts_ms integer[])
+RETURNS SETOF runs
+LANGUAGE plpgsql ROWS 4 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    INSERT INTO runs AS r (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
+                           priority, run_at, timeout_ms)
+    SELECT w.id, w.workspace_id, a.id, w.input, w.max_attempts, NULLIF(w.key, ''), NULLIF(w.hash, ''::bytea),
+           w.priority, agentapp_run_at(w.run_at, w.delay_ms), NULLIF(w.timeout_ms, 0)
+    FROM unnest(p_ids, p_workspaces, p_agents, p_inputs, p_max_attempts, p_keys, p_hashes, p_priorities,
+                p_run_ats, p_delays_ms, p_timeouts_ms)
+         WITH ORDINALITY AS w (id, workspace_id, agent, input, max_attempts, key, hash, priority, run_at, delay_ms,
+                               timeout_ms, ord)
+    CROSS JOIN LATERAL (SELECT g.id FROM agents g WHERE g.workspace_id = w.workspace_id AND g.name = w.agent LIMIT 1) a
+    ORDER BY w.ord
+    ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING r.*;
+END $$;
+
 -- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
 -- console never count the history: their cost does not grow with it. Each statement adds
 -- its changes to one of 16 shards, chosen by its backend, so concurrent inserts and

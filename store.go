@@ -473,13 +473,6 @@ func (s *store) createRunAlone(ctx context.Context, ws string, n newRun, id stri
 	return runRecord{}, false, unknownAgentError{n.Agent}
 }
 
-// runAtSQL is the due time of a new run in SQL, from runAt (timestamptz text, ” for
-// none) and delayMS (bigint): the database's clock decides, so that a delay does not
-// depend on this process's clock, and a run_at in the past is now.
-func runAtSQL(runAt, delayMS string) string {
-	return `greatest(now() + ` + delayMS + `::bigint * interval '1 millisecond', NULLIF(` + runAt + `::text, '')::timestamptz)`
-}
-
 // timeArg is t as a timestamptz text argument, ” for the zero time.
 func timeArg(t time.Time) string {
 	if t.IsZero() {
@@ -532,7 +525,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 	rows, err = s.queryPrepared(ctx, `
 		WITH ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
-			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, `+runAtSQL("w.run_at", "w.delay_ms")+`,
+			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, agentapp_run_at(w.run_at, w.delay_ms),
 			       NULLIF(w.timeout_ms, 0)
 			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
 			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
