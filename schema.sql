@@ -151,35 +151,6 @@ BEGIN
     END LOOP;
 END $$;
 
--- agentapp_runs_page is a page of the runs of the given workspaces (null: every one) in
--- the given statuses, only those of agents named p_agent unless it is '', newest first,
--- older than seq p_before: the newest p_n of up to p_n from each status and agent, found
--- in runs_list_idx alone (a range each, whose entries hold all a page needs to pick its
--- rows), then read one by one. Its cost grows with the workspaces' agents, never with
--- their history. Its plan is made once per connection (planned at every call, planning
--- took about half of a page's time) and holds for any page: the rows are read back
--- through a subquery that cannot be turned into a join, which that plan would have made
--- a hash join over every run of the workspace.
-CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
-                                              p_before bigint, p_n integer)
-RETURNS SETOF runs
-LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
-BEGIN
-    RETURN QUERY
-    SELECT r.* FROM (
-        SELECT s.status, g.workspace_id, g.id AS agent_id, k.seq
-        FROM unnest(p_statuses) AS s (status) CROSS JOIN agents g CROSS JOIN LATERAL (
-            SELECT x.seq FROM runs x
-            WHERE x.status = s.status AND x.workspace_id = g.workspace_id AND x.agent_id = g.id AND x.seq < p_before
-            ORDER BY x.seq DESC LIMIT p_n) k
-        WHERE (p_workspaces IS NULL OR g.workspace_id = ANY (p_workspaces)) AND (p_agent = '' OR g.name = p_agent)
-        ORDER BY k.seq DESC LIMIT p_n) p
-    CROSS JOIN LATERAL (
-        SELECT x.* FROM runs x
-        WHERE x.status = p.status AND x.workspace_id = p.workspace_id AND x.agent_id = p.agent_id AND x.seq = p.seq
-        LIMIT 1) r;
-END $$;
-
 -- agentapp_run_at is a new run's due time: p_delay_ms after the database's now(), or
 -- p_run_at (timestamptz text, '' for none) if later, so that a delay does not depend on
 -- the client's clock and a run_at in the past is now.
@@ -240,6 +211,48 @@ CREATE OR REPLACE FUNCTION agentapp_counter(p_status text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN p_status IN ('queued', 'running') THEN 'active' ELSE p_status END
 $$;
+
+-- agentapp_runs_page is a page of the runs of the given workspaces (null: every one) in
+-- the given statuses, only those of agents named p_agent unless it is '', newest first,
+-- older than seq p_before: the newest p_n of up to p_n from each status and agent, found
+-- in runs_list_idx alone (a range each, whose entries hold all a page needs to pick its
+-- rows), then read one by one. Its cost grows with the workspaces' agents, never with
+-- their history. Its plan is made once per connection (planned at every call, planning
+-- took about half of a page's time) and holds for any page: the rows are read back
+-- through a subquery that cannot be turned into a join, which that plan would have made
+-- a hash join over every run of the workspace.
+-- A range is read only as far as the workspaces' counters (run_counts, exact in the
+-- page's snapshot) say it can hold runs: the queued and running ranges keep the entries
+-- of every run that passed through them until the table is vacuumed, and a page of a
+-- workspace with none active read them all (10,000 runs after a drain: 0.49 ms a page,
+-- 0.32 ms without).
+CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
+                                              p_before bigint, p_n integer)
+RETURNS SETOF runs
+LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    WITH counted AS (
+        SELECT agentapp_counter(c.status) AS counter, sum(c.n) AS n FROM run_counts c
+        WHERE c.workspace_id = ANY (p_workspaces) GROUP BY 1
+    ), ranges AS (
+        SELECT u.status, CASE WHEN p_workspaces IS NULL THEN p_n ELSE greatest(0, least(p_n, coalesce(
+                   (SELECT k.n FROM counted k WHERE k.counter = agentapp_counter(u.status)), 0)))::integer END AS n
+        FROM unnest(p_statuses) AS u (status)
+    )
+    SELECT r.* FROM (
+        SELECT s.status, g.workspace_id, g.id AS agent_id, k.seq
+        FROM ranges s CROSS JOIN agents g CROSS JOIN LATERAL (
+            SELECT x.seq FROM runs x
+            WHERE x.status = s.status AND x.workspace_id = g.workspace_id AND x.agent_id = g.id AND x.seq < p_before
+            ORDER BY x.seq DESC LIMIT s.n) k
+        WHERE (p_workspaces IS NULL OR g.workspace_id = ANY (p_workspaces)) AND (p_agent = '' OR g.name = p_agent)
+        ORDER BY k.seq DESC LIMIT p_n) p
+    CROSS JOIN LATERAL (
+        SELECT x.* FROM runs x
+        WHERE x.status = p.status AND x.workspace_id = p.workspace_id AND x.agent_id = p.agent_id AND x.seq = p.seq
+        LIMIT 1) r;
+END $$;
 
 -- The same trigger marks the workspaces of runs that became queued (has_queued), after a
 -- key-share lock on their rows: a claim unmarks a workspace only under a row lock that this

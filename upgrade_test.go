@@ -15,10 +15,13 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // upFutureDelay is how far after the fill the previous release's scheduled run falls due:
@@ -448,6 +451,16 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 	}
 	for _, d := range upDiff(fresh, upSchema(t, db)) {
 		t.Errorf("upgraded schema against a new database's: %s", d)
+	}
+	// The last release counted the queued run as 'queued', not 'active': a page, which
+	// reads a status's range only as far as the counters allow, still finds it.
+	var listed []string
+	if err := db.QueryRow(`SELECT array_agg(status ORDER BY status) FROM agentapp_runs_page(ARRAY[$1::uuid],
+		'{queued,running,succeeded,failed,canceled}', '', $2, 50)`, ws.ID, int64(newestFirst)).Scan((*pq.StringArray)(&listed)); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(listed, []string{"queued", "succeeded"}) {
+		t.Errorf("a page of the upgraded workspace: got runs %v; want one queued and one succeeded", listed)
 	}
 
 	a := ptStart(t, env).app()
