@@ -944,7 +944,7 @@ func TestShutdownFinishesInflightRequest(t *testing.T) {
 	eventually(t, 10*time.Second, "the insert to wait for the table lock", func() bool {
 		var n int
 		if err := db.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-			AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO runs%'`).Scan(&n); err != nil {
+			AND wait_event_type = 'Lock' AND query LIKE '%agentapp_create_runs%'`).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n == 1
