@@ -232,10 +232,10 @@ RETURNS SETOF runs
 LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 BEGIN
     RETURN QUERY
-    WITH counted AS (
+    WITH counted AS MATERIALIZED (
         SELECT agentapp_counter(c.status) AS counter, sum(c.n) AS n FROM run_counts c
         WHERE c.workspace_id = ANY (p_workspaces) GROUP BY 1
-    ), ranges AS (
+    ), ranges AS MATERIALIZED (
         SELECT u.status, CASE WHEN p_workspaces IS NULL THEN p_n ELSE greatest(0, least(p_n, coalesce(
                    (SELECT k.n FROM counted k WHERE k.counter = agentapp_counter(u.status)), 0)))::integer END AS n
         FROM unnest(p_statuses) AS u (status)
