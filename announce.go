@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"log/slog"
+	"sync"
 	"time"
 )
 
@@ -13,14 +14,25 @@ import (
 // process's own worker is woken at once, and one NOTIFY at a time is sent after the inserts
 // committed, in a transaction of its own that writes nothing (no flush to wait for): inserts
 // that commit while it is in flight are covered by the next one.
+// The payload is the origin, then the workspaces of the runs, so that a worker elsewhere
+// looks for them there rather than everywhere.
 type announcer struct {
 	db      *sql.DB
 	log     *slog.Logger
-	origin  string        // this process's worker id: the payload, so that its own listener ignores it
-	local   func()        // wakes this process's worker
-	pending chan struct{} // holds one: an announcement is due
+	origin  string            // this process's worker id, so that its own listener ignores it
+	local   func(ws []string) // tells this process's worker
+	pending chan struct{}     // holds one: an announcement is due
+	mu      sync.Mutex        // guards spaces
+	spaces  map[string]bool   // the workspaces of the runs created since the last announcement
 	done    chan struct{}
 }
+
+// anywhere stands for the workspaces in an announcement of runs in more workspaces than
+// a notification's payload (8000 bytes) can name.
+const anywhere = "*"
+
+// announceMost is the most workspaces an announcement names.
+const announceMost = 150
 
 // announceEvery is the least time between two notifications. After a quiet spell a new
 // run is announced at once; a burst of inserts is then announced at most this often rather
@@ -34,13 +46,18 @@ const announceEvery = 5 * time.Millisecond
 const announceTimeout = 5 * time.Second
 
 // newAnnouncer returns an announcer; run sends its notifications.
-func newAnnouncer(db *sql.DB, log *slog.Logger, origin string, local func()) *announcer {
-	return &announcer{db: db, log: log, origin: origin, local: local, pending: make(chan struct{}, 1), done: make(chan struct{})}
+func newAnnouncer(db *sql.DB, log *slog.Logger, origin string, local func(ws []string)) *announcer {
+	return &announcer{db: db, log: log, origin: origin, local: local, pending: make(chan struct{}, 1),
+		spaces: map[string]bool{}, done: make(chan struct{})}
 }
 
-// runsCreated is called after runs were inserted and committed.
-func (a *announcer) runsCreated() {
-	a.local()
+// claimable is called when runs of workspace ws may have become claimable: they were
+// inserted and committed, or their agent was changed (resumed, its cap raised).
+func (a *announcer) claimable(ws string) {
+	a.local([]string{ws})
+	a.mu.Lock()
+	a.spaces[ws] = true
+	a.mu.Unlock()
 	select {
 	case a.pending <- struct{}{}:
 	default: // one is due already and will cover these runs
@@ -73,8 +90,19 @@ func (a *announcer) run(ctx context.Context) {
 			}
 		}
 		last = time.Now()
+		a.mu.Lock()
+		payload := a.origin
+		if len(a.spaces) > announceMost {
+			payload += " " + anywhere
+		} else {
+			for ws := range a.spaces {
+				payload += " " + ws
+			}
+		}
+		a.spaces = map[string]bool{}
+		a.mu.Unlock()
 		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
-		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', $1)`, a.origin)
+		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', $1)`, payload)
 		cancel()
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:

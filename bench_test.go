@@ -9,6 +9,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"database/sql"
 	"encoding/json"
 	"fmt"
@@ -533,10 +534,10 @@ func BenchmarkSoak(b *testing.B) {
 	b.ReportMetric(float64(connsDrain), "conns-drained")
 }
 
-// BenchmarkClaimIdleWorkspaces: one claim of 100 runs (agentapp_claim, called straight)
-// while 3 workspaces have queued runs, among 3 workspaces in all and among 10,000 (each with
-// an agent): what the workspaces with nothing queued cost a claim (nothing, when they are
-// not marked has_queued).
+// BenchmarkClaimIdleWorkspaces: one claim of 100 runs (store.claim, one lineup) while 3
+// workspaces have queued runs, among 3 workspaces in all and among 10,000 (each with an
+// agent): what the workspaces with nothing queued cost a claim (nothing but the search
+// from scratch every rescanEvery).
 func BenchmarkClaimIdleWorkspaces(b *testing.B) {
 	for _, workspaces := range []int{3, 10_000} {
 		b.Run(fmt.Sprintf("workspaces=%d", workspaces), func(b *testing.B) {
@@ -549,15 +550,12 @@ func BenchmarkClaimIdleWorkspaces(b *testing.B) {
 				SELECT a.workspace_id, a.id FROM (SELECT id, workspace_id FROM agents ORDER BY id LIMIT 3) a,
 				generate_series(1, $1::int * 100 / 3 + 100)`, b.N)
 			seed(`ANALYZE`)
-			claim, err := db.Prepare(`SELECT count(*) FROM agentapp_claim('bench', 100, NULL, 60000, false) WHERE kind = 'claimed'`)
-			if err != nil {
-				b.Fatal(err)
-			}
+			st, q := &store{db: db}, newLineup()
 			b.ResetTimer()
 			for range b.N {
-				var n int
-				if err := claim.QueryRow().Scan(&n); err != nil || n != 100 {
-					b.Fatalf("claim: got %d runs, %v; want 100", n, err)
+				res, err := st.claim(context.Background(), q, "bench", 100, "", time.Minute, false)
+				if err != nil || len(res.claimed) != 100 {
+					b.Fatalf("claim: got %d runs, %v; want 100", len(res.claimed), err)
 				}
 			}
 		})

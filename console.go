@@ -868,6 +868,9 @@ func (c *console) setPaused(paused bool) func(http.ResponseWriter, *http.Request
 		if err == nil {
 			_, err = c.s.store.updateAgent(r.Context(), ws, name, agentPatch{Paused: &paused})
 		}
+		if err == nil {
+			c.s.announce.claimable(ws)
+		}
 		if err != nil {
 			c.fail(w, r, err)
 			return

@@ -168,7 +168,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
-	announce := newAnnouncer(st.db, log, w.id, w.wakeUp)
+	announce := newAnnouncer(st.db, log, w.id, w.claimable)
 	announceCtx, stopAnnounce := context.WithCancel(context.Background())
 	go announce.run(announceCtx)
 	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}

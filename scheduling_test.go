@@ -7,6 +7,7 @@ package main
 // this file start with sc.
 
 import (
+	"context"
 	"database/sql"
 	"encoding/json"
 	"fmt"
@@ -660,88 +661,57 @@ func TestSchedIdleLoad(t *testing.T) {
 	}
 }
 
-// TestSchedIdleWorkspaces: a claim walks only the workspaces marked has_queued (so that
-// workspaces with nothing queued cost it nothing). A new workspace is unmarked; a run's
-// insert marks its workspace, and so does a run queued again (a retry, a recovered lease);
-// a claim that came up short unmarks the workspaces it found empty that were not served in
-// the last second. Then, under concurrent inserts, requeues and claims from several
-// connections, every run is claimed and finishes: none is left queued in an unmarked
-// workspace, where no claim would look.
-func TestSchedIdleWorkspaces(t *testing.T) {
+// TestSchedLineup: claims read each agent's line from where the last one stopped, and
+// find what joined a line behind that place. Three lineups (three processes) claim while
+// connections insert runs, some ahead of the line (a lower priority number) and some
+// queued again after a claim (as a recovered lease is, keeping its place): every run is
+// claimed and finishes. And a run that joins ahead of where a lineup stopped is claimed
+// next, once the lineup looks from the start again (rescanEvery).
+func TestSchedLineup(t *testing.T) {
 	t.Parallel()
 	const workspaces = 50
 	db := openTestDB(t, testDB(t))
+	st := &store{db: db}
+	ctx := context.Background()
 	seedEchoWorkspaces(t, db, workspaces)
 	exec := sqlExec(t, db)
 	var wss []string
 	if err := db.QueryRow(`SELECT array_agg(id ORDER BY id) FROM workspaces`).Scan(pq.Array(&wss)); err != nil {
 		t.Fatal(err)
 	}
-	const insert = `INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents WHERE workspace_id = $1`
-	marked := func() []string {
-		t.Helper()
+	const insert = `INSERT INTO runs (workspace_id, agent_id, priority) SELECT workspace_id, id, $2 FROM agents WHERE workspace_id = $1`
+	claim := func(q *lineup, limit int) ([]string, error) {
+		res, err := st.claim(ctx, q, "test", limit, "", time.Minute, false)
 		var ids []string
-		if err := db.QueryRow(`SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM workspaces WHERE has_queued`).Scan(pq.Array(&ids)); err != nil {
-			t.Fatal(err)
+		for _, c := range res.claimed {
+			ids = append(ids, c.ID)
 		}
-		return ids
-	}
-	claimIDs := func(limit int) (ids []string, err error) {
-		err = db.QueryRow(`SELECT coalesce(array_agg(id), '{}') FROM agentapp_claim('test', $1, NULL, 60000, false)
-			WHERE kind = 'claimed'`, limit).Scan(pq.Array(&ids))
 		return ids, err
-	}
-	claim := func(limit int) []string {
-		t.Helper()
-		ids, err := claimIDs(limit)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ids
 	}
 	const requeue = `UPDATE runs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL WHERE id = ANY ($1)`
 
-	if m := marked(); len(m) != 0 {
-		t.Fatalf("new workspaces: got %d marked; want none", len(m))
-	}
+	// One workspace: priority 5 runs are claimed, then a priority 0 run joins ahead.
+	q := newLineup()
 	for range 3 {
-		exec(insert, wss[0])
+		exec(insert, wss[0], 5)
 	}
-	exec(insert, wss[1])
-	if m := marked(); fmt.Sprint(m) != fmt.Sprint(wss[:2]) {
-		t.Fatalf("after runs were queued in 2 workspaces: got %v marked; want %v", m, wss[:2])
+	first, err := claim(q, 2)
+	if err != nil || len(first) != 2 {
+		t.Fatalf("claim of 2 from 3 queued: got %v, %v; want 2 runs", first, err)
 	}
-	got := claim(100)
-	if len(got) != 4 {
-		t.Fatalf("claim of 100: got %d runs; want all 4", len(got))
-	}
-	if n := len(claim(100)); n != 0 {
-		t.Fatalf("claim of 100 with nothing queued: got %d runs; want none", n)
-	}
-	if m := marked(); len(m) != 2 {
-		t.Fatalf("after a claim found both workspaces empty, within a second of their turn: got %v marked; want both still", m)
-	}
-	exec(`UPDATE workspaces SET served_at = served_at - interval '2 seconds'`)
-	claim(100)
-	if m := marked(); len(m) != 0 {
-		t.Fatalf("after a claim found both workspaces empty, their turn 2 s before: got %v marked; want none", m)
-	}
-	exec(requeue, pq.Array(got[:1]))
-	var ws string
-	if err := db.QueryRow(`SELECT workspace_id FROM runs WHERE id = $1`, got[0]).Scan(&ws); err != nil {
+	var ahead string
+	if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, priority) SELECT workspace_id, id, 0
+		FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&ahead); err != nil {
 		t.Fatal(err)
 	}
-	if m := marked(); fmt.Sprint(m) != fmt.Sprint([]string{ws}) {
-		t.Fatalf("after a run was queued again: got %v marked; want its workspace %s", m, ws)
+	time.Sleep(rescanEvery)
+	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{ahead}) {
+		t.Fatalf("claim of 1 after a priority 0 run joined ahead: got %v, %v; want %s", got, err, ahead)
 	}
-	if again := claim(100); fmt.Sprint(again) != fmt.Sprint(got[:1]) {
-		t.Fatalf("claim after the requeue: got %v; want the requeued run %v", again, got[:1])
-	}
-	exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = ANY ($1)`, pq.Array(got))
+	exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE status = 'running'`)
+	exec(`DELETE FROM runs WHERE status = 'queued'`)
 
-	// Inserts into random workspaces race the claims that unmark them; claimed runs are
-	// finished, or a quarter of the time queued again.
-	const inserters, perInserter, claimers = 4, 100, 2
+	const inserters, perInserter, claimers = 4, 100, 3
 	var ins, cl sync.WaitGroup
 	stop := make(chan struct{})
 	for range inserters {
@@ -749,7 +719,7 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		go func() {
 			defer ins.Done()
 			for range perInserter {
-				if _, err := db.Exec(insert, wss[rand.N(len(wss))]); err != nil {
+				if _, err := db.Exec(insert, wss[rand.N(len(wss))], rand.N(3)); err != nil {
 					t.Errorf("insert a run: %v", err)
 					return
 				}
@@ -764,18 +734,15 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		cl.Add(1)
 		go func() {
 			defer cl.Done()
+			q := newLineup()
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				// Every workspace's turn a second back: a claim may unmark any it finds empty.
-				var ids []string
-				_, err := db.Exec(`UPDATE workspaces SET served_at = now() - interval '2 seconds'`)
-				if err == nil {
-					ids, err = claimIDs(5)
-				}
+				q.announce(wss[:rand.N(len(wss))]) // some of the new runs' workspaces
+				ids, err := claim(q, 5)
 				if err != nil {
 					t.Errorf("claim: %v", err)
 					return
@@ -800,14 +767,10 @@ func TestSchedIdleWorkspaces(t *testing.T) {
 		}()
 	}
 	ins.Wait()
-	want := inserters*perInserter + len(got)
+	want := inserters*perInserter + len(first) + 1
 	took := eventually(t, 30*time.Second, fmt.Sprintf("all %d runs succeeded", want), func() bool {
-		if n := scCount(t, db, `SELECT count(*) FROM runs r JOIN workspaces w ON w.id = r.workspace_id
-			WHERE r.status = 'queued' AND NOT w.has_queued`); n > 0 {
-			t.Fatalf("got %d queued runs in unmarked workspaces; want none", n)
-		}
 		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`) == want
 	})
-	t.Logf("%d runs inserted by %d connections into %d workspaces, claimed by %d: all succeeded %v after the last insert; %d workspaces left marked",
-		inserters*perInserter, inserters, workspaces, claimers, took.Round(time.Millisecond), len(marked()))
+	t.Logf("%d runs inserted by %d connections into %d workspaces, claimed by %d lineups: all succeeded %v after the last insert",
+		inserters*perInserter, inserters, workspaces, claimers, took.Round(time.Millisecond))
 }

@@ -6,8 +6,6 @@ CREATE TABLE IF NOT EXISTS workspaces (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     name         text NOT NULL,
     api_key_hash bytea NOT NULL UNIQUE,           -- sha256 of the API key; the key itself is never stored
-    served_at    timestamptz NOT NULL DEFAULT '-infinity', -- when a claim last took one of its runs (turns)
-    has_queued   boolean NOT NULL DEFAULT false,  -- may have queued runs: only these are walked by a claim
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
@@ -72,7 +70,6 @@ BEGIN
         ALTER TABLE agents
             ADD COLUMN max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000),
             ADD COLUMN paused boolean NOT NULL DEFAULT false;
-        ALTER TABLE workspaces ADD COLUMN served_at timestamptz NOT NULL DEFAULT '-infinity';
         DROP INDEX IF EXISTS runs_queued_idx; -- claiming by seq alone
     END IF;
 END $$;
@@ -94,10 +91,9 @@ END $$;
 -- An older binary started on an upgraded database creates its claim index again.
 DROP INDEX IF EXISTS runs_queued_idx;
 
--- Claiming: an agent's queued runs, lower priority first, then the earliest due; and a
--- workspace's, in the same order (a claim's turn of one run per workspace).
+-- Claiming: an agent's queued runs, lower priority first, then the earliest due. A claim
+-- reads each agent's line from where its last claim stopped (queue.go).
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS runs_claim_workspace_idx ON runs (workspace_id, priority, run_at, seq) WHERE status = 'queued';
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
 -- predicate names priority (always >= 0) so that only queries that say so use it: with a
 -- long history the planner preferred it to runs_claim_idx for the claim, reading every
@@ -143,7 +139,7 @@ DECLARE
 BEGIN
     FOR v_name IN SELECT unnest(ARRAY['runs_workspace_seq_idx', 'runs_status_workspace_seq_idx',
                                       'runs_workspace_agent_seq_idx', 'runs_workspace_status_seq_idx',
-                                      'runs_running_agent_idx'])
+                                      'runs_running_agent_idx', 'runs_claim_workspace_idx'])
     LOOP
         IF to_regclass(v_name) IS NOT NULL THEN
             EXECUTE format('DROP INDEX %I', v_name);
@@ -254,39 +250,20 @@ BEGIN
         LIMIT 1) r;
 END $$;
 
--- The same trigger marks the workspaces of runs that became queued (has_queued), after a
--- key-share lock on their rows: a claim unmarks a workspace only under a row lock that this
--- one conflicts with (see agentapp_claim), so a run queued while a claim finds its workspace
--- empty marks it again once that claim commits.
 CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_shard smallint := pg_backend_pid() % 16;
-    v_ws    uuid[] := '{}'; -- workspaces of runs that became queued, found unmarked once locked
 BEGIN
-    -- The key-share locks are taken by a statement that reads each workspace row as it
-    -- stands once locked (a claim's unmark it waited for included); only the workspaces it
-    -- found unmarked are marked, by a statement that starts after that (below).
     IF TG_OP = 'INSERT' THEN
-        -- The same statement counts.
-        WITH l AS (
-            SELECT w.id, w.has_queued FROM workspaces w
-            WHERE w.id IN (SELECT n.workspace_id FROM new_runs n WHERE n.status = 'queued')
-            ORDER BY w.id FOR KEY SHARE
-        ), c AS (
-            INSERT INTO run_counts AS c (workspace_id, status, shard, n)
-            SELECT workspace_id, agentapp_counter(status), v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
-            ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n)
-        SELECT coalesce(array_agg(l.id) FILTER (WHERE NOT l.has_queued), '{}') INTO v_ws FROM l;
+        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+        SELECT workspace_id, agentapp_counter(status), v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO run_counts AS c (workspace_id, status, shard, n)
         SELECT workspace_id, agentapp_counter(status), v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
     ELSE
-        SELECT coalesce(array_agg(l.id) FILTER (WHERE NOT l.has_queued), '{}') INTO v_ws FROM (
-            SELECT w.id, w.has_queued FROM workspaces w
-            WHERE w.id IN (SELECT n.workspace_id FROM new_runs n WHERE n.status = 'queued')
-            ORDER BY w.id FOR KEY SHARE) l;
         INSERT INTO run_counts AS c (workspace_id, status, shard, n)
         -- A row whose counter did not change adds 1 and takes 1 from the same count (a run's
         -- workspace never changes): no join of the old rows to the new ones is needed.
@@ -296,9 +273,6 @@ BEGIN
             SELECT w.workspace_id, agentapp_counter(w.status), 1 FROM new_runs w) d
         GROUP BY 1, 2 HAVING sum(d.n) <> 0 ORDER BY 1, 2
         ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
-    END IF;
-    IF cardinality(v_ws) > 0 THEN
-        UPDATE workspaces w SET has_queued = true WHERE w.id = ANY (v_ws) AND NOT w.has_queued;
     END IF;
     RETURN NULL;
 END $$;
@@ -321,334 +295,16 @@ BEGIN
     END IF;
 END $$;
 
--- workspaces.has_queued, added to a database from before it, and its index of the marked
--- workspaces (a turn, served_at, changes no indexed column: its update stays HOT). Both
--- only when missing, and after the runs table's locks, in a claim's order (runs, then
--- workspaces): CREATE INDEX IF NOT EXISTS locks the table even when the index exists, and
--- a start-up that locked workspaces first deadlocked with a claim of a running process.
+-- The claim's bookkeeping of earlier releases, which rewrote a workspace's row at every
+-- claim (turns, marks): the claim is now plain statements in queue.go, and what it needs
+-- to remember between claims it keeps in memory.
+DROP FUNCTION IF EXISTS agentapp_claim(text, integer, uuid, bigint, boolean);
+DROP FUNCTION IF EXISTS agentapp_queue_head(uuid, uuid[], integer);
+DROP FUNCTION IF EXISTS agentapp_queue_tail(uuid);
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'workspaces'::regclass AND attname = 'has_queued') THEN
-        ALTER TABLE workspaces ADD COLUMN has_queued boolean NOT NULL DEFAULT false;
-    END IF;
-    IF to_regclass('workspaces_has_queued_idx') IS NULL THEN
-        CREATE INDEX workspaces_has_queued_idx ON workspaces (id) WHERE has_queued;
-    END IF;
-END $$;
--- agentapp_queue_tail is the last of a workspace's queued runs in claim order, if it has
--- any: read from the end of its entries in runs_claim_workspace_idx, where the runs still
--- queued are, not through the dead entries of those it ran from the start, as a forward
--- probe (or an EXISTS, which drops the ORDER BY) would. The ORDER BY names every column of
--- that index so that no other serves it. One SELECT in SQL, inlined where it is called.
-CREATE OR REPLACE FUNCTION agentapp_queue_tail(p_workspace uuid)
-RETURNS TABLE (id uuid)
-LANGUAGE sql STABLE AS $$
-    SELECT r.id FROM runs r WHERE r.workspace_id = p_workspace AND r.status = 'queued'
-    ORDER BY r.workspace_id DESC, r.priority DESC, r.run_at DESC, r.seq DESC
-    LIMIT 1
-$$;
-
--- Workspaces with queued runs that are not marked are marked: after the upgrade from a
--- database without has_queued, or when an older binary's trigger (which does not mark)
--- queued runs after it applied its schema to this database. Rows locked now are being
--- marked by the trigger, and skipped.
-UPDATE workspaces w SET has_queued = true
-FROM (SELECT x.id FROM workspaces x
-      WHERE NOT x.has_queued AND (SELECT t.id FROM agentapp_queue_tail(x.id) t) IS NOT NULL
-      ORDER BY x.id FOR NO KEY UPDATE SKIP LOCKED) s
-WHERE w.id = s.id;
-
--- agentapp_queue_head is the head of an agent's queue as a claim sees it: up to p_n of its
--- due runs, lower priority first, then the earliest due, leaving out p_skip. One SELECT in
--- SQL, so that the planner inlines it into the claim's statements.
-CREATE OR REPLACE FUNCTION agentapp_queue_head(p_agent uuid, p_skip uuid[], p_n integer)
-RETURNS TABLE (id uuid, priority smallint, run_at timestamptz, seq bigint)
-LANGUAGE sql STABLE AS $$
-    SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-    WHERE r.agent_id = p_agent AND r.status = 'queued' AND r.run_at <= now() AND r.id <> ALL (p_skip)
-    ORDER BY r.priority, r.run_at, r.seq
-    LIMIT p_n
-$$;
-
--- agentapp_claim is one worker cycle's claim, in one statement and one transaction:
---  1. with p_recover, runs whose lease expired go back to queued (or end failed or canceled);
---  2. up to p_limit due runs are claimed for worker p_worker. Workspaces take turns: the
---     claim spreads over the workspaces that have claimable runs, the least recently served
---     first; within a workspace lower priority first, then the earliest due. Paused agents
---     are skipped. An agent's max_concurrency holds across processes: a capped agent is
---     claimed only under its advisory lock (skipped while another claim holds it), and its
---     running runs are counted by a statement that starts after that lock was taken;
---  3. the served workspaces' turn is recorded;
---  4. when it claimed fewer than p_limit, the marked workspaces (has_queued) it found with
---     nothing queued are unmarked.
--- It returns a row per recovered run (kind = its new status), per claimed run (kind
--- 'claimed'), 'more' when it claimed fewer than p_limit but more runs may be claimable
--- (its rounds ran out), 'capped' when it met capped agents with due runs, and 'next' with the time
--- the next scheduled run falls due when it claimed fewer than p_limit. Fewer than p_limit
--- claimed and no 'more' means nothing more was claimable.
-CREATE OR REPLACE FUNCTION agentapp_claim(p_worker text, p_limit integer, p_workspace uuid,
-                                          p_lease_ms bigint, p_recover boolean)
-RETURNS TABLE (kind text, id uuid, workspace_id uuid, attempt integer, input jsonb, agent_name text,
-               agent_kind text, agent_config jsonb, timeout_ms integer, next_due timestamptz)
--- Its statements are planned once per connection, not at every claim: planning cost more
--- than executing a claim of a few runs (300 claims of 18: 1.5 ms each with custom plans,
--- 0.9 ms with generic ones). The generic plans hold with history: the picked runs are
--- fetched by an id array, and a drain with 2,000,000 finished runs in the table was as fast
--- as on an empty one (the bench harness's -bench history).
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
-#variable_conflict use_column
-DECLARE
-    v_capped  uuid[];         -- capped agents with due runs whose lock this claim holds (shares > 1)
-    v_full    uuid[] := '{}'; -- capped agents found at their max_concurrency (shares of 1)
-    v_locked  uuid[];         -- capped agents of the runs a round picked, then the full ones
-    v_agents  uuid[];         -- the agents of the picked runs
-    v_capped_met boolean := false; -- capped agents had due runs: a freed slot may make one claimable
-    v_dropped integer;        -- picked runs of agents found full
-    v_ids     uuid[] := '{}'; -- claimed so far
-    v_ws      uuid[] := '{}'; -- their workspaces
-    v_skipped uuid[] := '{}'; -- picked but held by a concurrent claim
-    v_new     uuid[];
-    v_new_ws  uuid[];
-    v_missed  uuid[];
-    v_picked  uuid[];
-    v_found   integer;
-    v_want    integer;
-    v_share   integer;
-    v_active  integer;        -- workspaces that may have candidates: the marked ones, then those of the last round
-    v_round   integer;
-    v_more    boolean := false; -- the rounds ended before the claim found all it could
-    v_empty   uuid[];         -- marked workspaces found with nothing queued, row-locked
-BEGIN
-    IF p_recover THEN
-        RETURN QUERY
-        WITH rec AS (
-            UPDATE runs r SET
-                status = CASE WHEN r.cancel_requested THEN 'canceled'
-                              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
-                error = CASE WHEN r.cancel_requested THEN 'canceled by request'
-                             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
-                errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt,
-                    'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-                    'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
-                finished_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN now() END,
-                started_at = CASE WHEN r.cancel_requested OR r.attempt >= r.max_attempts THEN r.started_at END,
-                worker_id = NULL, lease_expires_at = NULL, updated_at = now() -- run_at kept: its place in line
-            WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.status = 'running' AND x.lease_expires_at < now()
-                                    ORDER BY x.lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED))
-            RETURNING r.id, r.status)
-        SELECT rec.status, rec.id, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text, NULL::text,
-               NULL::jsonb, NULL::integer, NULL::timestamptz FROM rec;
-    END IF;
-    IF p_limit <= 0 THEN
-        RETURN;
-    END IF;
-
-    -- Only workspaces marked has_queued are walked, so that those with nothing queued cost
-    -- a claim nothing (walking every workspace, a claim of 100 runs from 3 busy workspaces
-    -- among 10,000 took 279 ms). A claim that comes up short unmarks the empty ones (below).
-    SELECT count(*) INTO v_active FROM workspaces w
-    WHERE w.has_queued AND (p_workspace IS NULL OR w.id = p_workspace);
-
-    -- Candidates are read without locking them (a lock is a write, and most candidates are
-    -- not picked); only the picked runs are locked, skipping those a concurrent claim holds.
-    -- Another round follows when runs were skipped that way, or when a workspace's share
-    -- left room that workspaces with more runs can fill. The picked runs are fetched with
-    -- id = ANY (an array), not id IN (SELECT ...): in the function's cached generic plan the
-    -- planner cannot tell how few were picked and chose to scan the whole table, whose size
-    -- grows with history.
-    FOR v_round IN 1..3 LOOP
-        v_want := p_limit - cardinality(v_ids);
-        EXIT WHEN v_want <= 0 OR v_active = 0;
-        v_share := ceil(v_want::numeric / v_active)::integer;
-        v_dropped := 0;
-        IF v_share = 1 THEN
-            -- A run from each workspace, the least recently served first, is the same pick
-            -- as below, found by walking the workspaces in that order and stopping at v_want:
-            -- the claim reads the queues of the workspaces it serves, not of every one.
-            -- A workspace's run is the first of its due runs whose agent may take one: not
-            -- paused, and uncapped, or capped, not found full, and its lock taken here. The
-            -- first branch finds it among the workspace's first 4 due runs, one index probe
-            -- (runs_claim_workspace_idx); only when paused or full agents hold all 4 does the
-            -- second branch look at each agent's head, a probe per agent, so that no backlog
-            -- of such an agent is read through. Both give the same run. So only the capped
-            -- agents met at the head of a served workspace are locked, not every capped
-            -- agent with due runs.
-            SELECT coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.agent_id), '{}'),
-                   coalesce(array_agg(t.agent_id) FILTER (WHERE t.capped), '{}'), count(*)
-            INTO v_picked, v_agents, v_locked, v_found FROM (
-                SELECT c.id, c.agent_id, c.capped FROM (
-                    SELECT w.id FROM workspaces w WHERE w.has_queued AND (p_workspace IS NULL OR w.id = p_workspace)
-                    ORDER BY w.served_at, w.id) ws
-                CROSS JOIN LATERAL (
-                    (SELECT h.id, h.agent_id, e.capped FROM (
-                         SELECT r.id, r.agent_id, r.priority, r.run_at, r.seq FROM runs r
-                         WHERE r.workspace_id = ws.id AND r.status = 'queued' AND r.run_at <= now()
-                           AND r.id <> ALL (v_skipped)
-                         ORDER BY r.priority, r.run_at, r.seq
-                         LIMIT 4) h
-                     CROSS JOIN LATERAL (
-                         SELECT a.max_concurrency IS NOT NULL AS capped FROM agents a
-                         WHERE a.id = h.agent_id AND NOT a.paused
-                           AND (a.max_concurrency IS NULL
-                                OR (a.id <> ALL (v_full) AND pg_try_advisory_xact_lock(734629, hashtext(a.id::text))))) e
-                     ORDER BY h.priority, h.run_at, h.seq
-                     LIMIT 1)
-                    UNION ALL
-                    (SELECT r.id, a.id, a.max_concurrency IS NOT NULL
-                     FROM agents a CROSS JOIN LATERAL agentapp_queue_head(a.id, v_skipped, 1) r
-                     WHERE a.workspace_id = ws.id AND NOT a.paused
-                       AND (a.max_concurrency IS NULL
-                            OR (a.id <> ALL (v_full) AND pg_try_advisory_xact_lock(734629, hashtext(a.id::text))))
-                     ORDER BY r.priority, r.run_at, r.seq
-                     LIMIT 1)
-                    LIMIT 1) c
-                LIMIT v_want) t;
-            IF v_found < v_want THEN
-                v_active := v_found; -- every workspace was walked
-            END IF;
-            -- A run of a capped agent is kept only while the agent is below its cap, its
-            -- running runs counted by a statement that starts after the lock was taken (a
-            -- round gives an agent one run at most: one per workspace).
-            IF cardinality(v_locked) > 0 THEN
-                v_capped_met := true;
-                SELECT coalesce(array_agg(a.id), '{}') INTO v_locked
-                FROM agents a
-                WHERE a.id = ANY (v_locked)
-                  AND a.max_concurrency <= (SELECT count(*) FROM runs x WHERE x.status = 'running'
-                                            AND x.workspace_id = a.workspace_id AND x.agent_id = a.id);
-                IF cardinality(v_locked) > 0 THEN
-                    v_full := v_full || v_locked;
-                    v_dropped := cardinality(v_locked);
-                    v_picked := ARRAY(SELECT p.id FROM unnest(v_picked, v_agents) p (id, agent_id)
-                                      WHERE p.agent_id <> ALL (v_locked));
-                END IF;
-            END IF;
-        ELSE
-            IF v_capped IS NULL THEN
-                -- Advisory locks live in memory: taking one writes nothing, unlike a row
-                -- lock. At most p_limit of them, the least recently served first: no claim
-                -- needs more. The due-run test is a scalar subquery asked of the agents in
-                -- that order until p_limit answered: as EXISTS, the generic plan joined it by
-                -- reading every queued run (3.5 ms a claim with 10,000 queued and no capped
-                -- agent at all).
-                SELECT coalesce(array_agg(c.id), '{}') INTO v_capped FROM (
-                    SELECT s.id FROM (
-                        SELECT a.id FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-                        WHERE a.max_concurrency IS NOT NULL AND NOT a.paused AND w.has_queued
-                          AND (p_workspace IS NULL OR a.workspace_id = p_workspace)
-                        ORDER BY w.served_at OFFSET 0) s
-                    WHERE (SELECT true FROM runs r WHERE r.agent_id = s.id AND r.status = 'queued' AND r.run_at <= now() LIMIT 1)
-                    LIMIT p_limit) c
-                WHERE pg_try_advisory_xact_lock(734629, hashtext(c.id::text));
-                v_capped_met := v_capped_met OR cardinality(v_capped) > 0;
-            END IF;
-            -- Each workspace's turns are its first v_share candidates. When its first
-            -- v_share due runs (runs_claim_workspace_idx, one probe) are all of uncapped,
-            -- unpaused agents, they are those candidates (fast). Otherwise its candidates
-            -- are each eligible agent's first runs, up to the agent's room (elig, a probe
-            -- per agent), numbered in the same order. Either way the same runs.
-            WITH fast AS (
-                SELECT w.id AS workspace_id, w.served_at, f.ids, f.ok
-                FROM workspaces w CROSS JOIN LATERAL (
-                    SELECT array_agg(h.id ORDER BY h.priority, h.run_at, h.seq) AS ids,
-                           bool_and(a.max_concurrency IS NULL AND NOT a.paused) AS ok
-                    FROM (SELECT r.id, r.agent_id, r.priority, r.run_at, r.seq FROM runs r
-                          WHERE r.workspace_id = w.id AND r.status = 'queued' AND r.run_at <= now()
-                            AND r.id <> ALL (v_skipped)
-                          ORDER BY r.priority, r.run_at, r.seq
-                          LIMIT v_share) h
-                    JOIN agents a ON a.id = h.agent_id) f
-                WHERE w.has_queued AND (p_workspace IS NULL OR w.id = p_workspace) AND f.ids IS NOT NULL
-            ), elig AS (
-                SELECT a.id AS agent_id, a.workspace_id, w.served_at,
-                       CASE WHEN a.max_concurrency IS NULL THEN v_share
-                            ELSE least(v_share, a.max_concurrency - (SELECT count(*) FROM runs r
-                                       WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
-                                         AND r.agent_id = a.id))::integer END AS room
-                FROM agents a JOIN workspaces w ON w.id = a.workspace_id
-                WHERE NOT a.paused AND a.workspace_id IN (SELECT fast.workspace_id FROM fast WHERE NOT fast.ok)
-                  AND (a.max_concurrency IS NULL OR a.id = ANY (v_capped))
-            ), cand AS (
-                SELECT u.id, u.turn, fast.workspace_id, fast.served_at
-                FROM fast CROSS JOIN LATERAL unnest(fast.ids) WITH ORDINALITY AS u (id, turn)
-                WHERE fast.ok
-                UNION ALL
-                SELECT t.id, t.turn, t.workspace_id, t.served_at FROM (
-                    SELECT c.id, e.workspace_id, e.served_at,
-                           row_number() OVER (PARTITION BY e.workspace_id ORDER BY c.priority, c.run_at, c.seq) AS turn
-                    FROM elig e CROSS JOIN LATERAL agentapp_queue_head(e.agent_id, v_skipped, e.room) c
-                    WHERE e.room > 0) t
-            )
-            SELECT ARRAY(SELECT cand.id FROM cand WHERE cand.turn <= v_share
-                         ORDER BY cand.turn, cand.served_at, cand.workspace_id
-                         LIMIT v_want),
-                   (SELECT count(DISTINCT cand.workspace_id) FROM cand)
-            INTO v_picked, v_active;
-        END IF;
-        WITH locked AS (
-            SELECT r.id FROM runs r WHERE r.id = ANY (v_picked) AND r.status = 'queued'
-            FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = p_worker,
-                lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
-                started_at = now(), updated_at = now()
-            WHERE r.id = ANY (ARRAY(SELECT locked.id FROM locked))
-            RETURNING r.id, r.workspace_id)
-        SELECT coalesce(array_agg(claimed.id), '{}'), coalesce(array_agg(DISTINCT claimed.workspace_id), '{}'),
-               ARRAY(SELECT p FROM unnest(v_picked) p WHERE p NOT IN (SELECT claimed.id FROM claimed))
-        INTO v_new, v_new_ws, v_missed FROM claimed;
-        v_ids := v_ids || v_new;
-        v_ws := v_ws || v_new_ws;
-        v_skipped := v_skipped || v_missed;
-        -- Another round helps only past runs a concurrent claim held, or when the shares
-        -- of several workspaces left room.
-        EXIT WHEN cardinality(v_missed) = 0 AND v_dropped = 0 AND (cardinality(v_new) = 0 OR v_active <= 1);
-        v_more := v_round = 3; -- a fourth round would have followed
-    END LOOP;
-
-    IF cardinality(v_ids) > 0 THEN
-        -- A turn another claim is recording at this moment is left to it: never wait here.
-        UPDATE workspaces w SET served_at = clock_timestamp()
-        FROM (SELECT x.id FROM workspaces x WHERE x.id = ANY (v_ws) ORDER BY x.id
-              FOR NO KEY UPDATE SKIP LOCKED) s
-        WHERE w.id = s.id;
-        RETURN QUERY
-        SELECT 'claimed'::text, r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config,
-               r.timeout_ms, NULL::timestamptz
-        FROM runs r JOIN agents a ON a.id = r.agent_id WHERE r.id = ANY (v_ids);
-    END IF;
-    IF cardinality(v_ids) < p_limit AND NOT v_more THEN
-        -- The claim found all it could: a marked workspace not served for a second may have
-        -- nothing queued. (One served since stays marked, so that a workspace whose runs come
-        -- one at a time is not unmarked and marked again, two writes, for each.) Those that
-        -- look empty are row-locked (FOR UPDATE, skipping rows locked now) and unmarked by a later statement, which sees every run
-        -- queued before the lock was taken. A run queued in such a workspace meanwhile holds
-        -- a key-share lock on its row (taken by the trigger that marks it), so the row is
-        -- skipped here, or that lock waits for this claim and the trigger marks it again.
-        SELECT coalesce(array_agg(x.id), '{}') INTO v_empty FROM (
-            SELECT w.id FROM workspaces w
-            WHERE w.has_queued AND w.served_at < now() - interval '1 second'
-              AND w.id <> ALL (v_ws) AND (p_workspace IS NULL OR w.id = p_workspace)
-              AND (SELECT t.id FROM agentapp_queue_tail(w.id) t) IS NULL
-            ORDER BY w.id FOR UPDATE SKIP LOCKED) x;
-        IF cardinality(v_empty) > 0 THEN
-            UPDATE workspaces w SET has_queued = false
-            WHERE w.id = ANY (v_empty) AND (SELECT t.id FROM agentapp_queue_tail(w.id) t) IS NULL;
-        END IF;
-    END IF;
-    IF v_more THEN
-        RETURN QUERY SELECT 'more'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
-                            NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
-    END IF;
-    IF v_capped_met THEN
-        RETURN QUERY SELECT 'capped'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
-                            NULL::text, NULL::jsonb, NULL::integer, NULL::timestamptz;
-    END IF;
-    IF cardinality(v_ids) < p_limit THEN
-        RETURN QUERY SELECT 'next'::text, NULL::uuid, NULL::uuid, NULL::integer, NULL::jsonb, NULL::text,
-                            NULL::text, NULL::jsonb, NULL::integer, min(r.run_at)
-        FROM runs r WHERE r.status = 'queued' AND r.priority >= 0 AND r.run_at > now()
-          AND (p_workspace IS NULL OR r.workspace_id = p_workspace);
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'workspaces'::regclass AND attname = 'has_queued' AND NOT attisdropped) THEN
+        ALTER TABLE workspaces DROP COLUMN has_queued, DROP COLUMN served_at;
     END IF;
 END $$;
 

@@ -965,6 +965,9 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	a, err := s.store.updateAgent(r.Context(), ws, name, p)
+	if err == nil {
+		s.announce.claimable(ws)
+	}
 	s.answer(w, r, http.StatusOK, a, err)
 }
 
@@ -1119,7 +1122,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 		err = errKeyReused
 	}
 	if created {
-		s.announce.runsCreated()
+		s.announce.claimable(run.WorkspaceID)
 	}
 	switch {
 	case err != nil:
@@ -1181,7 +1184,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	s.announce.runsCreated()
+	s.announce.claimable(r.PathValue("ws"))
 	writeRuns(w, http.StatusCreated, runs, false, "")
 }
 

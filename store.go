@@ -777,56 +777,6 @@ type claimResult struct {
 	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
 }
 
-// claim runs agentapp_claim (schema.sql): with recoverLeases it first recovers expired
-// leases, then claims up to limit due runs (limit may be 0) for workerID, workspaces taking
-// turns, capped and paused agents respected; ws "" means every workspace. One statement, so
-// an idle worker's cycle costs one transaction.
-func (s *store) claim(ctx context.Context, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
-	var wsArg any
-	if ws != "" {
-		wsArg = ws
-	}
-	var res claimResult
-	rows, err := s.queryPrepared(ctx, `SELECT kind, id, workspace_id, attempt, input, agent_name, agent_kind,
-		agent_config, timeout_ms, next_due FROM agentapp_claim($1, $2, $3, $4, $5)`,
-		workerID, limit, wsArg, lease.Milliseconds(), recoverLeases)
-	if err != nil {
-		return res, err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var kind string
-		var id, wsID, name, agentKind sql.NullString
-		var attempt, timeout sql.NullInt64
-		var input, config []byte
-		var next sql.NullTime
-		if err := rows.Scan(&kind, &id, &wsID, &attempt, &input, &name, &agentKind, &config, &timeout, &next); err != nil {
-			return res, err
-		}
-		switch runStatus(kind) {
-		case "claimed":
-			res.claimed = append(res.claimed, claimedRun{ID: id.String, WorkspaceID: wsID.String, Attempt: int(attempt.Int64),
-				Input: input, AgentName: name.String, AgentKind: agentKind.String, AgentConfig: config,
-				Timeout: time.Duration(timeout.Int64) * time.Millisecond})
-			last := &res.claimed[len(res.claimed)-1]
-			last.EventsURL, last.EventsToken = s.events.link(last.ID, last.Attempt)
-		case "capped":
-			res.capped = true
-		case "more":
-			res.more = true
-		case "next":
-			if next.Valid {
-				res.nextDue = next.Time
-			}
-		case statusQueued:
-			res.requeued++
-		default:
-			res.failed++
-		}
-	}
-	return res, rows.Err()
-}
-
 // attemptRef names one attempt of a run: the fence of every write that renews or ends it.
 type attemptRef struct {
 	ID      string

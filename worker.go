@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,6 +127,7 @@ type worker struct {
 	metrics *metrics
 
 	cycleMu  sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
+	line     *lineup       // what the claims know of the queue (queue.go)
 	wake     chan struct{} // asks the loop for a cycle now (a run became claimable)
 	more     atomic.Bool   // the last claim filled its slots, or met capped agents: more may be claimable
 	nextDue  atomic.Int64  // unix nanoseconds when the next scheduled run falls due; 0: unknown
@@ -154,6 +156,7 @@ func newWorker(st *store, log *slog.Logger, cfg workerConfig, m *metrics) *worke
 		st: st, log: log, cfg: cfg, metrics: m,
 		id:       fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b)),
 		client:   newWebhookClient(),
+		line:     newLineup(),
 		wake:     make(chan struct{}, 1),
 		started:  make(chan []*execution),
 		ended:    make(chan *execution, cfg.Concurrency),
@@ -320,13 +323,27 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	return nil
 }
 
-// runsAnnounced is told that runs became claimable, by origin (a worker id; "" for a
-// trigger's notification or a reconnect). Its own announcements are ignored: the worker
-// was woken when it made them.
-func (w *worker) runsAnnounced(origin string) {
-	if origin != w.id {
-		w.wakeUp()
+// runsAnnounced is told that runs became claimable: payload is the announcing worker's id
+// and the workspaces of the runs it created, separated by spaces ("" for a trigger's
+// notification or a reconnect: anywhere). Its own announcements are ignored: the worker
+// was told when it made them.
+func (w *worker) runsAnnounced(payload string) {
+	origin, rest, _ := strings.Cut(payload, " ")
+	if origin != "" && origin == w.id {
+		return
 	}
+	var workspaces []string // nil: anywhere
+	if origin != "" && rest != "" && rest != anywhere {
+		workspaces = strings.Fields(rest)
+	}
+	w.claimable(workspaces)
+}
+
+// claimable tells the worker that runs of workspaces (nil: anywhere) may have become
+// claimable, and wakes it.
+func (w *worker) claimable(workspaces []string) {
+	w.line.announce(workspaces)
+	w.wakeUp()
 }
 
 // wakeUp asks the loop for a cycle as soon as the current one (if any) ends.
@@ -361,7 +378,7 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	// its commit, it would leave claimed runs that nobody executes until their leases expire.
 	claimCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.Lease)
 	defer cancel()
-	res, err := w.st.claim(claimCtx, w.id, n, ws, w.cfg.Lease, recoverLeases)
+	res, err := w.st.claim(claimCtx, w.line, w.id, n, ws, w.cfg.Lease, recoverLeases)
 	if err != nil {
 		w.metrics.cycles.inc("error")
 		return summary{}, nil, err

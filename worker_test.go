@@ -398,7 +398,7 @@ func TestWorkerFencing(t *testing.T) {
 	id := ids[0]
 	const lease = 30 * time.Second
 
-	resA, err := st.claim(ctx, "worker-A", 1, "", lease, true)
+	resA, err := st.claim(ctx, newLineup(), "worker-A", 1, "", lease, true)
 	claimedA := resA.claimed
 	if err != nil || len(claimedA) != 1 || claimedA[0].Attempt != 1 {
 		t.Fatalf("A's claim: got %+v, err %v; want run %s attempt 1", claimedA, err, id)
@@ -409,7 +409,7 @@ func TestWorkerFencing(t *testing.T) {
 	var claimedB []claimedRun
 	recovered := 0
 	for i := 0; i < 2 && len(claimedB) == 0; i++ {
-		res, err := st.claim(ctx, "worker-B", 1, "", lease, true)
+		res, err := st.claim(ctx, newLineup(), "worker-B", 1, "", lease, true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -479,11 +479,11 @@ func TestWorkerLeaseExpiredNoAttemptsLeft(t *testing.T) {
 	st := &store{db: db}
 	ctx := context.Background()
 	ws, ids := seedRuns(t, st, 1, 1)
-	if res, err := st.claim(ctx, "worker-A", 1, "", 30*time.Second, true); err != nil || len(res.claimed) != 1 {
+	if res, err := st.claim(ctx, newLineup(), "worker-A", 1, "", 30*time.Second, true); err != nil || len(res.claimed) != 1 {
 		t.Fatalf("claim: got %+v, err %v; want one run", res.claimed, err)
 	}
 	expireLease(t, db, ids[0])
-	res, err := st.claim(ctx, "worker-B", 1, "", 30*time.Second, true)
+	res, err := st.claim(ctx, newLineup(), "worker-B", 1, "", 30*time.Second, true)
 	if err != nil || len(res.claimed) != 0 || res.requeued != 0 || res.failed != 1 {
 		t.Fatalf("B's claim: got claimed %d, requeued %d, failed %d, err %v; want 0, 0, 1", len(res.claimed), res.requeued, res.failed, err)
 	}
