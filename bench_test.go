@@ -141,12 +141,12 @@ func benchQuantile(sorted []time.Duration, q float64) float64 {
 
 // benchDrained polls until no run is queued or running and returns when that was first
 // seen; it fails the benchmark after timeout or if the process exits. It reads the
-// counters (run_counts), not the runs: probing the runs table every 10 ms cost PostgreSQL
+// counts (run_totals), not the runs: probing the runs table every 10 ms cost PostgreSQL
 // 1.7 ms a probe in BenchmarkFairClaim, a sixth of a core taken from the drain it timed.
 // The callers check the runs themselves afterwards.
 func benchDrained(b *testing.B, db *sql.DB, p *proc, timeout time.Duration) time.Time {
 	b.Helper()
-	probe, err := db.Prepare(`SELECT coalesce(sum(n), 0) > 0 FROM run_counts WHERE status = 'active'`)
+	probe, err := db.Prepare(`SELECT coalesce(sum(n), 0) > 0 FROM run_totals WHERE status = 'active'`)
 	if err != nil {
 		b.Fatal(err)
 	}

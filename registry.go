@@ -162,6 +162,9 @@ func (w *worker) beat(ctx context.Context, done chan struct{}) {
 		}
 		bctx, cancel := context.WithTimeout(parent, registryTimeout)
 		removed, err := w.st.heartbeat(bctx, row, workerStaleAfter)
+		if err == nil {
+			err = w.st.rollUpCounts(bctx)
+		}
 		cancel()
 		switch {
 		case err != nil && ctx.Err() == nil && !down:

@@ -184,16 +184,20 @@ BEGIN
     RETURNING r.*;
 END $$;
 
--- Runs by workspace and status, kept by the triggers below so that /metrics, stats and the
--- console never count the history: their cost does not grow with it. Each statement adds
--- its changes to one of 16 shards, chosen by its backend, so concurrent inserts and
--- finishes do not queue on one hot row; readers sum the shards. status is a final status,
+-- Runs by workspace and status, kept so that /metrics, stats and the console never count
+-- the history: their cost does not grow with it. Every statement that adds, ends or deletes
+-- runs appends its changes to run_count_changes (a trigger below), which nothing updates
+-- or deletes row by row: rows rewritten at every outcome grow chains of versions that
+-- nobody can vacuum while a session holds the horizon. Every heartbeat (registry.go) one
+-- process adds the changes to run_counts and empties run_count_changes with TRUNCATE,
+-- which leaves no dead version. Readers sum both (run_totals), each in a statement of its
+-- own: TRUNCATE is not MVCC-safe, and only a statement that names the table locks it
+-- before it takes its snapshot (a function's statements, or a repeatable-read
+-- transaction's, could see the changes gone and the counts not yet added). status is a final status,
 -- or 'active' for the runs queued or running, so that a claim, which only moves runs from
--- queued to running, changes no counter: a fair claim from 50 workspaces otherwise updated
--- 100 counters. Readers count the running runs themselves (runs_list_idx: as many as the
--- workers' slots, and the entries of runs that ended since the index was last cleaned)
--- and take them from 'active'. (Earlier releases counted 'queued' and
--- 'running' apart; readers add those rows to 'active'.)
+-- queued to running, changes no count; readers count the running runs themselves and take
+-- them from 'active'. (Earlier releases counted 'queued' and 'running' apart, and kept
+-- run_counts in 16 shards updated by every statement; readers add those rows to 'active'.)
 CREATE TABLE IF NOT EXISTS run_counts (
     workspace_id uuid NOT NULL,
     status       text NOT NULL,
@@ -201,6 +205,15 @@ CREATE TABLE IF NOT EXISTS run_counts (
     n            bigint NOT NULL,
     PRIMARY KEY (workspace_id, status, shard)
 );
+CREATE TABLE IF NOT EXISTS run_count_changes (
+    workspace_id uuid NOT NULL,
+    status       text NOT NULL,
+    n            bigint NOT NULL
+);
+CREATE OR REPLACE VIEW run_totals AS
+    SELECT workspace_id, status, n FROM run_counts
+    UNION ALL
+    SELECT workspace_id, status, n FROM run_count_changes;
 
 -- agentapp_counter is the run_counts counter a run in status p_status counts in.
 CREATE OR REPLACE FUNCTION agentapp_counter(p_status text) RETURNS text
@@ -217,31 +230,18 @@ $$;
 -- took about half of a page's time) and holds for any page: the rows are read back
 -- through a subquery that cannot be turned into a join, which that plan would have made
 -- a hash join over every run of the workspace.
--- A range is read only as far as the workspaces' counters (run_counts, exact in the
--- page's snapshot) say it can hold runs: the queued and running ranges keep the entries
--- of every run that passed through them until the table is vacuumed, and a page of a
--- workspace with none active read them all (2,000,000 finished runs after a 10,000-run
--- drain: 0.47 ms a page, 0.34 ms without; medians of 3).
 CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
                                               p_before bigint, p_n integer)
 RETURNS SETOF runs
 LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 BEGIN
     RETURN QUERY
-    WITH counted AS MATERIALIZED (
-        SELECT agentapp_counter(c.status) AS counter, sum(c.n) AS n FROM run_counts c
-        WHERE c.workspace_id = ANY (p_workspaces) GROUP BY 1
-    ), ranges AS MATERIALIZED (
-        SELECT u.status, CASE WHEN p_workspaces IS NULL THEN p_n ELSE greatest(0, least(p_n, coalesce(
-                   (SELECT k.n FROM counted k WHERE k.counter = agentapp_counter(u.status)), 0)))::integer END AS n
-        FROM unnest(p_statuses) AS u (status)
-    )
     SELECT r.* FROM (
         SELECT s.status, g.workspace_id, g.id AS agent_id, k.seq
-        FROM ranges s CROSS JOIN agents g CROSS JOIN LATERAL (
+        FROM unnest(p_statuses) AS s (status) CROSS JOIN agents g CROSS JOIN LATERAL (
             SELECT x.seq FROM runs x
             WHERE x.status = s.status AND x.workspace_id = g.workspace_id AND x.agent_id = g.id AND x.seq < p_before
-            ORDER BY x.seq DESC LIMIT s.n) k
+            ORDER BY x.seq DESC LIMIT p_n) k
         WHERE (p_workspaces IS NULL OR g.workspace_id = ANY (p_workspaces)) AND (p_agent = '' OR g.name = p_agent)
         ORDER BY k.seq DESC LIMIT p_n) p
     CROSS JOIN LATERAL (
@@ -252,27 +252,22 @@ END $$;
 
 CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_shard smallint := pg_backend_pid() % 16;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
-        SELECT workspace_id, agentapp_counter(status), v_shard, count(*) FROM new_runs GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT workspace_id, agentapp_counter(status), count(*) FROM new_runs GROUP BY 1, 2;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
-        SELECT workspace_id, agentapp_counter(status), v_shard, -count(*) FROM old_runs GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT workspace_id, agentapp_counter(status), -count(*) FROM old_runs GROUP BY 1, 2;
     ELSE
-        INSERT INTO run_counts AS c (workspace_id, status, shard, n)
-        -- A row whose counter did not change adds 1 and takes 1 from the same count (a run's
+        -- A row whose count did not change adds 1 and takes 1 from the same count (a run's
         -- workspace never changes): no join of the old rows to the new ones is needed.
-        SELECT d.workspace_id, d.status, v_shard, sum(d.n) FROM (
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT d.workspace_id, d.status, sum(d.n) FROM (
             SELECT o.workspace_id, agentapp_counter(o.status) AS status, -1 AS n FROM old_runs o
             UNION ALL
             SELECT w.workspace_id, agentapp_counter(w.status), 1 FROM new_runs w) d
-        GROUP BY 1, 2 HAVING sum(d.n) <> 0 ORDER BY 1, 2
-        ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        GROUP BY 1, 2 HAVING sum(d.n) <> 0;
     END IF;
     RETURN NULL;
 END $$;
@@ -303,8 +298,9 @@ DROP FUNCTION IF EXISTS agentapp_queue_head(uuid, uuid[], integer);
 DROP FUNCTION IF EXISTS agentapp_queue_tail(uuid);
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'workspaces'::regclass AND attname = 'has_queued' AND NOT attisdropped) THEN
-        ALTER TABLE workspaces DROP COLUMN has_queued, DROP COLUMN served_at;
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'workspaces'::regclass
+               AND attname IN ('has_queued', 'served_at') AND NOT attisdropped) THEN
+        ALTER TABLE workspaces DROP COLUMN IF EXISTS has_queued, DROP COLUMN IF EXISTS served_at;
     END IF;
 END $$;
 

@@ -727,7 +727,7 @@ type runStats struct {
 }
 
 // stats counts the runs of ws by status; ws "" counts every workspace's. It sums the
-// counters the triggers keep (schema.sql: run_counts), and counts the running runs, no
+// counts the triggers keep (schema.sql: run_totals), and counts the running runs, no
 // more than the workers' slots, in one statement: the history is never counted.
 func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 	var st runStats
@@ -738,7 +738,7 @@ func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 		       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0),
 		       coalesce(sum(n) FILTER (WHERE status = 'canceled'), 0),
 		       (SELECT count(*) FROM runs WHERE status = 'running' AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))
-		FROM run_counts WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid`, ws).
+		FROM run_totals WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid`, ws).
 		Scan(&active, &st.Succeeded, &st.Failed, &st.Canceled, &st.Running)
 	st.Queued = active - st.Running
 	return st, err
@@ -898,6 +898,44 @@ func (s *store) rotateKey(ctx context.Context, id string) (workspace, error) {
 	}
 	w.CreatedAt = w.CreatedAt.UTC()
 	return w, err
+}
+
+// countsLock is the advisory lock that lets one process roll the counts up at a time.
+const countsLock = 7346298107
+
+// rollUpCounts adds the changes the triggers appended to run_count_changes to run_counts,
+// and empties run_count_changes with TRUNCATE (no dead row versions, whatever holds the
+// horizon). TRUNCATE waits for the statements writing runs, and holds new ones while it
+// waits: it gives up after a short wait, and the next heartbeat tries again.
+func (s *store) rollUpCounts(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var mine bool
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, countsLock).Scan(&mine); err != nil || !mine {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `SET LOCAL lock_timeout = '50ms'`); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `LOCK TABLE run_count_changes IN ACCESS EXCLUSIVE MODE`); err != nil {
+		if pqErr, ok := err.(*pq.Error); ok && pqErr.Code == "55P03" { // lock_not_available
+			return nil
+		}
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `
+		INSERT INTO run_counts AS c (workspace_id, status, shard, n)
+		SELECT workspace_id, status, 0, sum(n) FROM run_count_changes GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2
+		ON CONFLICT (workspace_id, status, shard) DO UPDATE SET n = c.n + excluded.n`); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `TRUNCATE run_count_changes`); err != nil {
+		return err
+	}
+	return tx.Commit()
 }
 
 // pruneLock is the advisory lock that lets one process prune at a time.
