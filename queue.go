@@ -4,6 +4,9 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -11,7 +14,13 @@ import (
 	"github.com/lib/pq"
 )
 
-// The queue: how a run is picked. A claim is a short sequence of plain statements, with
+// The queue: every change of a run's status is here. A run is created queued (createRuns,
+// createRunAlone; single creates are gathered by gather.go into agentapp_create_runs),
+// claimed (claim), renewed while it executes (renew), ends or goes back to queued
+// (finish, the lease recovery in claim), is canceled (cancelRun, cancelRuns) or retried
+// (retryRun), and is deleted when retention says so (prune).
+//
+// How a run is picked. A claim is a short sequence of plain statements, with
 // the fair turns and each agent's place in line kept in the claiming process's memory, so
 // that nothing but the claimed runs' own rows is written: a row rewritten at every claim
 // (a turn, a mark, a counter) grows a chain of versions that nobody can vacuum while any
@@ -519,4 +528,383 @@ func (t txQueryer) query(ctx context.Context, query string, args ...any) (*sql.R
 		return nil, err
 	}
 	return t.tx.StmtContext(ctx, st).QueryContext(ctx, args...)
+}
+
+// newRun is a validated request to create a run.
+type newRun struct {
+	Agent          string
+	Input          json.RawMessage
+	MaxAttempts    int
+	Priority       int       // 0 … 9, lower first
+	RunAt          time.Time // zero: now; a time in the past means now
+	DelayMS        int64     // due this long after the database's now(); not with RunAt
+	TimeoutMS      int       // 0: none
+	IdempotencyKey string    // optional
+	RequestHash    []byte    // with IdempotencyKey: tells a repeat from a different request
+	EarlierHash    []byte    // the hash the previous release stored for the same request, or nil
+	storedSize     int       // Input's size as stored and answered
+}
+
+// createRunAlone is createRun in a statement of its own, for the run with the given id.
+func (s *store) createRunAlone(ctx context.Context, ws string, n newRun, id string) (r runRecord, created bool, err error) {
+	runs, err := s.insertGathered(ctx, []*pendingCreate{{ws: ws, n: n, id: id}})
+	if err != nil {
+		return r, false, err
+	}
+	if r, ok := runs[id]; ok {
+		return r, true, nil
+	}
+	// Nothing inserted: either the key was used before or the agent is unknown.
+	if key := n.IdempotencyKey; key != "" {
+		var first string
+		var hash []byte
+		err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
+			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&first, &hash)
+		switch {
+		case err == nil && string(hash) != string(n.RequestHash) && (n.EarlierHash == nil || string(hash) != string(n.EarlierHash)):
+			return runRecord{}, false, errConflict
+		case err == nil:
+			r, err = s.getRun(ctx, ws, first)
+			return r, false, err
+		case !errors.Is(err, sql.ErrNoRows):
+			return runRecord{}, false, err
+		}
+	}
+	return runRecord{}, false, unknownAgentError{n.Agent}
+}
+
+// timeArg is t as a timestamptz text argument, ” for the zero time.
+func timeArg(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+// unknownAgentError is a run request naming an agent its workspace does not have.
+type unknownAgentError struct{ name string }
+
+// createRuns inserts all the runs or none: an unknown agent name is an unknownAgentError.
+func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRecord, error) {
+	names := make([]string, len(ns))
+	for i, n := range ns {
+		names[i] = n.Agent
+	}
+	rows, err := s.db.QueryContext(ctx,
+		`SELECT name, id FROM agents WHERE workspace_id = $1 AND name = ANY($2)`, ws, pq.StringArray(names))
+	if err != nil {
+		return nil, err
+	}
+	agentIDs := map[string]string{}
+	for rows.Next() {
+		var name, id string
+		if err := rows.Scan(&name, &id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		agentIDs[name] = id
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	runIDs, ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
+	priorities, runAts, delays, timeouts := make([]int64, len(ns)), make([]string, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
+	for i, n := range ns {
+		id, ok := agentIDs[n.Agent]
+		if !ok {
+			return nil, unknownAgentError{n.Agent}
+		}
+		runIDs[i], ids[i], inputs[i], maxes[i] = newRunID(), id, string(n.Input), int64(n.MaxAttempts)
+		priorities[i], runAts[i], delays[i], timeouts[i] = int64(n.Priority), timeArg(n.RunAt), n.DelayMS, int64(n.TimeoutMS)
+	}
+	// Only what the database makes is read back: decoding every column of the rows (and
+	// joining agents for names the request gave) took a third of the server's CPU per batch.
+	rows, err = s.queryPrepared(ctx, `
+		WITH ins AS (
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
+			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, agentapp_run_at(w.run_at, w.delay_ms),
+			       NULLIF(w.timeout_ms, 0)
+			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
+			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
+			ORDER BY w.ord
+			RETURNING id, input, run_at, created_at, updated_at, seq
+		)
+		SELECT * FROM ins ORDER BY seq`,
+		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes), pq.Int64Array(priorities),
+		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	// The rows were inserted in the request's order, so seq follows it: row i is ns[i].
+	runs := make([]runRecord, 0, len(ns))
+	for rows.Next() {
+		var r runRecord
+		if err := rows.Scan(&r.ID, &r.Input, &r.RunAt, &r.CreatedAt, &r.UpdatedAt, &r.seq); err != nil {
+			return nil, err
+		}
+		if i := len(runs); i >= len(ns) || r.ID != runIDs[i] {
+			return nil, fmt.Errorf("batch insert: row %d is run %s, out of the request's order", i, r.ID)
+		}
+		n := ns[len(runs)]
+		r.WorkspaceID, r.Agent, r.Status, r.Errors = ws, n.Agent, statusQueued, json.RawMessage("[]")
+		r.MaxAttempts, r.Priority = n.MaxAttempts, n.Priority
+		if n.TimeoutMS != 0 {
+			ms := n.TimeoutMS
+			r.TimeoutMS = &ms
+		}
+		r.RunAt, r.CreatedAt, r.UpdatedAt = r.RunAt.UTC(), r.CreatedAt.UTC(), r.UpdatedAt.UTC()
+		runs = append(runs, r)
+	}
+	return runs, rows.Err()
+}
+
+// cancelRun cancels a queued run at once, or asks for a running run to be canceled where
+// it executes (the trigger notifies every process). A final run is errConflict.
+func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
+	res, err := s.db.ExecContext(ctx, `
+		UPDATE runs SET
+			cancel_requested = true,
+			status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
+			error = CASE WHEN status = 'queued' THEN 'canceled by request' ELSE error END,
+			finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+			updated_at = now()
+		WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running')`, id, ws)
+	if err != nil {
+		return runRecord{}, err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return runRecord{}, err
+	}
+	r, err := s.getRun(ctx, ws, id)
+	if err == nil && n == 0 {
+		err = errConflict
+	}
+	return r, err
+}
+
+// retryRun puts a failed or canceled run back to queued, due now, with attempts more
+// attempts; its errors are kept. One statement, so of two concurrent retries one wins. A
+// run in another status is errConflict, answered with the run as it stands.
+func (s *store) retryRun(ctx context.Context, ws, id string, attempts int) (runRecord, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, `
+		WITH upd AS (
+			UPDATE runs SET status = 'queued', max_attempts = attempt + $3, error = NULL, output = NULL,
+				started_at = NULL, finished_at = NULL, cancel_requested = false, worker_id = NULL,
+				lease_expires_at = NULL, run_at = now(), updated_at = now()
+			WHERE id = $1 AND workspace_id = $2 AND status IN ('failed', 'canceled')
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM upd r JOIN agents a ON a.id = r.agent_id`, id, ws, attempts))
+	if !errors.Is(err, sql.ErrNoRows) {
+		return r, err
+	}
+	r, err = s.getRun(ctx, ws, id)
+	if err == nil {
+		err = fmt.Errorf("%w: run is %s: only failed or canceled runs can be retried", errConflict, r.Status)
+	}
+	return r, err
+}
+
+// cancelRuns cancels, in one statement, the runs of ws in the given statuses (queued,
+// running), only those of the named agent unless agentName is nil: queued ones at once,
+// running ones by asking where they execute (the trigger notifies every process). It
+// returns how many it canceled and the ids of the running ones. An unknown agent is an
+// unknownAgentError.
+func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, statuses []runStatus) (n int64, running []string, err error) {
+	var name any
+	if agentName != nil {
+		name = *agentName
+	}
+	list := make(pq.StringArray, len(statuses))
+	for i, st := range statuses {
+		list[i] = string(st)
+	}
+	var known bool
+	var ids pq.StringArray
+	err = s.db.QueryRowContext(ctx, `
+		WITH ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
+		upd AS (
+			UPDATE runs r SET
+				cancel_requested = true,
+				status = CASE WHEN r.status = 'queued' THEN 'canceled' ELSE r.status END,
+				error = CASE WHEN r.status = 'queued' THEN 'canceled by request' ELSE r.error END,
+				finished_at = CASE WHEN r.status = 'queued' THEN now() ELSE r.finished_at END,
+				updated_at = now()
+			WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
+			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))
+			RETURNING r.id, r.status
+		)
+		SELECT $2::text IS NULL OR EXISTS (SELECT 1 FROM ag), count(*),
+		       coalesce(array_agg(upd.id) FILTER (WHERE upd.status = 'running'), '{}')
+		FROM upd`, ws, name, list).Scan(&known, &n, &ids)
+	if err == nil && !known {
+		err = unknownAgentError{*agentName}
+	}
+	return n, ids, err
+}
+
+// claimedRun is a run a worker claimed, with what it needs to execute it.
+type claimedRun struct {
+	ID          string
+	WorkspaceID string
+	Attempt     int
+	Input       json.RawMessage
+	AgentName   string
+	AgentKind   string
+	AgentConfig json.RawMessage
+	Timeout     time.Duration // 0: none
+	EventsURL   string        // where the agent posts progress events, with EventsToken
+	EventsToken string
+}
+
+// claimResult is what one claim did.
+type claimResult struct {
+	claimed  []claimedRun
+	requeued int       // expired leases put back to queued
+	failed   int       // expired leases that ended the run (no attempt left, or canceled)
+	capped   bool      // capped agents had due runs: a freed slot may make one claimable
+	more     bool      // fewer than the limit were claimed, yet more may be claimable
+	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
+}
+
+// attemptRef names one attempt of a run: the fence of every write that renews or ends it.
+type attemptRef struct {
+	ID      string
+	Attempt int
+}
+
+// renew extends the leases of the given attempts held by workerID. It returns the ones
+// still held, and for each whether a cancel was requested; an attempt missing from the
+// answer was lost (recovered by another worker, or final).
+func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, lease time.Duration) (map[attemptRef]bool, error) {
+	ids, attempts := make([]string, len(refs)), make([]int64, len(refs))
+	for i, r := range refs {
+		ids[i], attempts[i] = r.ID, int64(r.Attempt)
+	}
+	rows, err := s.queryPrepared(ctx, `
+		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
+		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
+		RETURNING r.id, r.attempt, r.cancel_requested`,
+		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	held := make(map[attemptRef]bool, len(refs))
+	for rows.Next() {
+		var ref attemptRef
+		var cancel bool
+		if err := rows.Scan(&ref.ID, &ref.Attempt, &cancel); err != nil {
+			return nil, err
+		}
+		held[ref] = cancel
+	}
+	return held, rows.Err()
+}
+
+// outcome is how one attempt ended, as its execution proposes it.
+type outcome struct {
+	attemptRef
+	End     attemptEnd      // endSucceeded, endFailed, endCanceled or endRequeued
+	Output  json.RawMessage // for endSucceeded
+	Message string          // for endFailed
+}
+
+// finish records outcomes in one statement, each fenced on its attempt and worker, and
+// returns how each attempt ended. A run missing from the answer was no longer this worker's
+// attempt, and nothing was written for it. A failed attempt goes back to queued after a
+// backoff while attempts remain (retried); a cancel requested meanwhile wins over the
+// outcome; a requeued attempt is refunded.
+func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
+	ids, attempts, ends := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
+	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
+	for i, o := range outs {
+		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
+		outputs[i] = "null"
+		if o.Output != nil {
+			outputs[i] = string(o.Output)
+		}
+	}
+	rows, err := s.queryPrepared(ctx, `
+		UPDATE runs r SET
+			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
+			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
+			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
+			              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
+			error = CASE WHEN o.proposed = 'requeued' THEN r.error
+			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled by request'
+			             WHEN o.proposed = 'failed' THEN o.message END,
+			errors = CASE WHEN o.proposed = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
+			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
+			              ELSE r.errors END,
+			attempt = CASE WHEN o.proposed = 'requeued' THEN r.attempt - 1 ELSE r.attempt END,
+			run_at = CASE WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts
+			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
+			                 ELSE r.run_at END, -- a requeued run keeps its place; a final one shows when it was due
+			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'failed' AND NOT r.cancel_requested
+			                      AND r.attempt < r.max_attempts) THEN NULL ELSE r.started_at END,
+			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
+			                   WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts THEN NULL
+			                   ELSE now() END,
+			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, proposed, output, message)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND r.status = 'running'
+		RETURNING r.id, CASE WHEN o.proposed = 'requeued' THEN 'requeued'
+		                     WHEN r.status = 'queued' THEN 'retried' ELSE r.status END`,
+		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
+		pq.StringArray(outputs), pq.StringArray(messages))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	recorded := make(map[string]attemptEnd, len(outs))
+	for rows.Next() {
+		var id string
+		var end attemptEnd
+		if err := rows.Scan(&id, &end); err != nil {
+			return nil, err
+		}
+		recorded[id] = end
+	}
+	return recorded, rows.Err()
+}
+
+// nowZ is now() as RFC 3339 in UTC ending in Z, the form every time in the API takes, for
+// times written into JSON (errors[].at).
+const nowZ = `to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')`
+
+// pruneLock is the advisory lock that lets one process prune at a time.
+const pruneLock = 7346298106
+
+// prune deletes up to limit final runs (with their events, by cascade) finished longer ago
+// than retention, and returns how many. While another process holds the prune lock it
+// deletes nothing and returns 0.
+func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (int, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer tx.Rollback()
+	var mine bool
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, pruneLock).Scan(&mine); err != nil || !mine {
+		return 0, err
+	}
+	res, err := tx.ExecContext(ctx, `
+		DELETE FROM runs WHERE id IN (
+			SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'canceled')
+			  AND finished_at < now() - $1 * interval '1 millisecond'
+			ORDER BY finished_at LIMIT $2)`, retention.Milliseconds(), limit)
+	if err != nil {
+		return 0, err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, err
+	}
+	return int(n), tx.Commit()
 }
