@@ -662,7 +662,8 @@ func TestSchedIdleLoad(t *testing.T) {
 }
 
 // TestSchedLineup: claims read each agent's line from where the last one stopped, and
-// find what joined a line behind that place. Three lineups (three processes) claim while
+// find what joined a line behind that place: a run announced with a lower priority number,
+// a run committed late. Three lineups (three processes) claim while
 // connections insert runs, some ahead of the line (a lower priority number) and some
 // queued again after a claim (as a recovered lease is, keeping its place): every run is
 // claimed and finishes. And a run that joins ahead of where a lineup stopped is claimed
@@ -704,24 +705,42 @@ func TestSchedLineup(t *testing.T) {
 		FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&ahead); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(rescanEvery)
+	q.announce([]string{wss[0]}) // as the API does
 	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{ahead}) {
 		t.Fatalf("claim of 1 after a priority 0 run joined ahead: got %v, %v; want %s", got, err, ahead)
+	}
+	// A run whose insert started half a second ago and committed only now is behind where
+	// the last claim stopped in the line, yet within lateCommit: the next claim takes it.
+	var late string
+	if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, priority, run_at) SELECT workspace_id, id, 0,
+		now() - interval '500 ms' FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&late); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{late}) {
+		t.Fatalf("claim of 1 after a run committed late: got %v, %v; want %s", got, err, late)
 	}
 	exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE status = 'running'`)
 	exec(`DELETE FROM runs WHERE status = 'queued'`)
 
 	const inserters, perInserter, claimers = 4, 100, 3
 	var ins, cl sync.WaitGroup
+	lineups := make([]*lineup, claimers)
+	for i := range lineups {
+		lineups[i] = newLineup()
+	}
 	stop := make(chan struct{})
 	for range inserters {
 		ins.Add(1)
 		go func() {
 			defer ins.Done()
 			for range perInserter {
-				if _, err := db.Exec(insert, wss[rand.N(len(wss))], rand.N(3)); err != nil {
+				ws := wss[rand.N(len(wss))]
+				if _, err := db.Exec(insert, ws, rand.N(3)); err != nil {
 					t.Errorf("insert a run: %v", err)
 					return
+				}
+				for _, q := range lineups { // as the API's announcement tells every process
+					q.announce([]string{ws})
 				}
 			}
 		}()
@@ -730,18 +749,16 @@ func TestSchedLineup(t *testing.T) {
 		close(stop)
 		cl.Wait()
 	}()
-	for range claimers {
+	for _, q := range lineups {
 		cl.Add(1)
 		go func() {
 			defer cl.Done()
-			q := newLineup()
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				q.announce(wss[:rand.N(len(wss))]) // some of the new runs' workspaces
 				ids, err := claim(q, 5)
 				if err != nil {
 					t.Errorf("claim: %v", err)
@@ -756,6 +773,11 @@ func TestSchedLineup(t *testing.T) {
 					}
 				}
 				_, err = db.Exec(requeue, pq.Array(again))
+				if len(again) > 0 {
+					for _, q := range lineups { // as the trigger's notification tells every process
+						q.announce(nil)
+					}
+				}
 				if err == nil {
 					_, err = db.Exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = ANY ($1)`, pq.Array(done))
 				}

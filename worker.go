@@ -371,9 +371,10 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	n := max(0, min(limit, w.cfg.Concurrency-int(w.active.Load())))
 
 	begin := time.Now()
-	// Recovery rides along at most every half poll interval: on every tick of an idle
-	// worker, now and then for a busy one.
-	recoverLeases := time.Since(time.Unix(0, w.lastRecovery.Load())) >= w.cfg.Poll/2
+	// Recovery rides along at most every half poll interval or quarter lease, whichever is
+	// longer: it reads the range of running runs in runs_list_idx, which under a pinned
+	// horizon holds an entry for every run that ran since, and a lease expires no sooner.
+	recoverLeases := time.Since(time.Unix(0, w.lastRecovery.Load())) >= max(w.cfg.Poll/2, w.cfg.Lease/4)
 	// The claim is not canceled with ctx (a client that left, a shutdown): canceled after
 	// its commit, it would leave claimed runs that nobody executes until their leases expire.
 	claimCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.Lease)
