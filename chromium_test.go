@@ -65,6 +65,15 @@ func startChromium(t testing.TB) *chromium {
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
 		"--user-data-dir="+t.TempDir(), "--remote-debugging-pipe", "about:blank")
 	cmd.ExtraFiles = []*os.File{toChrome, fromChrome} // fd 3: Chromium reads; fd 4: it writes
+	// Killed, Chromium leaves its scratch dirs (org.chromium.Chromium.*) in TMPDIR: one
+	// of the test's own is removed with it. Not t.TempDir(): a socket goes in there, and
+	// that path would be too long for one.
+	scratch, err := os.MkdirTemp("", "cr")
+	if err != nil {
+		t.Fatalf("chromium's TMPDIR: got %v; want one", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(scratch) }) // after the kill below: cleanups run last first
+	cmd.Env = append(os.Environ(), "TMPDIR="+scratch)
 	log := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -294,8 +303,8 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 // TestConsoleInChromium drives a real headless Chromium through the console: sign-in,
 // overview, runs filtered, one run, cancel, retry, agents, pause, sign-out, then the
 // admin's overview with the live processes (one of them executing another workspace's
-// runs). It saves a screenshot of each page (the paths are printed; CONSOLE_SCREENSHOTS
-// names the directory, else a new temporary one that is kept); docs/overview.png is
+// runs). It saves a screenshot of each page (the paths are printed) in CONSOLE_SCREENSHOTS,
+// a directory that is kept, else in one removed when the test ends; docs/overview.png is
 // 10-overview-admin.png.
 func TestConsoleInChromium(t *testing.T) {
 	c := startChromium(t)
@@ -317,10 +326,7 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	dir := os.Getenv("CONSOLE_SCREENSHOTS")
 	if dir == "" {
-		var err error
-		if dir, err = os.MkdirTemp("", "agentapp-console-"); err != nil {
-			t.Fatalf("screenshot directory: got %v; want one", err)
-		}
+		dir = t.TempDir()
 	}
 	shot := func(name string) {
 		t.Helper()
