@@ -692,3 +692,27 @@ func TestConsoleActions(t *testing.T) {
 		}
 	})
 }
+
+// TestRootRedirectsToConsole: a browser pointed at the server's address is sent to the
+// console (which then asks it to sign in), other unknown paths still answer the API's 404,
+// and the start-up log line names the console's URL.
+func TestRootRedirectsToConsole(t *testing.T) {
+	t.Parallel()
+	env := testEnv(t, testDB(t), nil)
+	a := startApp(t, env)
+	b := newBrowser(a)
+	for _, method := range []string{"GET", "HEAD"} {
+		if p := b.do(t, method, "/", nil); p.status != http.StatusSeeOther || p.location != "/ui/" {
+			t.Errorf("%s /: got %d, Location %q; want 303 to /ui/", method, p.status, p.location)
+		}
+	}
+	if p := b.get(t, "/ui/"); p.status != http.StatusSeeOther || p.location != "/ui/sign-in" {
+		t.Errorf("GET /ui/ signed out: got %d, Location %q; want 303 to /ui/sign-in", p.status, p.location)
+	}
+	if p := b.get(t, "/nothing-here"); p.status != http.StatusNotFound || !strings.Contains(p.body, `"code":"not_found"`) {
+		t.Errorf("GET /nothing-here: got %d %s; want the API's 404", p.status, p.body)
+	}
+	if want := "console=http://" + env["LISTEN_ADDR"] + "/ui/"; !strings.Contains(a.log.String(), want) {
+		t.Errorf("log: got no %q; want the start-up line to name the console; log:\n%s", want, a.log)
+	}
+}
