@@ -400,6 +400,14 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	shot("8-agents-paused")
 
+	// The queued runs of the paused agent say why they wait.
+	c.navigate(a.base + "/ui/runs?status=queued&agent=translate")
+	expect("runs of a paused agent", "/ui/runs?status=queued&agent=translate", "agent paused")
+	if n := string(c.eval(`document.querySelectorAll("table.runs tbody tr").length + "/" + [...document.querySelectorAll("table.runs .wait")].filter(e => e.innerText == "agent paused").length`)); n != `"4/4"` {
+		t.Errorf("queued runs of the paused agent: got %s rows/rows saying agent paused; want 4/4", n)
+	}
+	shot("8-runs-waiting")
+
 	c.submit("sign out", `document.querySelector("form[action='/ui/sign-out'] button").click()`)
 	expect("signed out", "/ui/sign-in", "Sign in")
 	c.navigate(a.base + "/ui/agents")

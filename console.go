@@ -70,7 +70,7 @@ var consolePages = []string{"sign-in", "overview", "runs", "run", "agents", "err
 // console returns the console's handler; every console route is listed here.
 func (s *server) console() http.Handler {
 	c := &console{s: s, pages: map[string]*template.Template{}}
-	funcs := template.FuncMap{"when": formatTime, "json": prettyJSON, "capped": capped}
+	funcs := template.FuncMap{"when": formatTime, "json": prettyJSON, "capped": capped, "clip": clip}
 	for _, name := range consolePages {
 		c.pages[name] = template.Must(template.New(name).Funcs(funcs).ParseFS(uiFS, "ui/layout.html", "ui/"+name+".html"))
 	}
@@ -410,11 +410,7 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	var oldest sql.NullFloat64
-	// One step down runs_next_due_idx, as store.oldestQueuedAge, within the session's scope.
-	err = c.s.store.db.QueryRowContext(ctx, `SELECT EXTRACT(EPOCH FROM now() - min(run_at)) FROM runs
-		WHERE status = 'queued' AND priority >= 0 AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1)`,
-		se.scope()).Scan(&oldest)
+	oldest, err := c.oldestWait(ctx, se.scope())
 	if err != nil {
 		c.fail(w, r, err)
 		return
@@ -470,6 +466,34 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 	p := se.layout("Overview", "overview", d)
 	p.Live = true
 	c.render(w, r, http.StatusOK, "overview", p)
+}
+
+// oldestWait is how long, in seconds, the longest-waiting run that could start (due, its
+// agent not paused) has waited since it fell due, within scope (nil: every workspace); null
+// when none. Usually one step down runs_next_due_idx; when the oldest due run is a paused
+// agent's, whose backlog may be long, the head of each priority of each unpaused agent in
+// scope instead (runs_claim_idx), so the cost follows the number of agents, never of runs.
+func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, error) {
+	var age sql.NullFloat64
+	var paused bool
+	err := c.s.store.db.QueryRowContext(ctx, `
+		SELECT EXTRACT(EPOCH FROM now() - r.run_at), a.paused FROM runs r JOIN agents a ON a.id = r.agent_id
+		WHERE r.status = 'queued' AND r.priority >= 0 AND r.run_at <= now() AND ($1::uuid IS NULL OR r.workspace_id = $1)
+		ORDER BY r.run_at LIMIT 1`, scope).Scan(&age, &paused)
+	if errors.Is(err, sql.ErrNoRows) || (err == nil && !paused) {
+		return age, nil
+	}
+	if err != nil {
+		return age, err
+	}
+	err = c.s.store.db.QueryRowContext(ctx, `
+		SELECT EXTRACT(EPOCH FROM now() - min(h.run_at)) FROM agents a
+		CROSS JOIN generate_series(0, $2::int) p
+		CROSS JOIN LATERAL (SELECT r.run_at FROM runs r WHERE r.status = 'queued' AND r.agent_id = a.id AND r.priority = p
+		                    ORDER BY r.run_at LIMIT 1) h
+		WHERE NOT a.paused AND ($1::uuid IS NULL OR a.workspace_id = $1) AND h.run_at <= now()`,
+		scope, maxPriority).Scan(&age)
+	return age, err
 }
 
 // chart is the overview's bar chart, laid out here so that the template only draws it.
@@ -552,7 +576,7 @@ type runsData struct {
 	Statuses   []runStatus
 	Workspaces []workspace // admin: the workspace filter's choices
 	Names      map[string]string
-	Runs       []runRecord
+	Runs       []consoleRun
 	Next       string // the next page's URL; "" on the last page
 	First      string // the first page's URL, when this is a later one
 	// CancelQueued offers to cancel the queued runs these filters match: with no status
@@ -623,7 +647,7 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 			c.fail(w, r, err)
 			return
 		}
-		d.Runs = append(d.Runs, run)
+		d.Runs = append(d.Runs, consoleRun{runRecord: run})
 	}
 	if err := rows.Err(); err != nil {
 		c.fail(w, r, err)
@@ -633,6 +657,10 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		d.Runs = d.Runs[:runsPageSize]
 		d.Next = "/ui/runs" + f.query(encodeCursor(d.Runs[runsPageSize-1].ID))
 	}
+	if err := c.explainWaits(ctx, d.Runs); err != nil {
+		c.fail(w, r, err)
+		return
+	}
 	if se.admin {
 		if d.Workspaces, d.Names, err = c.workspaces(ctx); err != nil {
 			c.fail(w, r, err)
@@ -640,6 +668,93 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		}
 	}
 	c.render(w, r, http.StatusOK, "runs", se.layout("Runs", "runs", d))
+}
+
+// consoleRun is a run as the runs list and the run page show it.
+type consoleRun struct {
+	runRecord
+	Wait string // why a queued run has not started yet (waitReason); "" when it could
+}
+
+// agentLoad is what decides whether an agent's queued runs may start.
+type agentLoad struct {
+	paused  bool
+	cap     sql.NullInt64 // max_concurrency; null: none
+	running int64         // its running runs, counted up to cap
+}
+
+// explainWaits sets the Wait of each queued run in runs, from its own row and its agent's:
+// one query for the agents of the queued runs, each running count bounded by the agent's
+// cap (a range of runs_list_idx), as the claim counts them.
+func (c *console) explainWaits(ctx context.Context, runs []consoleRun) error {
+	var wss, names []string
+	for _, r := range runs {
+		if r.Status == statusQueued {
+			wss, names = append(wss, r.WorkspaceID), append(names, r.Agent)
+		}
+	}
+	if len(wss) == 0 {
+		return nil
+	}
+	rows, err := c.s.store.db.QueryContext(ctx, `
+		SELECT a.workspace_id, a.name, a.paused, a.max_concurrency,
+		       CASE WHEN a.max_concurrency IS NULL THEN 0 ELSE
+		         (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
+		                                  AND r.agent_id = a.id LIMIT a.max_concurrency) q) END
+		FROM agents a
+		WHERE (a.workspace_id, a.name) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))`,
+		pq.StringArray(wss), pq.StringArray(names))
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	loads := map[[2]string]agentLoad{}
+	for rows.Next() {
+		var ws, name string
+		var l agentLoad
+		if err := rows.Scan(&ws, &name, &l.paused, &l.cap, &l.running); err != nil {
+			return err
+		}
+		loads[[2]string{ws, name}] = l
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	now := time.Now()
+	for i, r := range runs {
+		if r.Status == statusQueued {
+			runs[i].Wait = waitReason(r.RunAt, loads[[2]string{r.WorkspaceID, r.Agent}], now)
+		}
+	}
+	return nil
+}
+
+// waitReason says why a queued run due at runAt, of an agent in state l, does not start:
+// "due in 3h" before its time, "agent paused", "agent at its cap"; "" when nothing holds
+// it but a free slot in some worker (or its workspace's turn).
+func waitReason(runAt time.Time, l agentLoad, now time.Time) string {
+	switch {
+	case runAt.After(now):
+		return "due in " + formatIn(runAt.Sub(now))
+	case l.paused:
+		return "agent paused"
+	case l.cap.Valid && l.running >= l.cap.Int64:
+		return "agent at its cap"
+	}
+	return ""
+}
+
+// formatIn shows a time ahead in its largest unit, rounded: "3h", "12m", "1d", "5s".
+func formatIn(d time.Duration) string {
+	for _, u := range []struct {
+		d    time.Duration
+		name string
+	}{{24 * time.Hour, "d"}, {time.Hour, "h"}, {time.Minute, "m"}} {
+		if d >= u.d {
+			return fmt.Sprintf("%d%s", (d+u.d/2)/u.d, u.name)
+		}
+	}
+	return fmt.Sprintf("%ds", max(1, (d+time.Second/2)/time.Second))
 }
 
 // workspaces returns the first workspacesListLimit workspaces by name, and their names by id.
@@ -665,7 +780,7 @@ func (c *console) workspaces(ctx context.Context) ([]workspace, map[string]strin
 
 // runData is one run's page.
 type runData struct {
-	Run        runRecord
+	Run        consoleRun
 	Errors     []attemptError
 	Workspace  string // the run's workspace name (admin)
 	Events     []consoleEvent
@@ -746,7 +861,12 @@ func (c *console) run(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	d := runData{Run: run, EventsCap: runEventsShown, Attempts: maxRunAttempts}
+	shown := []consoleRun{{runRecord: run}}
+	if err := c.explainWaits(r.Context(), shown); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	d := runData{Run: shown[0], EventsCap: runEventsShown, Attempts: maxRunAttempts}
 	if err := json.Unmarshal(run.Errors, &d.Errors); err != nil {
 		c.fail(w, r, err)
 		return
@@ -963,6 +1083,17 @@ func prettyJSON(v json.RawMessage) string {
 		return string(v)
 	}
 	return buf.String()
+}
+
+// clip shows the first n characters of a message (nil: ""), with "…" when it is longer.
+func clip(msg *string, n int) string {
+	if msg == nil {
+		return ""
+	}
+	if r := []rune(*msg); len(r) > n {
+		return string(r[:n]) + "…"
+	}
+	return *msg
 }
 
 // capped shows a count that stopped at limit+1 as "limit+".
