@@ -357,6 +357,12 @@ func TestConsoleInChromium(t *testing.T) {
 	if n := string(c.eval(`document.querySelectorAll("svg.chart rect").length`)); n == "0" {
 		t.Errorf("overview chart: got %s bars; want some", n)
 	}
+	// The chart spans its card, with both axes labelled.
+	if got := string(c.eval(`(() => { const svg = document.querySelector("svg.chart"), card = svg.closest("section");
+		const labels = [...svg.querySelectorAll("text")].map(e => e.textContent);
+		return (svg.getBoundingClientRect().width > card.clientWidth * 0.9) + "/" + labels.includes("60 min ago") + "/" + labels.includes("now") })()`)); got != `"true/true/true"` {
+		t.Errorf("overview chart: got spans its card/has 60 min ago/has now %s; want true/true/true", got)
+	}
 	shot("2-overview")
 
 	c.navigate(a.base + "/ui/runs")
@@ -373,14 +379,19 @@ func TestConsoleInChromium(t *testing.T) {
 	shot("4-run")
 
 	c.submit("cancel", `document.querySelector("form[action$='/cancel'] button").click()`)
-	expect("canceled run", "/ui/runs/"+target.ID+"?flash=canceled", "canceled", "Run canceled.", "Retry")
+	// The redirect's ?flash= names the message; flash.js takes it out of the address.
+	expect("canceled run", "/ui/runs/"+target.ID, "canceled", "Run canceled.", "Retry")
 	if got := a.getRun(t, ws, target.ID).Status; got != statusCanceled {
 		t.Errorf("run after the browser's cancel: got %s; want canceled", got)
 	}
 	shot("5-run-canceled")
+	c.submit("reload", "location.reload()")
+	if text := c.text(); strings.Contains(text, "Run canceled.") {
+		t.Errorf("canceled run reloaded: got the flash %q again; want it shown once; text:\n%s", "Run canceled.", text)
+	}
 
 	c.submit("retry", `document.querySelector("form[action$='/retry'] button").click()`)
-	expect("retried run", "/ui/runs/"+target.ID+"?flash=retried&n=1", "queued", "Run queued again with 1 more attempt.")
+	expect("retried run", "/ui/runs/"+target.ID, "queued", "Run queued again with 1 more attempt.")
 	if r := a.getRun(t, ws, target.ID); r.Status != statusQueued || r.MaxAttempts != r.Attempt+1 {
 		t.Errorf("run after the browser's retry: got %s, attempt %d of %d; want queued with 1 more attempt", r.Status, r.Attempt, r.MaxAttempts)
 	}
@@ -393,12 +404,15 @@ func TestConsoleInChromium(t *testing.T) {
 	var translate agent
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
 	c.submit("pause", `document.querySelector("form[action='/ui/agents/`+translate.ID+`/pause'] button").click()`)
-	expect("agent paused", "/ui/agents?flash=paused", "Agent paused", "Resume")
+	expect("agent paused", "/ui/agents", "Agent paused", "Resume")
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
 	if !translate.Paused {
 		t.Errorf("agent after the browser's pause: got not paused; want paused")
 	}
 	shot("8-agents-paused")
+	if bg := string(c.eval(`getComputedStyle(document.querySelector(".status.paused")).backgroundColor`)); bg == `"rgb(217, 72, 15)"` {
+		t.Errorf("paused badge: got background %s, failed's red; want a color of its own", bg)
+	}
 
 	// The queued runs of the paused agent say why they wait.
 	c.navigate(a.base + "/ui/runs?status=queued&agent=translate")

@@ -582,6 +582,9 @@ func TestConsoleActions(t *testing.T) {
 			!strings.Contains(p.body, "run is succeeded: only failed or canceled runs can be retried") {
 			t.Errorf("retry of a succeeded run: got %d %q; want an HTML 409 that says why; body:\n%s", p.status, p.header.Get("Content-Type"), p.body)
 		}
+		if back := `<a href="/ui/runs/` + succeeded.ID + `">Back to the page you came from</a>`; !strings.Contains(p.body, back) {
+			t.Errorf("refused retry: got no %s; want a link back to the run; body:\n%s", back, p.body)
+		}
 	})
 
 	t.Run("pause", func(t *testing.T) {
@@ -641,6 +644,8 @@ func TestConsoleActions(t *testing.T) {
 		filters := url.Values{"status": {"queued"}, "agent": {"slow"}}
 		if p := userA.post(t, "/ui/runs/cancel-queued", "", filters); p.status != http.StatusForbidden {
 			t.Errorf("cancel queued without csrf: got %d; want 403", p.status)
+		} else if back := `<a href="/ui/runs?agent=slow&amp;status=queued">Back to the page you came from</a>`; !strings.Contains(p.body, back) {
+			t.Errorf("refused cancel of the queued runs: got no %s; want a link back to the filtered list; body:\n%s", back, p.body)
 		}
 		for _, c := range []struct {
 			name string
@@ -788,6 +793,16 @@ func TestConsoleWaitReasons(t *testing.T) {
 		}
 	}
 
+	p = b.mustGet(t, "/ui/runs/"+failed.ID)
+	if strings.Contains(p.body, "<h2>Output</h2>") || !regexp.MustCompile(`<dt>attempt 1</dt><dd>took \d`).MatchString(p.body) {
+		t.Errorf("run page of a failed run: got an Output box %v, its attempt's duration %v; want no box and the duration; body:\n%s",
+			strings.Contains(p.body, "<h2>Output</h2>"), !strings.Contains(p.body, "took "), p.body)
+	}
+	if p := b.mustGet(t, "/ui/runs?agent=capped"); !strings.Contains(p.body, `<option value="capped" selected>capped</option>`) ||
+		!strings.Contains(p.body, `<option value="later">later</option>`) || !strings.Contains(p.body, second.ID) || strings.Contains(p.body, later.ID) {
+		t.Errorf("runs ?agent=capped: got no agent choices or the wrong runs; want a select of the workspace's agents; body:\n%s", p.body)
+	}
+
 	oldest := regexp.MustCompile(`Oldest wait: <strong>([^<]*)</strong>`)
 	wait := func(b *browser) string {
 		t.Helper()
@@ -806,6 +821,14 @@ func TestConsoleWaitReasons(t *testing.T) {
 	admin.signIn(t, testAdminToken)
 	if got := wait(admin); strings.Contains(got, "h") || got == "none waiting" {
 		t.Errorf("admin's oldest wait: got %q; want the capped run's seconds", got)
+	}
+	// Both workspaces are named "test": the admin tells them apart by the start of their ids.
+	all := admin.mustGet(t, "/ui/runs").body
+	for _, w := range []testWorkspace{ws, other} {
+		label := "test " + w.ID[:8]
+		if !strings.Contains(all, `<option value="`+w.ID+`">`+label+`</option>`) || !strings.Contains(all, "<td>"+label+"</td>") {
+			t.Errorf("admin runs list: got no %q in the workspace filter and the table; want it; body:\n%s", label, all)
+		}
 	}
 	only := newBrowser(a)
 	only.signIn(t, other.APIKey)

@@ -921,6 +921,7 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 200, "GET /ui/agents", "", nil)
 	c.browse(t, b, 200, "GET /ui/style.css", "", nil)
 	c.browse(t, b, 200, "GET /ui/live.js", "", nil)
+	c.browse(t, b, 200, "GET /ui/flash.js", "", nil)
 	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo"}, ws.ID)
 	var doomed runRecord
 	json.Unmarshal(body, &doomed)
