@@ -14,6 +14,11 @@ import (
 	"time"
 )
 
+// browserTest is what became of TestConsoleInChromium in this run ("" when it was not
+// run), for TestMain to say: make test's output shows whether the console was tried in a
+// real browser or not, without -v.
+var browserTest string
+
 // cdpTimeout bounds each DevTools call and each wait for a page load: generous, for a
 // loaded machine.
 const cdpTimeout = 60 * time.Second
@@ -307,6 +312,16 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 // a directory that is kept, else in one removed when the test ends; docs/overview.png is
 // 10-overview-admin.png.
 func TestConsoleInChromium(t *testing.T) {
+	t.Cleanup(func() {
+		switch {
+		case t.Skipped():
+			browserTest = "skipped (no chromium or no DATABASE_URL; go test -v -run TestConsoleInChromium says which)"
+		case t.Failed():
+			browserTest = "ran, and failed"
+		default:
+			browserTest = "ran, and passed"
+		}
+	})
 	c := startChromium(t)
 	dsn := testDB(t)
 	a := startApp(t, testEnv(t, dsn, nil))

@@ -730,6 +730,9 @@ func runTests(m *testing.M) int {
 	}
 	os.Setenv("TMPDIR", tmp)
 	code := m.Run()
+	if browserTest != "" {
+		fmt.Fprintln(os.Stderr, "the browser test (TestConsoleInChromium):", browserTest)
+	}
 	for _, b := range []*build{&raceBuild, &plainBuild} {
 		if b.dir != "" {
 			os.RemoveAll(b.dir)
