@@ -286,14 +286,15 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 			finished_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second',
 			started_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '2 seconds',
 			created_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '3 seconds',
+			run_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '3 seconds',
 			status = CASE WHEN r.n % 7 = 0 THEN 'failed' WHEN r.n % 17 = 0 THEN 'canceled' ELSE status END,
 			output = CASE WHEN r.n % 7 = 0 THEN NULL ELSE output END,
 			attempt = CASE WHEN r.n % 7 = 0 THEN 3 ELSE attempt END,
-			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered 502 Bad Gateway' WHEN r.n % 17 = 0 THEN 'canceled by request' END,
+			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered HTTP 502, want 2xx; body: upstream model timed out' WHEN r.n % 17 = 0 THEN 'canceled by request' END,
 			errors = CASE WHEN r.n % 7 = 0 THEN jsonb_build_array(
 				jsonb_build_object('attempt', 1, 'at', '2026-01-01T10:00:00Z', 'message', 'webhook timed out after 30000 ms'),
-				jsonb_build_object('attempt', 2, 'at', '2026-01-01T10:00:01Z', 'message', 'webhook answered 502 Bad Gateway'),
-				jsonb_build_object('attempt', 3, 'at', '2026-01-01T10:00:03Z', 'message', 'webhook answered 502 Bad Gateway'))
+				jsonb_build_object('attempt', 2, 'at', '2026-01-01T10:00:01Z', 'message', 'webhook answered HTTP 502, want 2xx; body: upstream model timed out'),
+				jsonb_build_object('attempt', 3, 'at', '2026-01-01T10:00:03Z', 'message', 'webhook answered HTTP 502, want 2xx; body: upstream model timed out'))
 				ELSE errors END
 		FROM r WHERE runs.id = r.id`, ws.ID)
 	if err != nil {
@@ -309,8 +310,10 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 // overview, runs filtered, one run, cancel, retry, agents, pause, sign-out, then the
 // admin's overview with the live processes (one of them executing another workspace's
 // runs). It saves a screenshot of each page (the paths are printed) in CONSOLE_SCREENSHOTS,
-// a directory that is kept, else in one removed when the test ends; docs/overview.png is
-// 10-overview-admin.png.
+// a directory that is kept, else in one removed when the test ends. docs/ holds some:
+// console-overview-after.png is 10-overview-admin.png, console-runs-after.png 3-runs,
+// console-run-after.png 4-run-failed, console-agents-after.png 8-agents-paused
+// (docs/overview.png is the overview before issue 34).
 func TestConsoleInChromium(t *testing.T) {
 	t.Cleanup(func() {
 		switch {
@@ -380,7 +383,13 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	shot("2-overview")
 
+	c.navigate(a.base + "/ui/runs/" + runs[6].ID) // the seed fails every 7th run
+	expect("a failed run", "/ui/runs/"+runs[6].ID, "failed", "Error history", "webhook timed out after 30000 ms")
+	shot("4-run-failed")
+
 	c.navigate(a.base + "/ui/runs")
+	expect("runs", "/ui/runs", "webhook answered HTTP 502, want 2xx; body: upstream model timed out", "canceled by request")
+	shot("3-runs")
 	c.submit("filter runs", `document.querySelector("select[name=status]").value = "queued"; document.querySelector("form.filter").submit()`)
 	expect("runs filtered", "/ui/runs?status=queued&agent=", "queued")
 	if n := string(c.eval(`document.querySelectorAll("table.runs tbody tr").length + "/" + document.querySelectorAll("table.runs .status.queued").length`)); n != `"4/4"` {
