@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // echoConfig configures an echo agent: output = input, after an optional delay.
@@ -440,7 +442,7 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	case err != nil:
 		return nil, fmt.Errorf("webhook response could not be read: %v", err)
 	case resp.StatusCode < 200 || resp.StatusCode > 299:
-		return nil, fmt.Errorf("webhook answered HTTP %d, want 2xx", resp.StatusCode)
+		return nil, fmt.Errorf("webhook answered HTTP %d, want 2xx%s", resp.StatusCode, bodyExcerpt(data))
 	case len(data) > maxWebhookBody:
 		return nil, errors.New("webhook response body is over 1 MiB")
 	case !json.Valid(data):
@@ -454,4 +456,38 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 		return nil, err
 	}
 	return out.Bytes(), nil
+}
+
+// maxErrorExcerpt is how much of a failed webhook's answer its attempt's error quotes: the
+// start of it says why (the agent's own error message), and the error stays short enough
+// for a log line and for every attempt's entry in the run's errors.
+const maxErrorExcerpt = 512
+
+// bodyExcerpt returns "; body: " and the start of a failed webhook's answer, at most
+// maxErrorExcerpt bytes of it, made safe to show: control characters (newlines, escapes
+// that a terminal would obey) become spaces, bytes that are not UTF-8 become U+FFFD, and
+// it is cut at a character's boundary. "" for a blank body.
+func bodyExcerpt(body []byte) string {
+	var b strings.Builder
+	cut := false
+	for i := 0; i < len(body); {
+		r, size := utf8.DecodeRune(body[i:]) // RuneError for a byte that is not UTF-8
+		if unicode.IsControl(r) {
+			r = ' '
+		}
+		if b.Len()+utf8.RuneLen(r) > maxErrorExcerpt {
+			cut = true
+			break
+		}
+		b.WriteRune(r)
+		i += size
+	}
+	excerpt := strings.TrimSpace(b.String())
+	switch {
+	case excerpt == "":
+		return ""
+	case cut:
+		return fmt.Sprintf("; body (its first %d bytes): %s", maxErrorExcerpt, excerpt)
+	}
+	return "; body: " + excerpt
 }

@@ -14,6 +14,11 @@ import (
 	"time"
 )
 
+// browserTest is what became of TestConsoleInChromium in this run ("" when it was not
+// run), for TestMain to say: make test's output shows whether the console was tried in a
+// real browser or not, without -v.
+var browserTest string
+
 // cdpTimeout bounds each DevTools call and each wait for a page load: generous, for a
 // loaded machine.
 const cdpTimeout = 60 * time.Second
@@ -65,6 +70,15 @@ func startChromium(t testing.TB) *chromium {
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
 		"--user-data-dir="+t.TempDir(), "--remote-debugging-pipe", "about:blank")
 	cmd.ExtraFiles = []*os.File{toChrome, fromChrome} // fd 3: Chromium reads; fd 4: it writes
+	// Killed, Chromium leaves its scratch dirs (org.chromium.Chromium.*) in TMPDIR: one
+	// of the test's own is removed with it. Not t.TempDir(): a socket goes in there, and
+	// that path would be too long for one.
+	scratch, err := os.MkdirTemp("", "cr")
+	if err != nil {
+		t.Fatalf("chromium's TMPDIR: got %v; want one", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(scratch) }) // after the kill below: cleanups run last first
+	cmd.Env = append(os.Environ(), "TMPDIR="+scratch)
 	log := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -272,14 +286,15 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 			finished_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second',
 			started_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '2 seconds',
 			created_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '3 seconds',
+			run_at = now() - (r.n * 7919 % 3500) * (r.n % 3 + 1) / 3 * interval '1 second' - interval '3 seconds',
 			status = CASE WHEN r.n % 7 = 0 THEN 'failed' WHEN r.n % 17 = 0 THEN 'canceled' ELSE status END,
 			output = CASE WHEN r.n % 7 = 0 THEN NULL ELSE output END,
 			attempt = CASE WHEN r.n % 7 = 0 THEN 3 ELSE attempt END,
-			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered 502 Bad Gateway' WHEN r.n % 17 = 0 THEN 'canceled by request' END,
+			error = CASE WHEN r.n % 7 = 0 THEN 'webhook answered HTTP 502, want 2xx; body: upstream model timed out' WHEN r.n % 17 = 0 THEN 'canceled by request' END,
 			errors = CASE WHEN r.n % 7 = 0 THEN jsonb_build_array(
 				jsonb_build_object('attempt', 1, 'at', '2026-01-01T10:00:00Z', 'message', 'webhook timed out after 30000 ms'),
-				jsonb_build_object('attempt', 2, 'at', '2026-01-01T10:00:01Z', 'message', 'webhook answered 502 Bad Gateway'),
-				jsonb_build_object('attempt', 3, 'at', '2026-01-01T10:00:03Z', 'message', 'webhook answered 502 Bad Gateway'))
+				jsonb_build_object('attempt', 2, 'at', '2026-01-01T10:00:01Z', 'message', 'webhook answered HTTP 502, want 2xx; body: upstream model timed out'),
+				jsonb_build_object('attempt', 3, 'at', '2026-01-01T10:00:03Z', 'message', 'webhook answered HTTP 502, want 2xx; body: upstream model timed out'))
 				ELSE errors END
 		FROM r WHERE runs.id = r.id`, ws.ID)
 	if err != nil {
@@ -294,10 +309,22 @@ func seedConsoleDemo(t testing.TB, a *app, dsn string) (testWorkspace, []runReco
 // TestConsoleInChromium drives a real headless Chromium through the console: sign-in,
 // overview, runs filtered, one run, cancel, retry, agents, pause, sign-out, then the
 // admin's overview with the live processes (one of them executing another workspace's
-// runs). It saves a screenshot of each page (the paths are printed; CONSOLE_SCREENSHOTS
-// names the directory, else a new temporary one that is kept); docs/overview.png is
-// 10-overview-admin.png.
+// runs). It saves a screenshot of each page (the paths are printed) in CONSOLE_SCREENSHOTS,
+// a directory that is kept, else in one removed when the test ends. docs/ holds some:
+// console-overview-after.png is 10-overview-admin.png, console-runs-after.png 3-runs,
+// console-run-after.png 4-run-failed, console-agents-after.png 8-agents-paused
+// (docs/overview.png is the overview before issue 34).
 func TestConsoleInChromium(t *testing.T) {
+	t.Cleanup(func() {
+		switch {
+		case t.Skipped():
+			browserTest = "skipped (no chromium or no DATABASE_URL; go test -v -run TestConsoleInChromium says which)"
+		case t.Failed():
+			browserTest = "ran, and failed"
+		default:
+			browserTest = "ran, and passed"
+		}
+	})
 	c := startChromium(t)
 	dsn := testDB(t)
 	a := startApp(t, testEnv(t, dsn, nil))
@@ -317,10 +344,7 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	dir := os.Getenv("CONSOLE_SCREENSHOTS")
 	if dir == "" {
-		var err error
-		if dir, err = os.MkdirTemp("", "agentapp-console-"); err != nil {
-			t.Fatalf("screenshot directory: got %v; want one", err)
-		}
+		dir = t.TempDir()
 	}
 	shot := func(name string) {
 		t.Helper()
@@ -351,9 +375,21 @@ func TestConsoleInChromium(t *testing.T) {
 	if n := string(c.eval(`document.querySelectorAll("svg.chart rect").length`)); n == "0" {
 		t.Errorf("overview chart: got %s bars; want some", n)
 	}
+	// The chart spans its card, with both axes labelled.
+	if got := string(c.eval(`(() => { const svg = document.querySelector("svg.chart"), card = svg.closest("section");
+		const labels = [...svg.querySelectorAll("text")].map(e => e.textContent);
+		return (svg.getBoundingClientRect().width > card.clientWidth * 0.9) + "/" + labels.includes("60 min ago") + "/" + labels.includes("now") })()`)); got != `"true/true/true"` {
+		t.Errorf("overview chart: got spans its card/has 60 min ago/has now %s; want true/true/true", got)
+	}
 	shot("2-overview")
 
+	c.navigate(a.base + "/ui/runs/" + runs[6].ID) // the seed fails every 7th run
+	expect("a failed run", "/ui/runs/"+runs[6].ID, "failed", "Error history", "webhook timed out after 30000 ms")
+	shot("4-run-failed")
+
 	c.navigate(a.base + "/ui/runs")
+	expect("runs", "/ui/runs", "webhook answered HTTP 502, want 2xx; body: upstream model timed out", "canceled by request")
+	shot("3-runs")
 	c.submit("filter runs", `document.querySelector("select[name=status]").value = "queued"; document.querySelector("form.filter").submit()`)
 	expect("runs filtered", "/ui/runs?status=queued&agent=", "queued")
 	if n := string(c.eval(`document.querySelectorAll("table.runs tbody tr").length + "/" + document.querySelectorAll("table.runs .status.queued").length`)); n != `"4/4"` {
@@ -367,14 +403,19 @@ func TestConsoleInChromium(t *testing.T) {
 	shot("4-run")
 
 	c.submit("cancel", `document.querySelector("form[action$='/cancel'] button").click()`)
-	expect("canceled run", "/ui/runs/"+target.ID+"?flash=canceled", "canceled", "Run canceled.", "Retry")
+	// The redirect's ?flash= names the message; flash.js takes it out of the address.
+	expect("canceled run", "/ui/runs/"+target.ID, "canceled", "Run canceled.", "Retry")
 	if got := a.getRun(t, ws, target.ID).Status; got != statusCanceled {
 		t.Errorf("run after the browser's cancel: got %s; want canceled", got)
 	}
 	shot("5-run-canceled")
+	c.submit("reload", "location.reload()")
+	if text := c.text(); strings.Contains(text, "Run canceled.") {
+		t.Errorf("canceled run reloaded: got the flash %q again; want it shown once; text:\n%s", "Run canceled.", text)
+	}
 
 	c.submit("retry", `document.querySelector("form[action$='/retry'] button").click()`)
-	expect("retried run", "/ui/runs/"+target.ID+"?flash=retried&n=1", "queued", "Run queued again with 1 more attempt.")
+	expect("retried run", "/ui/runs/"+target.ID, "queued", "Run queued again with 1 more attempt.")
 	if r := a.getRun(t, ws, target.ID); r.Status != statusQueued || r.MaxAttempts != r.Attempt+1 {
 		t.Errorf("run after the browser's retry: got %s, attempt %d of %d; want queued with 1 more attempt", r.Status, r.Attempt, r.MaxAttempts)
 	}
@@ -387,12 +428,23 @@ func TestConsoleInChromium(t *testing.T) {
 	var translate agent
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
 	c.submit("pause", `document.querySelector("form[action='/ui/agents/`+translate.ID+`/pause'] button").click()`)
-	expect("agent paused", "/ui/agents?flash=paused", "Agent paused", "Resume")
+	expect("agent paused", "/ui/agents", "Agent paused", "Resume")
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/agents/translate", ws.APIKey, nil, 200, &translate)
 	if !translate.Paused {
 		t.Errorf("agent after the browser's pause: got not paused; want paused")
 	}
 	shot("8-agents-paused")
+	if bg := string(c.eval(`getComputedStyle(document.querySelector(".status.paused")).backgroundColor`)); bg == `"rgb(217, 72, 15)"` {
+		t.Errorf("paused badge: got background %s, failed's red; want a color of its own", bg)
+	}
+
+	// The queued runs of the paused agent say why they wait.
+	c.navigate(a.base + "/ui/runs?status=queued&agent=translate")
+	expect("runs of a paused agent", "/ui/runs?status=queued&agent=translate", "agent paused")
+	if n := string(c.eval(`document.querySelectorAll("table.runs tbody tr").length + "/" + [...document.querySelectorAll("table.runs .wait")].filter(e => e.innerText == "agent paused").length`)); n != `"4/4"` {
+		t.Errorf("queued runs of the paused agent: got %s rows/rows saying agent paused; want 4/4", n)
+	}
+	shot("8-runs-waiting")
 
 	c.submit("sign out", `document.querySelector("form[action='/ui/sign-out'] button").click()`)
 	expect("signed out", "/ui/sign-in", "Sign in")

@@ -15,6 +15,7 @@ import (
 	"io/fs"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -70,7 +71,7 @@ var consolePages = []string{"sign-in", "overview", "runs", "run", "agents", "err
 // console returns the console's handler; every console route is listed here.
 func (s *server) console() http.Handler {
 	c := &console{s: s, pages: map[string]*template.Template{}}
-	funcs := template.FuncMap{"when": formatTime, "json": prettyJSON, "capped": capped}
+	funcs := template.FuncMap{"when": formatTime, "json": prettyJSON, "capped": capped, "clip": clip, "present": present}
 	for _, name := range consolePages {
 		c.pages[name] = template.Must(template.New(name).Funcs(funcs).ParseFS(uiFS, "ui/layout.html", "ui/"+name+".html"))
 	}
@@ -89,6 +90,7 @@ func (s *server) console() http.Handler {
 	mux.HandleFunc("POST /ui/agents/{id}/resume", c.action(c.setPaused(false)))
 	mux.HandleFunc("GET /ui/style.css", c.asset("ui/style.css", "text/css; charset=utf-8"))
 	mux.HandleFunc("GET /ui/live.js", c.asset("ui/live.js", "text/javascript; charset=utf-8"))
+	mux.HandleFunc("GET /ui/flash.js", c.asset("ui/flash.js", "text/javascript; charset=utf-8"))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h.Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -129,6 +131,7 @@ type pageData struct {
 	Admin bool
 	Live  bool   // refresh the page's data-live parts in place (live.js)
 	Flash string // what the action that redirected here did (flashMessage)
+	Back  string // on an error page: the page the refused form was on; "": the overview
 	Body  any
 }
 
@@ -252,7 +255,7 @@ func (c *console) action(h func(http.ResponseWriter, *http.Request, session)) ht
 			return
 		}
 		if !ok || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("csrf")), []byte(se.csrf)) != 1 {
-			c.render(w, r, http.StatusForbidden, "error", pageData{Title: "Forbidden",
+			c.render(w, r, http.StatusForbidden, "error", pageData{Title: "Forbidden", Back: backTo(r),
 				Body: "This form is not from your current session (its CSRF token is missing or wrong). Go back, reload the page and try again."})
 			return
 		}
@@ -285,7 +288,26 @@ func (c *console) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if probe.code >= 500 {
 		msg = http.StatusText(probe.code) + ": try again shortly."
 	}
-	c.render(w, r, probe.code, "error", pageData{Title: http.StatusText(probe.code), Body: msg})
+	c.render(w, r, probe.code, "error", pageData{Title: http.StatusText(probe.code), Body: msg, Back: backTo(r)})
+}
+
+// backTo is the page a console form posted to r was on, for the link back from a refusal
+// of it (the console sends no Referer: its Referrer-Policy is no-referrer); "" for others.
+func backTo(r *http.Request) string {
+	if r.Method != http.MethodPost {
+		return ""
+	}
+	parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/") // ui, runs, {id}, cancel
+	switch {
+	case len(parts) == 4 && parts[1] == "runs" && isUUID(parts[2]):
+		return "/ui/runs/" + parts[2]
+	case r.URL.Path == "/ui/runs/cancel-queued":
+		f := runsFilter{Status: r.PostForm.Get("status"), Agent: r.PostForm.Get("agent"), Workspace: r.PostForm.Get("workspace")}
+		return "/ui/runs" + f.query("")
+	case len(parts) == 4 && parts[1] == "agents":
+		return "/ui/agents"
+	}
+	return ""
 }
 
 // layout fills the parts of pageData that every signed-in page shares.
@@ -410,11 +432,7 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	var oldest sql.NullFloat64
-	// One step down runs_next_due_idx, as store.oldestQueuedAge, within the session's scope.
-	err = c.s.store.db.QueryRowContext(ctx, `SELECT EXTRACT(EPOCH FROM now() - min(run_at)) FROM runs
-		WHERE status = 'queued' AND priority >= 0 AND run_at <= now() AND ($1::uuid IS NULL OR workspace_id = $1)`,
-		se.scope()).Scan(&oldest)
+	oldest, err := c.oldestWait(ctx, se.scope())
 	if err != nil {
 		c.fail(w, r, err)
 		return
@@ -472,11 +490,48 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 	c.render(w, r, http.StatusOK, "overview", p)
 }
 
+// oldestWait is how long, in seconds, the longest-waiting run that could start (due, its
+// agent not paused) has waited since it fell due, within scope (nil: every workspace); null
+// when none. Usually one step down runs_next_due_idx; when the oldest due run is a paused
+// agent's, whose backlog may be long, the head of each priority of each unpaused agent in
+// scope instead (runs_claim_idx), so the cost follows the number of agents, never of runs.
+func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, error) {
+	var age sql.NullFloat64
+	var paused bool
+	err := c.s.store.db.QueryRowContext(ctx, `
+		SELECT EXTRACT(EPOCH FROM now() - r.run_at), a.paused FROM runs r JOIN agents a ON a.id = r.agent_id
+		WHERE r.status = 'queued' AND r.priority >= 0 AND r.run_at <= now() AND ($1::uuid IS NULL OR r.workspace_id = $1)
+		ORDER BY r.run_at LIMIT 1`, scope).Scan(&age, &paused)
+	if errors.Is(err, sql.ErrNoRows) || (err == nil && !paused) {
+		return age, nil
+	}
+	if err != nil {
+		return age, err
+	}
+	err = c.s.store.db.QueryRowContext(ctx, `
+		SELECT EXTRACT(EPOCH FROM now() - min(h.run_at)) FROM agents a
+		CROSS JOIN generate_series(0, $2::int) p
+		CROSS JOIN LATERAL (SELECT r.run_at FROM runs r WHERE r.status = 'queued' AND r.agent_id = a.id AND r.priority = p
+		                    ORDER BY r.run_at LIMIT 1) h
+		WHERE NOT a.paused AND ($1::uuid IS NULL OR a.workspace_id = $1) AND h.run_at <= now()`,
+		scope, maxPriority).Scan(&age)
+	return age, err
+}
+
 // chart is the overview's bar chart, laid out here so that the template only draws it.
 type chart struct {
 	Width, Height int
+	ViewBox       string // the plot and, around it, room for the axes' labels
 	Max           int64
 	Bars          []bar
+	Ticks         []tick // the time axis' labels
+}
+
+// tick is one label of the chart's time axis.
+type tick struct {
+	X      float64
+	Label  string
+	Anchor string // SVG text-anchor: the first and last labels stay inside the plot's width
 }
 
 // bar is one minute of the chart: a stack of up to three rectangles.
@@ -491,17 +546,31 @@ type rect struct {
 	Class      string
 }
 
-// The chart's geometry, in SVG user units.
+// The chart's geometry, in SVG user units. It is drawn the width of its card (CSS), so
+// these set its proportions: a wide strip whose labels stay readable on a laptop's screen.
 const (
-	chartWidth  = 600
-	chartHeight = 120
+	chartWidth  = 1200
+	chartHeight = 160
 	barWidth    = chartWidth / chartMinutes
+	chartLeft   = 48 // room for the count axis' labels
+	chartBelow  = 24 // room for the time axis' labels
 )
 
 // newChart lays out the runs finished per minute (index: minutes ago; succeeded, failed,
 // canceled), oldest minute on the left.
 func newChart(perMinute [][3]int64) chart {
-	ch := chart{Width: chartWidth, Height: chartHeight}
+	ch := chart{Width: chartWidth, Height: chartHeight,
+		ViewBox: fmt.Sprintf("%d -8 %d %d", -chartLeft, chartWidth+chartLeft+4, chartHeight+chartBelow+8)}
+	for ago := len(perMinute); ago >= 0; ago -= 15 {
+		t := tick{X: float64((len(perMinute) - ago) * barWidth), Label: fmt.Sprintf("%d min ago", ago), Anchor: "middle"}
+		switch ago {
+		case len(perMinute):
+			t.Anchor = "start"
+		case 0:
+			t.Label, t.Anchor = "now", "end"
+		}
+		ch.Ticks = append(ch.Ticks, t)
+	}
 	for _, m := range perMinute {
 		ch.Max = max(ch.Max, m[0]+m[1]+m[2])
 	}
@@ -550,9 +619,10 @@ func (f runsFilter) query(c string) string {
 type runsData struct {
 	Filter     runsFilter
 	Statuses   []runStatus
-	Workspaces []workspace // admin: the workspace filter's choices
-	Names      map[string]string
-	Runs       []runRecord
+	Workspaces []workspace       // admin: the workspace filter's choices
+	Names      map[string]string // admin: each listed workspace's label (workspaceLabels)
+	Agents     []string          // the agent filter's choices: the agents' names in scope
+	Runs       []consoleRun
 	Next       string // the next page's URL; "" on the last page
 	First      string // the first page's URL, when this is a later one
 	// CancelQueued offers to cancel the queued runs these filters match: with no status
@@ -623,7 +693,7 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 			c.fail(w, r, err)
 			return
 		}
-		d.Runs = append(d.Runs, run)
+		d.Runs = append(d.Runs, consoleRun{runRecord: run})
 	}
 	if err := rows.Err(); err != nil {
 		c.fail(w, r, err)
@@ -633,16 +703,135 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 		d.Runs = d.Runs[:runsPageSize]
 		d.Next = "/ui/runs" + f.query(encodeCursor(d.Runs[runsPageSize-1].ID))
 	}
+	if err := c.explainWaits(ctx, d.Runs); err != nil {
+		c.fail(w, r, err)
+		return
+	}
 	if se.admin {
 		if d.Workspaces, d.Names, err = c.workspaces(ctx); err != nil {
 			c.fail(w, r, err)
 			return
 		}
 	}
+	if d.Agents, err = c.agentNames(ctx, scope); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	if f.Agent != "" && !slices.Contains(d.Agents, f.Agent) {
+		d.Agents = append(d.Agents, f.Agent) // an agent deleted, or beyond the list: still the filter
+	}
 	c.render(w, r, http.StatusOK, "runs", se.layout("Runs", "runs", d))
 }
 
-// workspaces returns the first workspacesListLimit workspaces by name, and their names by id.
+// consoleRun is a run as the runs list and the run page show it.
+type consoleRun struct {
+	runRecord
+	Wait string // why a queued run has not started yet (waitReason); "" when it could
+}
+
+// agentLoad is what decides whether an agent's queued runs may start.
+type agentLoad struct {
+	paused  bool
+	cap     sql.NullInt64 // max_concurrency; null: none
+	running int64         // its running runs, counted up to cap
+}
+
+// explainWaits sets the Wait of each queued run in runs, from its own row and its agent's:
+// one query for the agents of the queued runs, each running count bounded by the agent's
+// cap (a range of runs_list_idx), as the claim counts them.
+func (c *console) explainWaits(ctx context.Context, runs []consoleRun) error {
+	var wss, names []string
+	for _, r := range runs {
+		if r.Status == statusQueued {
+			wss, names = append(wss, r.WorkspaceID), append(names, r.Agent)
+		}
+	}
+	if len(wss) == 0 {
+		return nil
+	}
+	rows, err := c.s.store.db.QueryContext(ctx, `
+		SELECT a.workspace_id, a.name, a.paused, a.max_concurrency,
+		       CASE WHEN a.max_concurrency IS NULL THEN 0 ELSE
+		         (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
+		                                  AND r.agent_id = a.id LIMIT a.max_concurrency) q) END
+		FROM agents a
+		WHERE (a.workspace_id, a.name) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))`,
+		pq.StringArray(wss), pq.StringArray(names))
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	loads := map[[2]string]agentLoad{}
+	for rows.Next() {
+		var ws, name string
+		var l agentLoad
+		if err := rows.Scan(&ws, &name, &l.paused, &l.cap, &l.running); err != nil {
+			return err
+		}
+		loads[[2]string{ws, name}] = l
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	now := time.Now()
+	for i, r := range runs {
+		if r.Status == statusQueued {
+			runs[i].Wait = waitReason(r.RunAt, loads[[2]string{r.WorkspaceID, r.Agent}], now)
+		}
+	}
+	return nil
+}
+
+// waitReason says why a queued run due at runAt, of an agent in state l, does not start:
+// "due in 3h" before its time, "agent paused", "agent at its cap"; "" when nothing holds
+// it but a free slot in some worker (or its workspace's turn).
+func waitReason(runAt time.Time, l agentLoad, now time.Time) string {
+	switch {
+	case runAt.After(now):
+		return "due in " + formatIn(runAt.Sub(now))
+	case l.paused:
+		return "agent paused"
+	case l.cap.Valid && l.running >= l.cap.Int64:
+		return "agent at its cap"
+	}
+	return ""
+}
+
+// formatIn shows a time ahead in its largest unit, rounded: "3h", "12m", "1d", "5s".
+func formatIn(d time.Duration) string {
+	for _, u := range []struct {
+		d    time.Duration
+		name string
+	}{{24 * time.Hour, "d"}, {time.Hour, "h"}, {time.Minute, "m"}} {
+		if d >= u.d {
+			return fmt.Sprintf("%d%s", (d+u.d/2)/u.d, u.name)
+		}
+	}
+	return fmt.Sprintf("%ds", max(1, (d+time.Second/2)/time.Second))
+}
+
+// agentNames returns the names of the agents in scope (nil: every workspace's, each name
+// once), the first agentsPageLimit by name.
+func (c *console) agentNames(ctx context.Context, scope any) ([]string, error) {
+	rows, err := c.s.store.db.QueryContext(ctx, `SELECT DISTINCT name FROM agents
+		WHERE $1::uuid IS NULL OR workspace_id = $1 ORDER BY name LIMIT $2`, scope, agentsPageLimit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var names []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			return nil, err
+		}
+		names = append(names, n)
+	}
+	return names, rows.Err()
+}
+
+// workspaces returns the first workspacesListLimit workspaces by name, and their labels by
+// id: the name, and where two share it, the start of the id too ("prod 3f2a9c1e").
 func (c *console) workspaces(ctx context.Context) ([]workspace, map[string]string, error) {
 	rows, err := c.s.store.db.QueryContext(ctx,
 		`SELECT id, name, created_at FROM workspaces ORDER BY name, id LIMIT $1`, workspacesListLimit)
@@ -651,25 +840,33 @@ func (c *console) workspaces(ctx context.Context) ([]workspace, map[string]strin
 	}
 	defer rows.Close()
 	var list []workspace
-	names := map[string]string{}
+	uses := map[string]int{}
 	for rows.Next() {
 		var ws workspace
 		if err := rows.Scan(&ws.ID, &ws.Name, &ws.CreatedAt); err != nil {
 			return nil, nil, err
 		}
 		list = append(list, ws)
-		names[ws.ID] = ws.Name
+		uses[ws.Name]++
 	}
-	return list, names, rows.Err()
+	labels := map[string]string{}
+	for _, ws := range list {
+		labels[ws.ID] = ws.Name
+		if uses[ws.Name] > 1 {
+			labels[ws.ID] += " " + ws.ID[:8]
+		}
+	}
+	return list, labels, rows.Err()
 }
 
 // runData is one run's page.
 type runData struct {
-	Run        runRecord
+	Run        consoleRun
 	Errors     []attemptError
 	Workspace  string // the run's workspace name (admin)
 	Events     []consoleEvent
-	MoreEvents bool // the run has more than runEventsShown events
+	MoreEvents bool   // the run has more than runEventsShown events
+	Took       string // how long its latest attempt took, or has been running; "" before one
 	EventsCap  int
 	Attempts   int // the most attempts one retry may add
 }
@@ -746,7 +943,20 @@ func (c *console) run(w http.ResponseWriter, r *http.Request, se session) {
 		c.fail(w, r, err)
 		return
 	}
-	d := runData{Run: run, EventsCap: runEventsShown, Attempts: maxRunAttempts}
+	shown := []consoleRun{{runRecord: run}}
+	if err := c.explainWaits(r.Context(), shown); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	d := runData{Run: shown[0], EventsCap: runEventsShown, Attempts: maxRunAttempts}
+	if run.StartedAt != nil {
+		switch {
+		case run.FinishedAt != nil:
+			d.Took = "took " + run.FinishedAt.Sub(*run.StartedAt).Round(time.Millisecond).String()
+		case run.Status == statusRunning:
+			d.Took = "running for " + max(0, time.Since(*run.StartedAt)).Round(time.Millisecond).String()
+		}
+	}
 	if err := json.Unmarshal(run.Errors, &d.Errors); err != nil {
 		c.fail(w, r, err)
 		return
@@ -931,7 +1141,8 @@ func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	c.render(w, r, http.StatusOK, "agents", se.layout("Agents", "agents", d))
 }
 
-// formatTime shows a time in UTC to the second; a nil or zero time as "—".
+// formatTime shows a time in UTC to the millisecond (runs start and end within one second
+// of each other); a nil or zero time as "—".
 func formatTime(v any) string {
 	var t time.Time
 	switch x := v.(type) {
@@ -945,7 +1156,7 @@ func formatTime(v any) string {
 	if t.IsZero() {
 		return "—"
 	}
-	return t.UTC().Format("2006-01-02 15:04:05Z")
+	return t.UTC().Format("2006-01-02 15:04:05.000Z")
 }
 
 // formatAge shows a duration to the second, or to the millisecond under one second.
@@ -966,6 +1177,22 @@ func prettyJSON(v json.RawMessage) string {
 		return string(v)
 	}
 	return buf.String()
+}
+
+// clip shows the first n characters of a message (nil: ""), with "…" when it is longer.
+func clip(msg *string, n int) string {
+	if msg == nil {
+		return ""
+	}
+	if r := []rune(*msg); len(r) > n {
+		return string(r[:n]) + "…"
+	}
+	return *msg
+}
+
+// present reports whether a JSON value is there to show: not missing, not null.
+func present(v json.RawMessage) bool {
+	return len(v) > 0 && string(v) != "null"
 }
 
 // capped shows a count that stopped at limit+1 as "limit+".

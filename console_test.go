@@ -582,6 +582,9 @@ func TestConsoleActions(t *testing.T) {
 			!strings.Contains(p.body, "run is succeeded: only failed or canceled runs can be retried") {
 			t.Errorf("retry of a succeeded run: got %d %q; want an HTML 409 that says why; body:\n%s", p.status, p.header.Get("Content-Type"), p.body)
 		}
+		if back := `<a href="/ui/runs/` + succeeded.ID + `">Back to the page you came from</a>`; !strings.Contains(p.body, back) {
+			t.Errorf("refused retry: got no %s; want a link back to the run; body:\n%s", back, p.body)
+		}
 	})
 
 	t.Run("pause", func(t *testing.T) {
@@ -641,6 +644,8 @@ func TestConsoleActions(t *testing.T) {
 		filters := url.Values{"status": {"queued"}, "agent": {"slow"}}
 		if p := userA.post(t, "/ui/runs/cancel-queued", "", filters); p.status != http.StatusForbidden {
 			t.Errorf("cancel queued without csrf: got %d; want 403", p.status)
+		} else if back := `<a href="/ui/runs?agent=slow&amp;status=queued">Back to the page you came from</a>`; !strings.Contains(p.body, back) {
+			t.Errorf("refused cancel of the queued runs: got no %s; want a link back to the filtered list; body:\n%s", back, p.body)
 		}
 		for _, c := range []struct {
 			name string
@@ -691,4 +696,143 @@ func TestConsoleActions(t *testing.T) {
 			t.Errorf("A's run after the admin canceled B's: got %s; want queued", got)
 		}
 	})
+}
+
+// TestRootRedirectsToConsole: a browser pointed at the server's address is sent to the
+// console (which then asks it to sign in), other unknown paths still answer the API's 404,
+// and the start-up log line names the console's URL.
+func TestRootRedirectsToConsole(t *testing.T) {
+	t.Parallel()
+	env := testEnv(t, testDB(t), nil)
+	a := startApp(t, env)
+	b := newBrowser(a)
+	for _, method := range []string{"GET", "HEAD"} {
+		if p := b.do(t, method, "/", nil); p.status != http.StatusSeeOther || p.location != "/ui/" {
+			t.Errorf("%s /: got %d, Location %q; want 303 to /ui/", method, p.status, p.location)
+		}
+	}
+	if p := b.get(t, "/ui/"); p.status != http.StatusSeeOther || p.location != "/ui/sign-in" {
+		t.Errorf("GET /ui/ signed out: got %d, Location %q; want 303 to /ui/sign-in", p.status, p.location)
+	}
+	if p := b.get(t, "/nothing-here"); p.status != http.StatusNotFound || !strings.Contains(p.body, `"code":"not_found"`) {
+		t.Errorf("GET /nothing-here: got %d %s; want the API's 404", p.status, p.body)
+	}
+	if want := "console=http://" + env["LISTEN_ADDR"] + "/ui/"; !strings.Contains(a.log.String(), want) {
+		t.Errorf("log: got no %q; want the start-up line to name the console; log:\n%s", want, a.log)
+	}
+}
+
+// TestConsoleWaitReasons: the run page shows a run's due time, priority and timeout; the
+// runs list its due time and error; both say why a queued run waits (not yet due, its agent
+// paused, its agent at its cap); and the overview's oldest wait counts only runs that could
+// start, not a paused agent's, however long those have waited.
+func TestConsoleWaitReasons(t *testing.T) {
+	t.Parallel()
+	hook := newWebhookServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "the model is overloaded", http.StatusServiceUnavailable)
+	}))
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "0"}))
+	db := openTestDB(t, dsn)
+	ws, other := a.createWorkspace(t), a.createWorkspace(t)
+	a.createAgent(t, ws, "later", "echo", map[string]any{})
+	a.createAgent(t, ws, "capped", "echo", map[string]any{"delay_ms": 600000})
+	a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/capped", ws.APIKey, map[string]any{"max_concurrency": 1}, 200, nil)
+	a.createAgent(t, ws, "failing", "webhook", map[string]any{"url": hook.URL})
+	for _, w := range []testWorkspace{ws, other} {
+		a.createAgent(t, w, "held", "echo", map[string]any{})
+		a.mustDo(t, "PATCH", "/v1/workspaces/"+w.ID+"/agents/held", w.APIKey, map[string]any{"paused": true}, 200, nil)
+	}
+
+	var later, failed runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
+		map[string]any{"agent": "later", "delay_ms": 3 * 3600 * 1000, "priority": 3, "timeout_ms": 5000}, 201, &later)
+	first := a.createRun(t, ws, "capped", 1)
+	a.waitRunStatus(t, ws, first.ID, "running", time.Minute)
+	second := a.createRun(t, ws, "capped", 2)
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "failing", "max_attempts": 1}, 201, &failed)
+	a.waitRunStatus(t, ws, failed.ID, "failed", time.Minute)
+	held := a.createRun(t, ws, "held", 3)
+	heldOther := a.createRun(t, other, "held", 4)
+	// The paused agents' runs have waited an hour; the capped one has just fallen due.
+	if _, err := db.Exec(`UPDATE runs SET run_at = now() - interval '1 hour' WHERE id IN ($1, $2)`, held.ID, heldOther.ID); err != nil {
+		t.Fatalf("backdate the paused agents' runs: got %v; want them updated", err)
+	}
+
+	b := newBrowser(a)
+	b.signIn(t, ws.APIKey)
+	p := b.mustGet(t, "/ui/runs/"+later.ID)
+	for _, want := range []string{"due in 3h", "priority 3", "timeout 5000 ms", "<dt>due</dt><dd>" + formatTime(later.RunAt) + "</dd>"} {
+		if !strings.Contains(p.body, want) {
+			t.Errorf("run page of a run due in 3h: got no %q; want it; body:\n%s", want, p.body)
+		}
+	}
+	for id, want := range map[string]string{held.ID: "agent paused", second.ID: "agent at its cap"} {
+		if p := b.mustGet(t, "/ui/runs/"+id); !strings.Contains(p.body, want) {
+			t.Errorf("run page of %s: got no %q; want it; body:\n%s", id, want, p.body)
+		}
+	}
+	if p := b.mustGet(t, "/ui/runs/"+first.ID); strings.Contains(p.body, `class="wait"`) {
+		t.Errorf("run page of a running run: got a wait reason; want none; body:\n%s", p.body)
+	}
+
+	rows := map[string]string{} // run id → its row in the runs list
+	for _, m := range regexp.MustCompile(`(?s)<tr>\s*<td><a href="/ui/runs/([0-9a-f-]+)">.*?</tr>`).FindAllStringSubmatch(b.mustGet(t, "/ui/runs").body, -1) {
+		rows[m[1]] = m[0]
+	}
+	for id, want := range map[string][]string{
+		later.ID:  {"due in 3h", formatTime(later.RunAt)},
+		held.ID:   {"agent paused"},
+		second.ID: {"agent at its cap"},
+		failed.ID: {`<td class="error">`, "webhook answered HTTP 503, want 2xx; body: the model is overloaded"},
+	} {
+		for _, w := range want {
+			if !strings.Contains(rows[id], w) {
+				t.Errorf("runs list, row of %s: got no %q; want it; row:\n%s", id, w, rows[id])
+			}
+		}
+	}
+
+	p = b.mustGet(t, "/ui/runs/"+failed.ID)
+	if strings.Contains(p.body, "<h2>Output</h2>") || !regexp.MustCompile(`<dt>attempt 1</dt><dd>took \d`).MatchString(p.body) {
+		t.Errorf("run page of a failed run: got an Output box %v, its attempt's duration %v; want no box and the duration; body:\n%s",
+			strings.Contains(p.body, "<h2>Output</h2>"), !strings.Contains(p.body, "took "), p.body)
+	}
+	if p := b.mustGet(t, "/ui/runs?agent=capped"); !strings.Contains(p.body, `<option value="capped" selected>capped</option>`) ||
+		!strings.Contains(p.body, `<option value="later">later</option>`) || !strings.Contains(p.body, second.ID) || strings.Contains(p.body, later.ID) {
+		t.Errorf("runs ?agent=capped: got no agent choices or the wrong runs; want a select of the workspace's agents; body:\n%s", p.body)
+	}
+
+	oldest := regexp.MustCompile(`Oldest wait: <strong>([^<]*)</strong>`)
+	wait := func(b *browser) string {
+		t.Helper()
+		m := oldest.FindStringSubmatch(b.mustGet(t, "/ui/").body)
+		if m == nil {
+			t.Fatalf("overview: got no oldest wait; want one")
+		}
+		return m[1]
+	}
+	// The capped run could start (a slot may free at any moment): it is the oldest wait,
+	// not the paused agents' runs, an hour older.
+	if got := wait(b); strings.Contains(got, "h") || got == "none waiting" {
+		t.Errorf("oldest wait of a workspace with a capped run just due and a paused agent's run due an hour ago: got %q; want the capped run's seconds", got)
+	}
+	admin := newBrowser(a)
+	admin.signIn(t, testAdminToken)
+	if got := wait(admin); strings.Contains(got, "h") || got == "none waiting" {
+		t.Errorf("admin's oldest wait: got %q; want the capped run's seconds", got)
+	}
+	// Both workspaces are named "test": the admin tells them apart by the start of their ids.
+	all := admin.mustGet(t, "/ui/runs").body
+	for _, w := range []testWorkspace{ws, other} {
+		label := "test " + w.ID[:8]
+		if !strings.Contains(all, `<option value="`+w.ID+`">`+label+`</option>`) || !strings.Contains(all, "<td>"+label+"</td>") {
+			t.Errorf("admin runs list: got no %q in the workspace filter and the table; want it; body:\n%s", label, all)
+		}
+	}
+	only := newBrowser(a)
+	only.signIn(t, other.APIKey)
+	if got := wait(only); got != "none waiting" {
+		t.Errorf("oldest wait of a workspace whose only due run is a paused agent's: got %q; want none waiting", got)
+	}
 }

@@ -184,7 +184,16 @@ init_cluster() {
 	fi
 	chmod 0700 "$DATA"
 	log "initdb $DATA (PostgreSQL binaries in $PG_BIN)"
-	as_pg "$PG_BIN/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 --locale=C >&2
+	# initdb's output (its trust warning, how to start a server) is advice for someone
+	# setting a server up by hand: shown only if it fails.
+	local out
+	out=$(mktemp)
+	if ! as_pg "$PG_BIN/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 --locale=C >"$out" 2>&1; then
+		cat "$out" >&2
+		rm -f "$out"
+		die "initdb failed"
+	fi
+	rm -f "$out"
 }
 
 start_cluster() {
@@ -198,7 +207,7 @@ start_cluster() {
 	fi
 	for attempt in 1 2 3 4 5; do
 		log "starting PostgreSQL on 127.0.0.1:$port (data $DATA, log $DATA/server.log)"
-		if as_pg "$PG_BIN/pg_ctl" -D "$DATA" -w -t 60 -l "$DATA/server.log" \
+		if as_pg "$PG_BIN/pg_ctl" -D "$DATA" -s -w -t 60 -l "$DATA/server.log" \
 			-o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$DATA -c max_connections=300 -c fsync=on" \
 			start >&2; then
 			printf '%s\n' "$port" >"$DATA/port"
@@ -219,7 +228,7 @@ start_cluster() {
 stop_cluster() {
 	if running; then
 		log "stopping PostgreSQL in $DATA"
-		as_pg "$PG_BIN/pg_ctl" -D "$DATA" stop -m fast -w -t 60 >&2
+		as_pg "$PG_BIN/pg_ctl" -D "$DATA" stop -s -m fast -w -t 60 >&2
 	else
 		log "not running ($DATA)"
 	fi

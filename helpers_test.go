@@ -583,9 +583,10 @@ func seedRuns(t testing.TB, st *store, n, maxAttempts int) (ws testWorkspace, id
 
 // Processes: the agentapp binary, built once, run as its own process.
 
-// build is one `go build` of agentapp, done once per test run.
+// build is one `go build` of agentapp, done once per test run; TestMain removes its dir.
 type build struct {
 	once sync.Once
+	dir  string
 	path string
 	err  error
 }
@@ -603,12 +604,11 @@ func agentappBinary(t testing.TB, race bool) string {
 		b, args = &raceBuild, []string{"build", "-race"}
 	}
 	b.once.Do(func() {
-		dir, err := os.MkdirTemp("", "agentapp-bin-")
-		if err != nil {
-			b.err = err
+		b.dir, b.err = os.MkdirTemp("", "agentapp-bin-")
+		if b.err != nil {
 			return
 		}
-		b.path = filepath.Join(dir, "agentapp")
+		b.path = filepath.Join(b.dir, "agentapp")
 		out, err := exec.Command("go", append(args, "-o", b.path, ".")...).CombinedOutput()
 		if err != nil {
 			b.err = fmt.Errorf("go build: %v\n%s", err, out)
@@ -704,4 +704,56 @@ func (p *proc) waitLog(t testing.TB, s string, n int, timeout time.Duration) {
 	eventually(t, timeout, fmt.Sprintf("log line %q appears %d times", s, n), func() bool {
 		return strings.Count(p.log.String(), s) >= n
 	})
+}
+
+// TestMain runs the tests with a temporary directory of their own as TMPDIR, so that
+// what they and the processes they start (go build, chromium) write there is found
+// afterwards: the binaries built once for the whole run are removed, then anything else
+// left is a test that did not clean up, and fails the run, before the directory goes.
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+// runTests is TestMain's body, apart so that its deferred removal runs before os.Exit.
+func runTests(m *testing.M) int {
+	tmp, err := os.MkdirTemp("", "agentapp-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test temp dir:", err)
+		return 1
+	}
+	defer os.RemoveAll(tmp)
+	// MkdirTemp makes it 0700; the OS user postgres must reach the clusters that tests
+	// running as root create inside it (process_test.go, chaos_test.go).
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, "test temp dir:", err)
+		return 1
+	}
+	os.Setenv("TMPDIR", tmp)
+	code := m.Run()
+	if browserTest != "" {
+		fmt.Fprintln(os.Stderr, "the browser test (TestConsoleInChromium):", browserTest)
+	}
+	for _, b := range []*build{&raceBuild, &plainBuild} {
+		if b.dir != "" {
+			os.RemoveAll(b.dir)
+		}
+	}
+	if left := leftInDir(tmp); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: the tests left %d entries in their temp dir %s: %s\n", len(left), tmp, strings.Join(left, ", "))
+		return max(code, 1)
+	}
+	return code
+}
+
+// leftInDir lists the names of the entries in dir (the dir itself, unreadable, as one).
+func leftInDir(dir string) []string {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return []string{fmt.Sprintf("%s (%v)", dir, err)}
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
 }

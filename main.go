@@ -182,7 +182,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	srv.RegisterOnShutdown(stopWorker)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("listening", "addr", ln.Addr().String(), "embedded_worker", cfg.WorkerEmbedded)
+	log.Info("listening", "addr", ln.Addr().String(), "console", consoleURL(ln.Addr()), "embedded_worker", cfg.WorkerEmbedded)
 
 	select {
 	case <-ctx.Done():
@@ -251,4 +251,17 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 	err = w.run(ctx, true)
 	n.close()
 	return err
+}
+
+// consoleURL is where an operator on this box opens the console of a server listening at
+// addr: a wildcard address (0.0.0.0, ::) is reached at loopback.
+func consoleURL(addr net.Addr) string {
+	host, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return "http://" + addr.String() + "/ui/"
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return "http://" + net.JoinHostPort(host, port) + "/ui/"
 }

@@ -272,8 +272,8 @@ func oaCheckOperation(t *testing.T, doc jsonObj, o oaOperation) {
 }
 
 // oaConsole reports whether path is the console's: HTML pages, its errors too, and a
-// session cookie instead of a bearer token.
-func oaConsole(path string) bool { return strings.HasPrefix(path, "/ui/") }
+// session cookie instead of a bearer token. "/" is its door, a redirect to /ui/.
+func oaConsole(path string) bool { return path == "/" || strings.HasPrefix(path, "/ui/") }
 
 // oaCheckConsole checks what a console operation must document: the session as its only
 // security, or none; a page that needs the session sends the browser to sign in (303
@@ -775,6 +775,8 @@ func TestOpenAPIAuth(t *testing.T) {
 			switch {
 			case o.method == "POST":
 				form, want = url.Values{}, http.StatusForbidden // a form without its csrf field
+			case o.path == "/":
+				want = http.StatusSeeOther // to the console
 			case len(schemes) > 0:
 				want = http.StatusSeeOther // ToSignIn: its Location is checked against the document
 			}
@@ -905,6 +907,7 @@ func TestOpenAPIAnswers(t *testing.T) {
 
 	// The console, as a browser signed in with the workspace's key uses it.
 	b := newBrowser(a)
+	c.browse(t, b, 303, "GET /", "", nil)
 	form := c.browse(t, b, 200, "GET /ui/sign-in", "", nil)
 	c.browse(t, b, 403, "POST /ui/sign-in", "", url.Values{"token": {ws.APIKey}})
 	form = c.browse(t, b, 401, "POST /ui/sign-in", "", url.Values{"csrf": {form.csrf(t)}, "token": {"not a key"}})
@@ -918,6 +921,7 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 200, "GET /ui/agents", "", nil)
 	c.browse(t, b, 200, "GET /ui/style.css", "", nil)
 	c.browse(t, b, 200, "GET /ui/live.js", "", nil)
+	c.browse(t, b, 200, "GET /ui/flash.js", "", nil)
 	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "echo"}, ws.ID)
 	var doomed runRecord
 	json.Unmarshal(body, &doomed)

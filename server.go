@@ -111,6 +111,8 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}/events", s.member(s.runEvents))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/events", s.member(s.workspaceEvents))
 	mux.ServeMux.Handle("/ui/", s.console()) // unrecorded: console() records each of its routes
+	// A browser pointed at the bare address meets the console, not a JSON 404.
+	mux.Handle("GET /{$}", http.RedirectHandler("/ui/", http.StatusSeeOther))
 	return s.middleware(mux.ServeMux)
 }
 

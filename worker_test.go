@@ -995,3 +995,47 @@ func TestWorkerNotifierWakesOnceListening(t *testing.T) {
 		t.Error("listening: got false after the wake-up; want true")
 	}
 }
+
+// TestWebhookErrorQuotesBody: a webhook's non-2xx answer fails the attempt with the start
+// of its body in the error (the agent's own reason), made safe to show and cut at 512
+// bytes on a character's boundary, and never with the agent's headers.
+func TestWebhookErrorQuotesBody(t *testing.T) {
+	t.Parallel()
+	long := strings.Repeat("x", 510) + "é€tail" // "é" ends at byte 512, "€" would cross it
+	bodies := map[string]string{
+		"/plain": "model overloaded\n",
+		"/dirty": "bad\x1b[31m\tinput\xff\xfe ok",
+		"/long":  long,
+		"/empty": "",
+	}
+	srv := newWebhookServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Secret-Header", "header-value-never-shown")
+		w.WriteHeader(http.StatusInternalServerError)
+		io.WriteString(w, bodies[r.URL.Path])
+	}))
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	for _, tc := range []struct{ path, want string }{
+		{"/plain", "webhook answered HTTP 500, want 2xx; body: model overloaded"},
+		{"/dirty", "webhook answered HTTP 500, want 2xx; body: bad [31m input\uFFFD\uFFFD ok"},
+		{"/long", "webhook answered HTTP 500, want 2xx; body (its first 512 bytes): " + long[:512]},
+		{"/empty", "webhook answered HTTP 500, want 2xx"},
+	} {
+		t.Run(tc.path, func(t *testing.T) {
+			name := strings.TrimPrefix(tc.path, "/")
+			a.createAgent(t, ws, name, "webhook", map[string]any{"url": srv.URL + tc.path})
+			var r runRecord
+			a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": name, "max_attempts": 1}, 201, &r)
+			r = a.waitRunStatus(t, ws, r.ID, "failed", 15*time.Second)
+			if got := errorText(r); got != tc.want {
+				t.Errorf("error: got %q; want %q", got, tc.want)
+			}
+			if errs := runErrors(t, r); len(errs) != 1 || errs[0].Message != tc.want {
+				t.Errorf("errors: got %+v; want one with message %q", errs, tc.want)
+			}
+			if strings.Contains(errorText(r), "header-value") {
+				t.Errorf("error: got %q; want none of the agent's headers", errorText(r))
+			}
+		})
+	}
+}
