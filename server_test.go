@@ -144,7 +144,7 @@ func TestAPIErrors(t *testing.T) {
 		{name: "cancel unknown run", method: "POST", path: runs + "/" + unknownUUID + "/cancel", status: 404},
 		{name: "unknown route", method: "GET", path: "/v1/nothing", status: 404, code: "not_found"},
 		{name: "unknown route without a token", method: "GET", path: "/v1/nothing", token: "-", status: 401, code: "unauthorized"},
-		{name: "unknown route root", method: "GET", path: "/", token: "-", status: 404},
+		{name: "unknown route at the root", method: "GET", path: "/nothing", token: "-", status: 404}, // "/" itself leads to the console (TestRootRedirectsToConsole)
 		{name: "unknown route under a workspace", method: "GET", path: wsPath + "/nothing", status: 404},
 		{name: "wrong method on runs", method: "DELETE", path: runs, status: 405, code: "method_not_allowed"},
 		{name: "wrong method on workspaces", method: "GET", path: "/v1/workspaces", token: testAdminToken, status: 405},
