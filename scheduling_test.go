@@ -789,7 +789,7 @@ func TestSchedLineup(t *testing.T) {
 		}()
 	}
 	ins.Wait()
-	want := inserters*perInserter + len(first) + 1
+	want := inserters*perInserter + len(first) + 2 // and the runs ahead and late
 	took := eventually(t, 30*time.Second, fmt.Sprintf("all %d runs succeeded", want), func() bool {
 		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`) == want
 	})
