@@ -27,9 +27,9 @@ import (
 // session holds a transaction open, and every later claim reads through it.
 //
 // A claim (store.claim):
-//  1. recovers expired leases (every half poll interval);
+//  1. recovers expired leases (when the worker's cycle asks: worker.cycle);
 //  2. finds the agents with queued runs (lineup.find): those of the workspaces where runs
-//     were announced, and every rescanEvery those not in line, or when a run fell due;
+//     were announced, and every rescanEvery, or when a run fell due, those not in line;
 //  3. takes rounds (claimRound) until it has its limit or nothing more is claimable:
 //     the workspaces in turn, least recently served by this process first, each getting an
 //     equal share; within a workspace lower priority first, then the earliest due, merged
@@ -40,19 +40,16 @@ import (
 //     less lateCommit, not from the start: a pinned horizon keeps the index entries of
 //     every run claimed since, and a scan from the start reads through all of them. A
 //     notification of runs queued again (a recovered lease, a retry) starts every line
-//     from the start, and so does the claim every resetEvery.
+//     from the start, and so does the claim every rescanEvery.
 
 // rescanEvery is how often a claim looks for the agents with queued runs that it does not
-// know of (one probe each, of the agents not in line): runs announced while this process
-// did not hear, or that fell due.
-const rescanEvery = time.Second
-
-// resetEvery is how often a claim reads every agent's line from its start again, which
-// under a pinned horizon reads through the entries of every run claimed since. Runs that
-// join a line behind where a claim stopped are found sooner: a requeued run by its
+// know of (a probe each): runs announced while this process did not hear. It then reads
+// every agent's line from its start again too, which under a pinned horizon reads through
+// the entries of every run claimed since: the backstop for a run that joined a line behind
+// where a claim stopped, found sooner in every usual case (a requeued run by its
 // notification, a lower priority number by its announcement, a commit up to lateCommit
-// late at once.
-const resetEvery = time.Second
+// late at once).
+const rescanEvery = time.Second
 
 // lateCommit is how far behind the database's clock a line is read from: a run's run_at is
 // its insert's start, which may commit after runs inserted later were claimed.
@@ -80,8 +77,7 @@ type head struct {
 type lineup struct {
 	heads  map[string]*head     // agent id → place in line
 	served map[string]time.Time // workspace id → when this process last claimed one of its runs
-	found  time.Time            // the last search for agents not in line
-	reset  time.Time            // the last time every line was read from its start
+	found  time.Time            // the last search for agents not in line, and reset of every line
 	due    time.Time            // the next scheduled run falls due: search again then
 
 	mu        sync.Mutex      // guards the announcements below
@@ -113,14 +109,13 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 	announced, rescan := q.announced, q.rescan
 	q.announced, q.rescan = map[string]bool{}, false
 	q.mu.Unlock()
-	reset := rescan || now.Sub(q.reset) >= resetEvery
-	search := rescan || now.Sub(q.found) >= rescanEvery || (!q.due.IsZero() && !now.Before(q.due))
+	reset := rescan || now.Sub(q.found) >= rescanEvery
 	if reset {
-		// Found again from scratch: kept, they would keep a place (TestSchedLineup then left
-		// runs queued for longer than its 30 s; why is not yet known).
-		q.heads, q.reset = map[string]*head{}, now
+		for _, h := range q.heads {
+			h.priority, h.runAt = -1, time.Time{}
+		}
 	}
-	if search {
+	if reset || (!q.due.IsZero() && !now.Before(q.due)) {
 		// The agents not in line that have queued runs, due or not: a probe each.
 		known := make([]string, 0, len(q.heads))
 		for id := range q.heads {
@@ -133,7 +128,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 			q.announce(nil) // not done: again at the next claim
 			return err
 		}
-		if _, err := scanHeads(rows, q.heads); err != nil {
+		if err := scanHeads(rows, q.heads); err != nil {
 			q.announce(nil)
 			return err
 		}
@@ -154,19 +149,18 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 		q.announce(ws)
 		return err
 	}
-	_, err = scanHeads(rows, q.heads)
-	return err
+	return scanHeads(rows, q.heads)
 }
 
 // scanHeads adds the agents in rows (id, workspace, capped) to heads, at the start of their
 // line unless they are there already at priority 0.
-func scanHeads(rows *sql.Rows, heads map[string]*head) (map[string]*head, error) {
+func scanHeads(rows *sql.Rows, heads map[string]*head) error {
 	defer rows.Close()
 	for rows.Next() {
 		var id string
 		h := &head{priority: -1}
 		if err := rows.Scan(&id, &h.workspace, &h.capped); err != nil {
-			return heads, err
+			return err
 		}
 		if old := heads[id]; old != nil && old.priority <= 0 {
 			old.capped = h.capped
@@ -174,13 +168,14 @@ func scanHeads(rows *sql.Rows, heads map[string]*head) (map[string]*head, error)
 		}
 		heads[id] = h
 	}
-	return heads, rows.Err()
+	return rows.Err()
 }
 
 // recoverSQL puts runs whose lease expired back in line (or ends them when no attempt is
-// left, or a cancel was requested). run_at is kept: their place in line.
+// left, or a cancel was requested), and counts those requeued and those ended. run_at is
+// kept: their place in line.
 const recoverSQL = `
-	UPDATE runs r SET
+	WITH recovered AS (UPDATE runs r SET
 		status = CASE WHEN r.cancel_requested THEN 'canceled'
 		              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 		error = CASE WHEN r.cancel_requested THEN 'canceled by request'
@@ -192,12 +187,13 @@ const recoverSQL = `
 		worker_id = NULL, lease_expires_at = NULL, updated_at = now()
 	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.status = 'running' AND x.lease_expires_at < now()
 	                        ORDER BY x.lease_expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED))
-	RETURNING r.status`
+	RETURNING r.status)
+	SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status <> 'queued') FROM recovered`
 
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now. The row comparison is a bound of runs_claim_idx's range.
 const pickSQL = `
-	SELECT h.agent_id, a.workspace_id, a.paused, a.max_concurrency IS NOT NULL, c.id, c.priority, c.run_at, c.seq, now()
+	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, c.id, c.priority, c.run_at, c.seq, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
@@ -244,24 +240,7 @@ func (s *store) claim(ctx context.Context, q *lineup, workerID string, limit int
 func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
 	var res claimResult
 	if recoverLeases {
-		rows, err := db.query(ctx, recoverSQL)
-		if err != nil {
-			return res, err
-		}
-		for rows.Next() {
-			var st runStatus
-			if err := rows.Scan(&st); err != nil {
-				rows.Close()
-				return res, err
-			}
-			if st == statusQueued {
-				res.requeued++
-			} else {
-				res.failed++
-			}
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
+		if err := db.queryRow(ctx, recoverSQL).Scan(&res.requeued, &res.failed); err != nil {
 			return res, err
 		}
 		if res.requeued > 0 {
@@ -289,18 +268,9 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 	}
 	if len(res.claimed) < limit && !res.more {
 		var next sql.NullTime
-		rows, err := db.query(ctx, `SELECT min(run_at) FROM runs
-			WHERE status = 'queued' AND priority >= 0 AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`, ws)
-		if err != nil {
-			return res, err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			if err := rows.Scan(&next); err != nil {
-				return res, err
-			}
-		}
-		if err := rows.Err(); err != nil {
+		if err := db.queryRow(ctx, `SELECT min(run_at) FROM runs
+			WHERE status = 'queued' AND priority >= 0 AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`,
+			ws).Scan(&next); err != nil {
 			return res, err
 		}
 		if next.Valid {
@@ -312,10 +282,10 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 
 // pick is one due run a round read.
 type pick struct {
-	agent, workspace, id string
-	priority             int
-	runAt                time.Time
-	seq                  int64
+	agent, id string
+	priority  int
+	runAt     time.Time
+	seq       int64
 }
 
 func (p pick) before(o pick) int {
@@ -359,25 +329,12 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 		res.capped = true
 		// Two statements: the count must see every claim that committed before the lock.
 		// A lock this transaction holds already is taken again.
-		rows, err := db.query(ctx, `SELECT id FROM unnest($1::uuid[]) AS id
-			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`, pq.StringArray(capped), capLockSpace)
-		if err != nil {
-			return false, err
-		}
 		var locked pq.StringArray
-		for rows.Next() {
-			var id string
-			if err := rows.Scan(&id); err != nil {
-				rows.Close()
-				return false, err
-			}
-			locked = append(locked, id)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
+		if err := db.queryRow(ctx, `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
+			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`, pq.StringArray(capped), capLockSpace).Scan(&locked); err != nil {
 			return false, err
 		}
-		rows, err = db.query(ctx, `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
+		rows, err := db.query(ctx, `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
 			WHERE x.status = 'running' AND x.workspace_id = a.workspace_id AND x.agent_id = a.id)
 			FROM agents a WHERE a.id = ANY ($1) AND a.max_concurrency IS NOT NULL`, locked)
 		if err != nil {
@@ -427,7 +384,7 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 	for rows.Next() {
 		var p pick
 		var paused, isCapped bool
-		if err := rows.Scan(&p.agent, &p.workspace, &paused, &isCapped, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
+		if err := rows.Scan(&p.agent, &paused, &isCapped, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
 			rows.Close()
 			return false, err
 		}
@@ -546,6 +503,20 @@ func (t txQueryer) query(ctx context.Context, query string, args ...any) (*sql.R
 	}
 	return t.tx.StmtContext(ctx, st).QueryContext(ctx, args...)
 }
+
+// queryRow runs a statement that answers one row, as query does; an error comes from Scan.
+func (t txQueryer) queryRow(ctx context.Context, query string, args ...any) interface{ Scan(...any) error } {
+	st, err := t.s.prepared(ctx, query)
+	if err != nil {
+		return failedRow{err}
+	}
+	return t.tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+}
+
+// failedRow is a row whose statement could not be sent.
+type failedRow struct{ err error }
+
+func (r failedRow) Scan(...any) error { return r.err }
 
 // newRun is a validated request to create a run.
 type newRun struct {
@@ -793,11 +764,12 @@ type attemptRef struct {
 	Attempt int
 }
 
-// runningOnly: the renew and finish statements test a run's status as (r.status =
-// 'running') IS TRUE, which no index can answer, so that the planner finds the runs by id
-// (runs_pkey): as a plain equality, the generic plan read the running range of
-// runs_list_idx, which holds an entry for every run that ran since the last vacuum (50 ms
-// an outcome write, 60 s into a pinned horizon at 200 runs/s).
+// isRunning is the renew and finish statements' test of a run's status: written so that no
+// index can answer it, and the planner finds the runs by id (runs_pkey). As a plain
+// equality, the generic plan read the running range of runs_list_idx, which holds an entry
+// for every run that ran since the last vacuum (an outcome write took 30-66 ms 130 s into
+// a pinned horizon at 200 runs/s).
+const isRunning = `(r.status = 'running') IS TRUE`
 
 // renew extends the leases of the given attempts held by workerID. It returns the ones
 // still held, and for each whether a cancel was requested; an attempt missing from the
@@ -810,7 +782,7 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 	rows, err := s.queryPrepared(ctx, `
 		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
 		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND (r.status = 'running') IS TRUE
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
 		RETURNING r.id, r.attempt, r.cancel_requested`,
 		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts))
 	if err != nil {
@@ -876,7 +848,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
 		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, proposed, output, message)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND (r.status = 'running') IS TRUE
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
 		RETURNING r.id, CASE WHEN o.proposed = 'requeued' THEN 'requeued'
 		                     WHEN r.status = 'queued' THEN 'retried' ELSE r.status END`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),

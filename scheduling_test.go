@@ -663,11 +663,10 @@ func TestSchedIdleLoad(t *testing.T) {
 
 // TestSchedLineup: claims read each agent's line from where the last one stopped, and
 // find what joined a line behind that place: a run announced with a lower priority number,
-// a run committed late. Three lineups (three processes) claim while
-// connections insert runs, some ahead of the line (a lower priority number) and some
-// queued again after a claim (as a recovered lease is, keeping its place): every run is
-// claimed and finishes. And a run that joins ahead of where a lineup stopped is claimed
-// next, once the lineup looks from the start again (rescanEvery).
+// a run committed late. Then three lineups (three processes) claim while connections
+// insert runs, some ahead of the line (a lower priority number), and some runs are queued
+// again after a claim (as a recovered lease is, keeping its place): every run is claimed
+// and finishes.
 func TestSchedLineup(t *testing.T) {
 	t.Parallel()
 	const workspaces = 50
