@@ -389,6 +389,9 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 			return false, err
 		}
 		h := q.heads[p.agent]
+		if h == nil {
+			continue // left the line at an earlier row of this round
+		}
 		if paused || isCapped != h.capped {
 			// Changed since it was found: found again at the next search.
 			delete(q.heads, p.agent)

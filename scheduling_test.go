@@ -795,3 +795,35 @@ func TestSchedLineup(t *testing.T) {
 	t.Logf("%d runs inserted by %d connections into %d workspaces, claimed by %d lineups: all succeeded %v after the last insert",
 		inserters*perInserter, inserters, workspaces, claimers, took.Round(time.Millisecond))
 }
+
+// TestSchedLineupAgentChanged: an agent paused, or given a cap, after a lineup found it
+// with several runs in its line leaves the line; a paused agent's runs are not claimed.
+func TestSchedLineupAgentChanged(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, change string }{
+		{"paused", `UPDATE agents SET paused = true`},
+		{"capped", `UPDATE agents SET max_concurrency = 5`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			db := openTestDB(t, testDB(t))
+			st := &store{db: db}
+			ctx := context.Background()
+			seedEchoWorkspaces(t, db, 1)
+			exec := sqlExec(t, db)
+			exec(`INSERT INTO runs (workspace_id, agent_id) SELECT workspace_id, id FROM agents, generate_series(1, 4)`)
+			q := newLineup()
+			if res, err := st.claim(ctx, q, "test", 1, "", time.Minute, false); err != nil || len(res.claimed) != 1 {
+				t.Fatalf("first claim of 1: got %d runs, %v; want 1", len(res.claimed), err)
+			}
+			exec(tc.change)
+			res, err := st.claim(ctx, q, "test", 2, "", time.Minute, false)
+			if err != nil || len(res.claimed) != 0 {
+				t.Fatalf("claim of 2 after the change: got %d runs, %v; want none (the agent leaves the line first)", len(res.claimed), err)
+			}
+			if len(q.heads) != 0 {
+				t.Errorf("lineup after the changed agent was read: got %d agents in line; want none", len(q.heads))
+			}
+		})
+	}
+}
