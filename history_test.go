@@ -51,8 +51,9 @@ func countsByStatus(t testing.TB, db *sql.DB, st *store, ws string) (counters, t
 }
 
 // TestCountersMatchTable: after a mixed load of creates (single and batch), finishes,
-// failures, retries by backoff, cancels of queued and running runs, and prunes, the
-// counters behind stats and /metrics equal count(*) of the table, per workspace.
+// failures, retries by backoff, cancels of queued and running runs, and prunes, with the
+// counts rolled up all along, the counters behind stats and /metrics equal count(*) of the
+// table, per workspace.
 func TestCountersMatchTable(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
@@ -66,6 +67,22 @@ func TestCountersMatchTable(t *testing.T) {
 	}
 
 	var wg sync.WaitGroup
+	// Roll the counts up while the load writes them, as the heartbeats do, much more often.
+	rolling, stopRolling := make(chan error, 1), make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stopRolling:
+				rolling <- nil
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if err := st.rollUpCounts(context.Background()); err != nil {
+				rolling <- err
+				return
+			}
+		}
+	}()
 	for _, ws := range []testWorkspace{wsA, wsB} {
 		for c := range 4 {
 			wg.Add(1)
@@ -109,6 +126,18 @@ func TestCountersMatchTable(t *testing.T) {
 	}
 	if n, err := st.prune(context.Background(), 24*time.Hour, 7); err != nil || n != 7 {
 		t.Fatalf("prune: got %d, %v; want 7 deleted", n, err)
+	}
+	close(stopRolling)
+	if err := <-rolling; err != nil {
+		t.Fatalf("roll the counts up during the load: %v", err)
+	}
+	var before, after int
+	db.QueryRow(`SELECT count(*) FROM run_count_changes`).Scan(&before)
+	if err := st.rollUpCounts(context.Background()); err != nil {
+		t.Fatalf("roll the counts up: %v", err)
+	}
+	if err := db.QueryRow(`SELECT count(*) FROM run_count_changes`).Scan(&after); err != nil || before == 0 || after != 0 {
+		t.Errorf("changes to roll up before and after the last roll-up: got %d and %d, %v; want some, then none", before, after, err)
 	}
 	for _, ws := range []testWorkspace{wsA, wsB} {
 		counters, table := countsByStatus(t, db, st, ws.ID)

@@ -565,15 +565,17 @@ func (s *store) rollUpCounts(ctx context.Context) error {
 		return err
 	}
 	defer tx.Rollback()
+	// Nothing to add (an idle box) takes no table lock and writes nothing.
 	var mine bool
-	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, countsLock).Scan(&mine); err != nil || !mine {
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1) AND EXISTS (SELECT FROM run_count_changes)`,
+		countsLock).Scan(&mine); err != nil || !mine {
 		return err
 	}
 	if _, err := tx.ExecContext(ctx, `SET LOCAL lock_timeout = '50ms'`); err != nil {
 		return err
 	}
 	if _, err := tx.ExecContext(ctx, `LOCK TABLE run_count_changes IN ACCESS EXCLUSIVE MODE`); err != nil {
-		if pqErr, ok := err.(*pq.Error); ok && pqErr.Code == "55P03" { // lock_not_available
+		if pqErr := (*pq.Error)(nil); errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
 			return nil
 		}
 		return err

@@ -329,7 +329,7 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 // was told when it made them.
 func (w *worker) runsAnnounced(payload string) {
 	origin, rest, _ := strings.Cut(payload, " ")
-	if origin != "" && origin == w.id {
+	if origin == w.id {
 		return
 	}
 	var workspaces []string // nil: anywhere
