@@ -29,7 +29,8 @@ import (
 // A claim (store.claim):
 //  1. recovers expired leases (when the worker's cycle asks: worker.cycle);
 //  2. finds the agents with queued runs (lineup.find): those of the workspaces where runs
-//     were announced, and every rescanEvery, or when a run fell due, those not in line;
+//     were announced, and every rescanEvery those not in line or idle; when a scheduled
+//     run fell due, the idle ones are read again;
 //  3. takes rounds (claimRound) until it has its limit or nothing more is claimable:
 //     the workspaces in turn, least recently served by this process first, each getting an
 //     equal share; within a workspace lower priority first, then the earliest due, merged
@@ -53,7 +54,7 @@ const rescanEvery = time.Second
 
 // lateCommit is how far behind the database's clock a line is read from: a run's run_at is
 // its insert's start, which may commit after runs inserted later were claimed.
-const lateCommit = time.Second
+const lateCommit = 200 * time.Millisecond
 
 // claimRounds bounds the rounds of one claim; the worker claims again at once when the
 // last round still found runs (claimResult.more).
@@ -67,6 +68,7 @@ const capLockSpace = 734629
 type head struct {
 	workspace string
 	capped    bool
+	idle      bool      // its line had no due run: not read until it is announced or found again
 	priority  int       // the agent's due runs are read from (priority, runAt) on
 	runAt     time.Time // zero with priority -1: from the start
 }
@@ -115,15 +117,27 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 			h.priority, h.runAt = -1, time.Time{}
 		}
 	}
-	if reset || (!q.due.IsZero() && !now.Before(q.due)) {
-		// The agents not in line that have queued runs, due or not: a probe each.
+	if !q.due.IsZero() && !now.Before(q.due) {
+		// A scheduled run fell due: its agent is in line, if idle (announced when the run was
+		// created), or found at the next search.
+		for _, h := range q.heads {
+			h.idle = false
+		}
+		q.due = time.Time{}
+	}
+	if reset {
+		// The agents not in line, or idle, that have queued runs, due or not: a probe each,
+		// in runs_claim_idx (ordered as it is, so that no other index serves it).
 		known := make([]string, 0, len(q.heads))
-		for id := range q.heads {
-			known = append(known, id)
+		for id, h := range q.heads {
+			if !h.idle {
+				known = append(known, id)
+			}
 		}
 		rows, err := db.query(ctx, `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
 			WHERE NOT a.paused AND a.id <> ALL ($1)
-			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' LIMIT 1)`, pq.StringArray(known))
+			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued'
+			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`, pq.StringArray(known))
 		if err != nil {
 			q.announce(nil) // not done: again at the next claim
 			return err
@@ -132,7 +146,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 			q.announce(nil)
 			return err
 		}
-		q.found, q.due = now, time.Time{}
+		q.found = now
 	}
 	if len(announced) == 0 {
 		return nil
@@ -153,7 +167,9 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 }
 
 // scanHeads adds the agents in rows (id, workspace, capped) to heads, at the start of their
-// line unless they are there already at priority 0.
+// line unless they have a place in it already at priority 0 (an idle agent keeps its place:
+// read from the start again, its line would read through the entries of every run claimed
+// from it since the horizon was pinned).
 func scanHeads(rows *sql.Rows, heads map[string]*head) error {
 	defer rows.Close()
 	for rows.Next() {
@@ -163,7 +179,7 @@ func scanHeads(rows *sql.Rows, heads map[string]*head) error {
 			return err
 		}
 		if old := heads[id]; old != nil && old.priority <= 0 {
-			old.capped = h.capped
+			old.capped, old.idle = h.capped, false
 			continue
 		}
 		heads[id] = h
@@ -204,12 +220,15 @@ const pickSQL = `
 		LIMIT h.n) c`
 
 // takeSQL claims the picked runs that are still queued, skipping those another
-// transaction holds.
+// transaction holds. The status is tested as isRunning is, so that the runs are found by
+// id: the generic plan read the queued range of runs_list_idx, which under a pinned
+// horizon holds an entry for every run queued since (6,800 buffers a claim of 3 with
+// 30,000 such entries).
 const takeSQL = `
 	UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	FROM agents a
-	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.id = ANY ($3) AND x.status = 'queued'
+	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS TRUE
 	                        FOR UPDATE SKIP LOCKED))
 	  AND a.id = r.agent_id
 	RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config, r.timeout_ms`
@@ -300,7 +319,7 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 	agentsOf := map[string][]string{}
 	var capped []string
 	for id, h := range q.heads {
-		if ws != "" && h.workspace != ws {
+		if h.idle || (ws != "" && h.workspace != ws) {
 			continue
 		}
 		agentsOf[h.workspace] = append(agentsOf[h.workspace], id)
@@ -436,15 +455,15 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 		}
 	}
 	// Each agent's line now starts at its first run not taken, or after its last one; an
-	// agent whose line had no due run leaves the heads until it is found again.
+	// agent whose line had no due run is idle until it is announced or found again.
 	for i, id := range agents {
-		got := read[id]
-		if len(got) == 0 {
-			delete(q.heads, id)
-			continue
-		}
 		h := q.heads[id]
 		if h == nil {
+			continue
+		}
+		got := read[id]
+		if len(got) == 0 {
+			h.idle = true
 			continue
 		}
 		next := got[len(got)-1]

@@ -708,11 +708,11 @@ func TestSchedLineup(t *testing.T) {
 	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{ahead}) {
 		t.Fatalf("claim of 1 after a priority 0 run joined ahead: got %v, %v; want %s", got, err, ahead)
 	}
-	// A run whose insert started half a second ago and committed only now is behind where
-	// the last claim stopped in the line, yet within lateCommit: the next claim takes it.
+	// A run whose insert started 100 ms ago and committed only now is behind where the last
+	// claim stopped in the line, yet within lateCommit: the next claim takes it.
 	var late string
 	if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, priority, run_at) SELECT workspace_id, id, 0,
-		now() - interval '500 ms' FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&late); err != nil {
+		now() - interval '100 ms' FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&late); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{late}) {
