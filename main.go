@@ -180,9 +180,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// Shutdown runs this hook in a goroutine of its own and does not wait for it: it only
 	// signals the worker; below, serve waits for the worker before anything closes.
 	srv.RegisterOnShutdown(stopWorker)
+	// Logged before the first request can be answered: the listener is bound already.
+	log.Info("listening", "addr", ln.Addr().String(), "console", consoleURL(ln.Addr()), "embedded_worker", cfg.WorkerEmbedded)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("listening", "addr", ln.Addr().String(), "console", consoleURL(ln.Addr()), "embedded_worker", cfg.WorkerEmbedded)
 
 	select {
 	case <-ctx.Done():
