@@ -492,7 +492,7 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 
 // oldestWait is how long, in seconds, the longest-waiting run that could start (due, its
 // agent not paused) has waited since it fell due, within scope (nil: every workspace); null
-// when none. Usually one step down runs_next_due_idx; when the oldest due run is a paused
+// when none. Usually one step down runs_due_queued_idx; when the oldest due run is a paused
 // agent's, whose backlog may be long, the head of each priority of each unpaused agent in
 // scope instead (runs_claim_idx), so the cost follows the number of agents, never of runs.
 func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, error) {
@@ -500,7 +500,7 @@ func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, e
 	var paused bool
 	err := c.s.store.db.QueryRowContext(ctx, `
 		SELECT EXTRACT(EPOCH FROM now() - r.run_at), a.paused FROM runs r JOIN agents a ON a.id = r.agent_id
-		WHERE r.status = 'queued' AND r.priority >= 0 AND r.run_at <= now() AND ($1::uuid IS NULL OR r.workspace_id = $1)
+		WHERE (r.status = 'queued') IS TRUE AND r.priority >= 0 AND r.run_at <= now() AND ($1::uuid IS NULL OR r.workspace_id = $1)
 		ORDER BY r.run_at LIMIT 1`, scope).Scan(&age, &paused)
 	if errors.Is(err, sql.ErrNoRows) || (err == nil && !paused) {
 		return age, nil

@@ -187,6 +187,10 @@ func scanHeads(rows *sql.Rows, heads map[string]*head) error {
 	return rows.Err()
 }
 
+// dueQueued is the test of a queued run that runs_due_queued_idx answers, and no other
+// index: runs by due time for the next due time and the oldest wait (schema.sql).
+const dueQueued = `(status = 'queued') IS TRUE AND priority >= 0`
+
 // recoverSQL puts runs whose lease expired back in line (or ends them when no attempt is
 // left, or a cancel was requested), and counts those requeued and those ended. run_at is
 // kept: their place in line.
@@ -288,7 +292,7 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 	if len(res.claimed) < limit && !res.more {
 		var next sql.NullTime
 		if err := db.queryRow(ctx, `SELECT min(run_at) FROM runs
-			WHERE status = 'queued' AND priority >= 0 AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`,
+			WHERE `+dueQueued+` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`,
 			ws).Scan(&next); err != nil {
 			return res, err
 		}

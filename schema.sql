@@ -95,14 +95,20 @@ DROP INDEX IF EXISTS runs_queued_idx;
 -- reads each agent's line from where its last claim stopped (queue.go).
 CREATE INDEX IF NOT EXISTS runs_claim_idx ON runs (agent_id, priority, run_at, seq) WHERE status = 'queued';
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
--- predicate names priority (always >= 0) so that only queries that say so use it: with a
--- long history the planner preferred it to runs_claim_idx for the claim, reading every
--- queued run of the agent and sorting them, claim after claim.
-CREATE INDEX IF NOT EXISTS runs_next_due_idx ON runs (run_at) WHERE status = 'queued' AND priority >= 0;
+-- predicate is written so that only queries that say it the same way use this index, and
+-- those queries no other: with a long history the planner preferred an index of this kind
+-- to runs_claim_idx for the claim, reading every queued run of the agent and sorting them,
+-- claim after claim; and under a pinned horizon it answered the next due time from the
+-- queued range of runs_list_idx, which holds an entry for every run queued since (1,400
+-- buffers a claim). It replaces runs_next_due_idx (status = 'queued' AND priority >= 0).
+CREATE INDEX IF NOT EXISTS runs_due_queued_idx ON runs (run_at) WHERE (status = 'queued') IS TRUE AND priority >= 0;
 DO $$
 BEGIN
     IF to_regclass('runs_due_idx') IS NOT NULL THEN
-        DROP INDEX runs_due_idx; -- the earlier form of runs_next_due_idx
+        DROP INDEX runs_due_idx; -- an earlier form
+    END IF;
+    IF to_regclass('runs_next_due_idx') IS NOT NULL THEN
+        DROP INDEX runs_next_due_idx; -- the last release's form
     END IF;
 END $$;
 -- Retention: final runs by age.

@@ -529,11 +529,11 @@ func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 }
 
 // oldestQueuedAge is how long the longest-waiting due run has waited since it fell due; 0
-// when none waits. One step down runs_next_due_idx, whatever the size of the queue.
+// when none waits. One step down runs_due_queued_idx, whatever the size of the queue.
 func (s *store) oldestQueuedAge(ctx context.Context) (time.Duration, error) {
 	var secs float64
 	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)), 0)
-		FROM runs WHERE status = 'queued' AND priority >= 0 AND run_at <= now()`).Scan(&secs)
+		FROM runs WHERE `+dueQueued+` AND run_at <= now()`).Scan(&secs)
 	return time.Duration(secs * float64(time.Second)), err
 }
 
