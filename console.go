@@ -494,7 +494,7 @@ func (c *console) overview(w http.ResponseWriter, r *http.Request, se session) {
 // agent not paused) has waited since it fell due, within scope (nil: every workspace); null
 // when none. Usually one step down runs_due_queued_idx; when the oldest due run is a paused
 // agent's, whose backlog may be long, the head of each priority of each unpaused agent in
-// scope instead (runs_claim_idx), so the cost follows the number of agents, never of runs.
+// scope instead (runs_line_idx), so the cost follows the number of agents, never of runs.
 func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, error) {
 	var age sql.NullFloat64
 	var paused bool
@@ -511,7 +511,7 @@ func (c *console) oldestWait(ctx context.Context, scope any) (sql.NullFloat64, e
 	err = c.s.store.db.QueryRowContext(ctx, `
 		SELECT EXTRACT(EPOCH FROM now() - min(h.run_at)) FROM agents a
 		CROSS JOIN generate_series(0, $2::int) p
-		CROSS JOIN LATERAL (SELECT r.run_at FROM runs r WHERE r.status = 'queued' AND r.agent_id = a.id AND r.priority = p
+		CROSS JOIN LATERAL (SELECT r.run_at FROM runs r WHERE (r.status = 'queued') IS TRUE AND r.agent_id = a.id AND r.priority = p
 		                    ORDER BY r.run_at LIMIT 1) h
 		WHERE NOT a.paused AND ($1::uuid IS NULL OR a.workspace_id = $1) AND h.run_at <= now()`,
 		scope, maxPriority).Scan(&age)
@@ -1110,7 +1110,7 @@ type agentsData struct {
 func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	rows, err := c.s.store.db.QueryContext(r.Context(), `
 		SELECT a.id, a.workspace_id, w.name, a.name, a.kind, a.config, a.max_concurrency, a.paused,
-		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued' LIMIT $2) q),
+		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE LIMIT $2) q),
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
 		                                AND r.agent_id = a.id LIMIT $2) q)
 		FROM agents a JOIN workspaces w ON w.id = a.workspace_id

@@ -127,7 +127,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 	}
 	if reset {
 		// The agents not in line, or idle, that have queued runs, due or not: a probe each,
-		// in runs_claim_idx (ordered as it is, so that no other index serves it).
+		// in runs_line_idx (the status test as its predicate says it).
 		known := make([]string, 0, len(q.heads))
 		for id, h := range q.heads {
 			if !h.idle {
@@ -136,7 +136,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 		}
 		rows, err := db.query(ctx, `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
 			WHERE NOT a.paused AND a.id <> ALL ($1)
-			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND r.status = 'queued'
+			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE
 			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`, pq.StringArray(known))
 		if err != nil {
 			q.announce(nil) // not done: again at the next claim
@@ -211,28 +211,30 @@ const recoverSQL = `
 	SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status <> 'queued') FROM recovered`
 
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
-// the agent as it stands now. The row comparison is a bound of runs_claim_idx's range.
+// the agent as it stands now: a range of runs_line_idx, whose predicate the status test
+// says, and whose start the row comparison bounds.
 const pickSQL = `
 	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, c.id, c.priority, c.run_at, c.seq, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
 		SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
-		WHERE r.agent_id = h.agent_id AND r.status = 'queued' AND r.run_at <= now()
+		WHERE r.agent_id = h.agent_id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()
 		  AND (r.priority, r.run_at) >= (h.priority, h.run_at)
 		ORDER BY r.priority, r.run_at, r.seq
 		LIMIT h.n) c`
 
 // takeSQL claims the picked runs that are still queued, skipping those another
-// transaction holds. The status is tested as isRunning is, so that the runs are found by
-// id: the generic plan read the queued range of runs_list_idx, which under a pinned
-// horizon holds an entry for every run queued since (6,800 buffers a claim of 3 with
-// 30,000 such entries).
+// transaction holds. The status test is one no index can answer, so that the runs are
+// found by id: as a plain equality the generic plan read the queued range of
+// runs_list_idx, and as (status = 'queued') IS TRUE the whole of runs_line_idx, whose
+// predicate that is; under a pinned horizon each holds an entry for every run queued since
+// (6,800 and 17,000 buffers a claim). status is never null, so IS NOT FALSE says the same.
 const takeSQL = `
 	UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	FROM agents a
-	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS TRUE
+	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
 	                        FOR UPDATE SKIP LOCKED))
 	  AND a.id = r.agent_id
 	RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config, r.timeout_ms`
