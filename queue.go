@@ -126,18 +126,14 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 		q.due = time.Time{}
 	}
 	if reset {
-		// The agents not in line, or idle, that have queued runs, due or not: a probe each,
-		// in runs_line_idx (the status test as its predicate says it).
+		// The agents not in line, or idle, that have queued runs, due or not.
 		known := make([]string, 0, len(q.heads))
 		for id, h := range q.heads {
 			if !h.idle {
 				known = append(known, id)
 			}
 		}
-		rows, err := db.query(ctx, `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
-			WHERE NOT a.paused AND a.id <> ALL ($1)
-			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE
-			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`, pq.StringArray(known))
+		rows, err := db.query(ctx, searchSQL, pq.StringArray(known))
 		if err != nil {
 			q.announce(nil) // not done: again at the next claim
 			return err
@@ -157,8 +153,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 	for id := range announced {
 		ws = append(ws, id)
 	}
-	rows, err := db.query(ctx, `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL
-		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`, pq.StringArray(ws))
+	rows, err := db.query(ctx, announcedSQL, pq.StringArray(ws))
 	if err != nil {
 		q.announce(ws)
 		return err
@@ -239,10 +234,42 @@ const takeSQL = `
 	  AND a.id = r.agent_id
 	RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config, r.timeout_ms`
 
+// The claim's other statements: the agents not in line (or idle) with queued runs, a probe
+// each in runs_line_idx; the agents of announced workspaces; the next due time; the capped
+// agents' locks; and their room, counted after the locks were taken.
+const (
+	searchSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
+			WHERE NOT a.paused AND a.id <> ALL ($1)
+			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE
+			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`
+	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL
+		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
+	nextDueSQL = `SELECT min(run_at) FROM runs
+			WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`
+	lockCappedSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
+			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`
+	roomSQL = `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
+			WHERE x.status = 'running' AND x.workspace_id = a.workspace_id AND x.agent_id = a.id)
+			FROM agents a WHERE a.id = ANY ($1) AND a.max_concurrency IS NOT NULL`
+)
+
+// claimSQL is every statement a claim may send. They are prepared before its transaction
+// begins: prepared inside it, a statement took a second connection of the worker's small
+// pool while the transaction held rows locked, and with the pool's other connections
+// waiting on another process's claim for locks of their own, three processes started
+// together waited for each other until the claim's 30 s timeout (compare.sh's 3-process
+// drain, 322 runs/s in 2 of 3 reps).
+var claimSQL = []string{recoverSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockCappedSQL, roomSQL}
+
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
 // this file says.
 func (s *store) claim(ctx context.Context, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
+	for _, query := range claimSQL {
+		if _, err := s.prepared(ctx, query); err != nil {
+			return claimResult{}, err
+		}
+	}
 	// One transaction, so that an idle worker's claim costs PostgreSQL one.
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -293,8 +320,7 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 	}
 	if len(res.claimed) < limit && !res.more {
 		var next sql.NullTime
-		if err := db.queryRow(ctx, `SELECT min(run_at) FROM runs
-			WHERE `+dueQueued+` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`,
+		if err := db.queryRow(ctx, nextDueSQL,
 			ws).Scan(&next); err != nil {
 			return res, err
 		}
@@ -355,13 +381,10 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 		// Two statements: the count must see every claim that committed before the lock.
 		// A lock this transaction holds already is taken again.
 		var locked pq.StringArray
-		if err := db.queryRow(ctx, `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
-			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`, pq.StringArray(capped), capLockSpace).Scan(&locked); err != nil {
+		if err := db.queryRow(ctx, lockCappedSQL, pq.StringArray(capped), capLockSpace).Scan(&locked); err != nil {
 			return false, err
 		}
-		rows, err := db.query(ctx, `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
-			WHERE x.status = 'running' AND x.workspace_id = a.workspace_id AND x.agent_id = a.id)
-			FROM agents a WHERE a.id = ANY ($1) AND a.max_concurrency IS NOT NULL`, locked)
+		rows, err := db.query(ctx, roomSQL, locked)
 		if err != nil {
 			return false, err
 		}
@@ -518,7 +541,8 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 	return more || claimed < len(chosen), nil
 }
 
-// txQueryer runs statements in tx, with the pool's prepared statements.
+// txQueryer runs statements in tx, with the pool's prepared statements (claim prepares them
+// all before its transaction begins: claimSQL).
 type txQueryer struct {
 	s  *store
 	tx *sql.Tx
