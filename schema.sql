@@ -1,5 +1,7 @@
--- agentapp schema. Applied at every start-up (and by `agentapp migrate`) inside one
--- transaction under an advisory lock, so it is written to be idempotent.
+-- agentapp schema: what a database of this release holds. Applied at every start-up (and
+-- by `agentapp migrate`) inside one transaction under an advisory lock, so it is written to
+-- be idempotent. A database of an earlier release is first reshaped by the numbered
+-- migrations in migrate.go (recorded in schema_migrations).
 -- Requires PostgreSQL 14 or later (gen_random_uuid, CREATE OR REPLACE TRIGGER).
 
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at       timestamptz,
     finished_at      timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now(),
+    events_count     integer NOT NULL DEFAULT 0,  -- its last event's seq, taken under the run's row lock
     -- One key to the agent, in its workspace, instead of one to each: a key is checked
     -- for every row inserted, and these two checks were a quarter of a batch's time in
     -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
@@ -54,112 +57,29 @@ CREATE TABLE IF NOT EXISTS runs (
         REFERENCES agents (workspace_id, id) ON DELETE CASCADE
 );
 
--- Upgrades of a database made by an earlier release, each done only when needed, so that
--- a start-up that finds nothing to do takes no table lock.
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'run_after') THEN
-        ALTER TABLE runs RENAME COLUMN run_after TO run_at;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'priority') THEN
-        ALTER TABLE runs
-            ADD COLUMN priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
-            ADD COLUMN timeout_ms integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
-            DROP CONSTRAINT IF EXISTS runs_max_attempts_check, -- 1 … 25: a retry may add attempts
-            ADD CONSTRAINT runs_max_attempts_min CHECK (max_attempts >= 1);
-        ALTER TABLE agents
-            ADD COLUMN max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000),
-            ADD COLUMN paused boolean NOT NULL DEFAULT false;
-        DROP INDEX IF EXISTS runs_queued_idx; -- claiming by seq alone
-    END IF;
-END $$;
--- The runs' two keys of earlier releases become one (see runs_agent_fkey): checked once
--- over the whole table, with writers held off meanwhile.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'runs_agent_fkey' AND conrelid = 'runs'::regclass) THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'agents_workspace_id_id_key' AND conrelid = 'agents'::regclass) THEN
-            ALTER TABLE agents ADD CONSTRAINT agents_workspace_id_id_key UNIQUE (workspace_id, id);
-        END IF;
-        ALTER TABLE runs
-            ADD CONSTRAINT runs_agent_fkey FOREIGN KEY (workspace_id, agent_id)
-                REFERENCES agents (workspace_id, id) ON DELETE CASCADE,
-            DROP CONSTRAINT IF EXISTS runs_workspace_id_fkey,
-            DROP CONSTRAINT IF EXISTS runs_agent_id_fkey;
-    END IF;
-END $$;
--- An older binary started on an upgraded database creates its claim index again.
-DROP INDEX IF EXISTS runs_queued_idx;
-
--- Claiming: an agent's queued runs, lower priority first, then the earliest due: its line.
--- A claim reads each agent's line from where its last claim stopped (queue.go). The
--- predicate is written so that only queries that say it the same way use this index, and
--- those queries no other: under a pinned horizon, once runs was analysed, the generic plan
--- of the claim read an agent's queued runs from runs_list_idx and sorted them, through an
--- entry for every run queued since (22,500 buffers a claim 80 s into the pin). It replaces
--- runs_claim_idx (status = 'queued').
+-- An agent's line: its queued runs, lower priority first, then the earliest due. A claim
+-- reads each line from where its last claim stopped (queue.go). The predicate is written
+-- so that only queries that say it the same way use this index, and those queries no
+-- other: under a pinned horizon, once runs was analysed, the planner otherwise read a
+-- line from runs_list_idx and sorted it, through an entry for every run queued since.
 CREATE INDEX IF NOT EXISTS runs_line_idx ON runs (agent_id, priority, run_at, seq) WHERE (status = 'queued') IS TRUE;
 -- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
--- predicate is written so that only queries that say it the same way use this index, and
--- those queries no other: with a long history the planner preferred an index of this kind
--- to the claim's index for the claim, reading every queued run of the agent and sorting them,
--- claim after claim; and under a pinned horizon it answered the next due time from the
--- queued range of runs_list_idx, which holds an entry for every run queued since (1,400
--- buffers a claim). It replaces runs_next_due_idx (status = 'queued' AND priority >= 0).
+-- predicate, too, is said only by the queries meant to use it: otherwise the planner
+-- chose it for the claim with a long history, and answered the next due time from
+-- runs_list_idx under a pinned horizon.
 CREATE INDEX IF NOT EXISTS runs_due_queued_idx ON runs (run_at) WHERE (status = 'queued') IS TRUE AND priority >= 0;
-DO $$
-BEGIN
-    IF to_regclass('runs_due_idx') IS NOT NULL THEN
-        DROP INDEX runs_due_idx; -- an earlier form
-    END IF;
-    IF to_regclass('runs_next_due_idx') IS NOT NULL THEN
-        DROP INDEX runs_next_due_idx; -- the last release's form
-    END IF;
-    IF to_regclass('runs_claim_idx') IS NOT NULL THEN
-        DROP INDEX runs_claim_idx; -- the last release's form of runs_line_idx
-    END IF;
-END $$;
 -- Retention: final runs by age.
 CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
--- An agent's running runs, counted against its max_concurrency, are a range of
--- runs_list_idx (status, workspace, agent). The index of earlier releases that held only
--- them, runs_running_agent_idx, took an entry at every claim, among the entries of runs
--- that ended since it was last cleaned; without it (dropped below) a 20,000-run drain
--- wrote 585–600 bytes of WAL per run instead of 675–679, and BenchmarkFairClaim at
--- 100,000 runs drained 15,040–15,874 runs/s over 100 workspaces instead of 12,455–12,579.
--- Running runs by lease, an earlier release's index, is dropped: the recovery of expired
--- leases reads the running runs (as many as the workers' slots) without it, and without it
--- a lease renewal changes no indexed column, so PostgreSQL can write it in place (HOT)
--- instead of adding an entry to every index of runs; each claim adds one fewer, too (a
--- drain of 10,000 runs went from 9,817 to 10,493 runs/s, medians of 3).
-DO $$
-BEGIN
-    IF to_regclass('runs_running_lease_idx') IS NOT NULL THEN
-        DROP INDEX runs_running_lease_idx;
-    END IF;
-END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 -- Listing a workspace's runs, newest first, by status and agent: one index range for each
 -- status and agent, merged (agentapp_runs_page). Status leads so that the runs in one
 -- status across workspaces ("are any queued or running?") are found without reading the
--- history. It replaces three indexes of earlier releases, by workspace, by status and by
--- agent: a run's status changes are not HOT (status is indexed), so every one of them added
--- an entry to each; a drain wrote 882 bytes of WAL per run with them, 681 without.
+-- history. It also answers an agent's running runs, counted against its max_concurrency.
+-- runs has no other index: a run's status changes are not HOT (status is indexed), so
+-- each index adds an entry at every claim and outcome, and a lease renewal, which changes
+-- no indexed column, can be written in place.
 CREATE INDEX IF NOT EXISTS runs_list_idx ON runs (status, workspace_id, agent_id, seq);
-DO $$
-DECLARE
-    v_name text;
-BEGIN
-    FOR v_name IN SELECT unnest(ARRAY['runs_workspace_seq_idx', 'runs_status_workspace_seq_idx',
-                                      'runs_workspace_agent_seq_idx', 'runs_workspace_status_seq_idx',
-                                      'runs_running_agent_idx', 'runs_claim_workspace_idx'])
-    LOOP
-        IF to_regclass(v_name) IS NOT NULL THEN
-            EXECUTE format('DROP INDEX %I', v_name);
-        END IF;
-    END LOOP;
-END $$;
 
 -- agentapp_run_at is a new run's due time: p_delay_ms after the database's now(), or
 -- p_run_at (timestamptz text, '' for none) if later, so that a delay does not depend on
@@ -173,9 +93,7 @@ $$;
 -- an agent of their workspace and whose idempotency key is unused, in their order. The
 -- agent is looked up by its unique name in a subquery kept apart (LIMIT 1), so that every
 -- row takes the index whatever the plan makes of the arrays' length. Its plan is made once
--- per connection: planned at every call, planning took 0.20 ms of a statement's 0.52 ms
--- in PostgreSQL (8 clients, about 4 creates a statement); planned once, the creates went
--- 3,205 against 2,763/s (medians of 3, alternating).
+-- per connection: planned at every call, planning was a large part of a create's time.
 CREATE OR REPLACE FUNCTION agentapp_create_runs(p_ids uuid[], p_workspaces uuid[], p_agents text[], p_inputs jsonb[],
                                                 p_max_attempts integer[], p_keys text[], p_hashes bytea[],
                                                 p_priorities smallint[], p_run_ats text[], p_delays_ms bigint[],
@@ -207,11 +125,10 @@ END $$;
 -- which leaves no dead version. Readers sum both (run_totals), each in a statement of its
 -- own: TRUNCATE is not MVCC-safe, and only a statement that names the table locks it
 -- before it takes its snapshot (a function's statements, or a repeatable-read
--- transaction's, could see the changes gone and the counts not yet added). status is a final status,
--- or 'active' for the runs queued or running, so that a claim, which only moves runs from
--- queued to running, changes no count; readers count the running runs themselves and take
--- them from 'active'. (Earlier releases counted 'queued' and 'running' apart, and kept
--- run_counts in 16 shards updated by every statement; readers add those rows to 'active'.)
+-- transaction's, could see the changes gone and the counts not yet added). status is a
+-- final status, or 'active' for the runs queued or running, so that a claim, which only
+-- moves runs from queued to running, changes no count; readers count the running runs
+-- themselves and take them from 'active'. shard is always 0 (earlier releases kept 16).
 CREATE TABLE IF NOT EXISTS run_counts (
     workspace_id uuid NOT NULL,
     status       text NOT NULL,
@@ -286,37 +203,13 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- A database from before the counters: count once, with writers held off meanwhile.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'runs_counts_insert' AND tgrelid = 'runs'::regclass) THEN
-        LOCK TABLE runs IN SHARE MODE;
-        DELETE FROM run_counts;
-        INSERT INTO run_counts (workspace_id, status, shard, n)
-        SELECT workspace_id, agentapp_counter(status), 0, count(*) FROM runs GROUP BY 1, 2;
-        CREATE TRIGGER runs_counts_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS new_runs
-            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
-        CREATE TRIGGER runs_counts_update AFTER UPDATE ON runs
-            REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
-            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
-        CREATE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
-            FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
-    END IF;
-END $$;
-
--- The claim's bookkeeping of earlier releases, which rewrote a workspace's row at every
--- claim (turns, marks): the claim is now plain statements in queue.go, and what it needs
--- to remember between claims it keeps in memory.
-DROP FUNCTION IF EXISTS agentapp_claim(text, integer, uuid, bigint, boolean);
-DROP FUNCTION IF EXISTS agentapp_queue_head(uuid, uuid[], integer);
-DROP FUNCTION IF EXISTS agentapp_queue_tail(uuid);
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'workspaces'::regclass
-               AND attname IN ('has_queued', 'served_at') AND NOT attisdropped) THEN
-        ALTER TABLE workspaces DROP COLUMN IF EXISTS has_queued, DROP COLUMN IF EXISTS served_at;
-    END IF;
-END $$;
+CREATE OR REPLACE TRIGGER runs_counts_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS new_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+CREATE OR REPLACE TRIGGER runs_counts_update AFTER UPDATE ON runs
+    REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+CREATE OR REPLACE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
 
 -- Notifications that let every agentapp process react at once:
 --   agentapp_runs    runs became claimable (wakes idle workers). For new runs the API sends
@@ -328,14 +221,13 @@ END $$;
 --   agentapp_cancel  payload run ids separated by spaces: cancel them where they execute
 -- An UPDATE sends them once per statement, 90 runs to a notification (a payload holds
 -- 8000 bytes), not once per row: a claim or an outcome write of 100 runs sends 2, not
--- 200 (a notification per row cost a drain about a fifth of its speed, measured).
+-- 200 (a notification per row cost a drain much of its speed).
 --
 -- agentapp_status is sent only while a process is listed in status_listeners: one that has a
 -- request waiting on a run (?wait_ms) or a stream open, or had one within the last minute.
 -- Nobody else needs it, and it costs: PostgreSQL commits notifying transactions one after
 -- another, each holding its notification lock through its WAL flush, and queues every
--- payload (a drain of 10,000 runs: 20,000 entries of about 84 bytes; with them it drained
--- 8,588 runs/s, without 9,848). A process lists itself before it reads, in
+-- payload (a drain of n runs: 2n entries). A process lists itself before it reads, in
 -- a transaction that waits for the writes of runs in progress (LOCK … IN SHARE MODE), so a
 -- change that was not notified has committed before that read.
 CREATE TABLE IF NOT EXISTS status_listeners (
@@ -378,21 +270,6 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The row triggers of earlier releases, a notification per changed row, are dropped
--- (checked first: a DROP locks the table even when there is nothing to drop).
-DO $$
-DECLARE
-    v_name text;
-BEGIN
-    FOR v_name IN SELECT tgname FROM pg_trigger WHERE tgrelid = 'runs'::regclass
-                  AND tgname IN ('runs_notify_insert', 'runs_notify_update', 'runs_notify_status_update')
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON runs', v_name);
-    END LOOP;
-    DROP FUNCTION IF EXISTS agentapp_runs_notify_update();
-    DROP FUNCTION IF EXISTS agentapp_runs_notify_status();
-END $$;
-
 CREATE OR REPLACE TRIGGER runs_notify_changes AFTER UPDATE ON runs
     REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
     FOR EACH STATEMENT EXECUTE FUNCTION agentapp_runs_notify_changes();
@@ -431,18 +308,10 @@ CREATE TABLE IF NOT EXISTS cluster_secrets (
     secret text NOT NULL
 );
 
--- Done only when needed, so that a start-up that finds nothing to do takes no table lock.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'events_count') THEN
-        -- The run's last event seq, taken under the run's row lock: seq without gaps or races.
-        ALTER TABLE runs ADD COLUMN events_count integer NOT NULL DEFAULT 0;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM cluster_secrets WHERE name = 'events') THEN
-        -- gen_random_uuid draws from the server's strong random source: 244 random bits.
-        INSERT INTO cluster_secrets (name, secret) VALUES ('events', gen_random_uuid()::text || gen_random_uuid()::text);
-    END IF;
-END $$;
+-- gen_random_uuid draws from the server's strong random source: 244 random bits.
+INSERT INTO cluster_secrets (name, secret)
+VALUES ('events', gen_random_uuid()::text || gen_random_uuid()::text)
+ON CONFLICT (name) DO NOTHING;
 
 -- Notifications for the streams (events.go):
 --   agentapp_events  payload run id ":" seq: an agent posted an event

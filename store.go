@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"database/sql"
 	"database/sql/driver"
-	_ "embed"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -23,9 +22,6 @@ import (
 
 	"github.com/lib/pq"
 )
-
-//go:embed schema.sql
-var schemaSQL string
 
 var (
 	errNotFound = errors.New("not found")
@@ -89,23 +85,6 @@ func openDB(dsn string, maxConns int) (*sql.DB, error) {
 	db.SetMaxIdleConns(maxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	return db, nil
-}
-
-// applySchema applies schema.sql in one transaction under an advisory lock, so that
-// processes starting together do not race on CREATE … IF NOT EXISTS.
-func (s *store) applySchema(ctx context.Context) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7346298105)`); err != nil {
-		return err
-	}
-	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("apply schema: %w", err)
-	}
-	return tx.Commit()
 }
 
 // isUnavailable reports whether err means the database cannot be reached right now

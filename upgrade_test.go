@@ -482,3 +482,58 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 		t.Errorf("stats after the upgrade: got %+v; want 3 succeeded and nothing else", stats)
 	}
 }
+
+// TestMigrationsRecorded: each migration is applied once and recorded with its time, on
+// an upgraded database as on a new one; a database that a newer release migrated is
+// refused at start with a message that says so, and left as it was.
+func TestMigrationsRecorded(t *testing.T) {
+	t.Parallel()
+	versions := func(db *sql.DB) string {
+		t.Helper()
+		var s string
+		err := db.QueryRow(`SELECT coalesce(string_agg(version || ':' || (applied_at IS NOT NULL), ' ' ORDER BY version), '')
+			FROM schema_migrations`).Scan(&s)
+		if err != nil {
+			t.Fatalf("read schema_migrations: got %v; want its rows", err)
+		}
+		return s
+	}
+	var want []string
+	for _, m := range migrations {
+		want = append(want, fmt.Sprintf("%d:true", m.version))
+	}
+
+	fresh := openTestDB(t, testDB(t))
+	if got := versions(fresh); got != strings.Join(want, " ") {
+		t.Errorf("a new database: got migrations %q; want %q", got, strings.Join(want, " "))
+	}
+
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	upMadeBy(t, db, "v2")
+	env := upStartEnv(t, dsn)
+	for i := range 2 {
+		if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
+			t.Fatalf("agentapp migrate (start %d): got exit %d; want 0", i+1, code)
+		}
+		if got := versions(db); got != strings.Join(want, " ") {
+			t.Errorf("the last release's database after start %d: got migrations %q; want %q", i+1, got, strings.Join(want, " "))
+		}
+	}
+
+	newer := len(migrations) + 1
+	if _, err := db.Exec(`INSERT INTO schema_migrations (version, name) VALUES ($1, 'a later release')`, newer); err != nil {
+		t.Fatal(err)
+	}
+	schema := upSchema(t, db)
+	p := startProc(t, env, "migrate")
+	if code := p.wait(t, 60*time.Second); code == 0 {
+		t.Errorf("agentapp migrate on a database a newer release migrated: got exit 0; want a refusal")
+	}
+	if msg := fmt.Sprintf("migration %d; this binary knows up to %d", newer, newer-1); !strings.Contains(p.log.String(), msg) {
+		t.Errorf("the refusal: got log %q; want it to contain %q", p.log.String(), msg)
+	}
+	for _, d := range upDiff(schema, upSchema(t, db)) {
+		t.Errorf("after the refused start: %s", d)
+	}
+}
