@@ -50,12 +50,6 @@ func benchEnv(b *testing.B, dsn string, embedded bool) map[string]string {
 	return env
 }
 
-// benchStart starts the non-race binary serving with env; it returns once /healthz answers.
-func benchStart(b *testing.B, env map[string]string) *proc {
-	b.Helper()
-	return startProcBin(b, agentappBinary(b, false), env, "serve")
-}
-
 // benchStop stops the process with SIGTERM and fails the benchmark unless it exits 0.
 func benchStop(b *testing.B, p *proc) {
 	b.Helper()
@@ -199,7 +193,7 @@ func BenchmarkDrain(b *testing.B) {
 	db := openTestDB(b, dsn)
 	client := benchClient()
 
-	p := benchStart(b, benchEnv(b, dsn, false))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, false))
 	ws := p.app().createWorkspace(b)
 	var bodies [][]byte
 	for i := 0; i < n; i += batch {
@@ -221,7 +215,7 @@ func BenchmarkDrain(b *testing.B) {
 		b.Fatal(err)
 	}
 
-	p = benchStart(b, benchEnv(b, dsn, true))
+	p = startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
 	t0 := time.Now()
 	cpu0 := benchProcStats(b, p.cmd.Process.Pid).cpu
 	done := benchDrained(b, db, p, 10*time.Minute)
@@ -248,7 +242,7 @@ func BenchmarkLatency(b *testing.B) {
 	dsn := testDB(b)
 	db := openTestDB(b, dsn)
 	client := benchClient()
-	p := benchStart(b, benchEnv(b, dsn, true))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
 	ws := p.app().createWorkspace(b)
 	time.Sleep(2 * time.Second)
 
@@ -383,7 +377,7 @@ func startBenchLoad(c *http.Client, url, token string, clients, max, perRequest 
 func benchEnqueue(b *testing.B, clients, perRequest int, body func(i int) []byte, path string, d time.Duration) float64 {
 	const maxRequests = 1_000_000
 	dsn := testDB(b)
-	p := benchStart(b, benchEnv(b, dsn, false))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, false))
 	ws := p.app().createWorkspace(b)
 	client := benchClient()
 	url := p.base + "/v1/workspaces/" + ws.ID + path
@@ -427,7 +421,7 @@ func BenchmarkIdle(b *testing.B) {
 	dsn := testDB(b)
 	name := dbName(b, dsn)
 	admin := adminDB(b)
-	p := benchStart(b, benchEnv(b, dsn, true))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
 	pid := p.cmd.Process.Pid
 	xacts := func() int64 {
 		var x int64
@@ -465,7 +459,7 @@ func BenchmarkSoak(b *testing.B) {
 	dsn := testDB(b)
 	name := dbName(b, dsn)
 	admin := adminDB(b)
-	p := benchStart(b, benchEnv(b, dsn, true))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
 	pid := p.cmd.Process.Pid
 	ws := p.app().createWorkspace(b)
 	client := benchClient()
@@ -618,7 +612,7 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
 		b.Fatalf("seeded: got %v; want %d queued", c, n)
 	}
 
-	p := benchStart(b, benchEnv(b, dsn, true))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
 	start := time.Now()
 	done := benchDrained(b, db, p, time.Hour)
 	benchStop(b, p)
@@ -644,7 +638,7 @@ func BenchmarkEventsFanout(b *testing.B) {
 	admin := adminDB(b)
 	env := benchEnv(b, dsn, true)
 	env["AGENT_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
-	p := benchStart(b, env)
+	p := startProcBin(b, agentappBinary(b, false), env)
 	a := p.app()
 	client := benchClient()
 
@@ -866,7 +860,7 @@ func BenchmarkConsole(b *testing.B) {
 	}
 	b.Logf("seeded %d runs in %v", n, time.Since(seedStart).Round(time.Second))
 
-	p := benchStart(b, benchEnv(b, dsn, false))
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, false))
 	defer benchStop(b, p)
 	var someRun string
 	if err := db.QueryRowContext(ctx, `SELECT id FROM runs WHERE workspace_id = $1 AND status = 'failed' ORDER BY seq DESC LIMIT 1`, wss[0].ID).Scan(&someRun); err != nil {

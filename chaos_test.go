@@ -543,7 +543,7 @@ func TestChaos(t *testing.T) {
 	var all []*proc // every process started, for their logs
 	bases := make([]string, chaosProcs)
 	start := func(i int) {
-		procs[i] = ptStart(t, envs[i])
+		procs[i] = startProc(t, envs[i])
 		all = append(all, procs[i])
 	}
 	for i := range envs {

@@ -197,13 +197,6 @@ func evExpectEnd(t testing.TB, ch <-chan sseFrame, timeout time.Duration) {
 	}
 }
 
-// evWebhookEnv is the environment of a server whose webhook agents the test serves.
-func evWebhookEnv(t testing.TB, dsn string, over map[string]string) map[string]string {
-	env := testEnv(t, dsn, over)
-	env["AGENT_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
-	return env
-}
-
 // TestEventTokens: a token is good for its run and attempt only.
 func TestEventTokens(t *testing.T) {
 	k := eventKeys{secret: []byte("secret"), publicURL: "http://a.example"}
@@ -242,7 +235,7 @@ func TestEventsThroughHTTP(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := startApp(t, evWebhookEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
 	url, calls := evAgent(t)
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "hook", "webhook", map[string]any{"url": url})
@@ -361,8 +354,8 @@ func TestEventsThroughHTTP(t *testing.T) {
 func TestEventsAcrossProcesses(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
-	pa := ptStart(t, evWebhookEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"}))
-	pb := ptStart(t, evWebhookEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"}))
+	pa := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"}))
+	pb := startProc(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"}))
 	a, b := pa.app(), pb.app()
 	evWaitListening(t, pb)
 	url, calls := evAgent(t)
@@ -484,7 +477,7 @@ func TestEventStreamLongLived(t *testing.T) {
 	}
 	t.Parallel()
 	dsn := testDB(t)
-	a := startApp(t, evWebhookEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
 	url, calls := evAgent(t)
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "hook", "webhook", map[string]any{"url": url, "timeout_ms": 300000})
@@ -524,7 +517,7 @@ func TestStreamsAtShutdown(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	const drain = 10 * time.Second
-	p := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "1",
+	p := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "1",
 		"RUN_WORKER_SHUTDOWN_TIMEOUT_MS": strconv.Itoa(int(drain.Milliseconds())), "LOG_LEVEL": "info"}))
 	a := p.app()
 	db := openTestDB(t, dsn)

@@ -629,9 +629,10 @@ type proc struct {
 	err  error // set when done is closed
 }
 
-// startProc starts the -race binary with args and exactly the given environment, and
-// (for serve) waits until /healthz answers. It is killed, if still running, when the
-// test ends.
+// startProc starts the -race binary with args and the given environment, and (for
+// serve) waits until /healthz answers. When the test ends it is killed, if still running,
+// and its log is checked for what must never appear: a data race, a query that met a
+// closed pool, a panic.
 func startProc(t testing.TB, env map[string]string, args ...string) *proc {
 	t.Helper()
 	return startProcBin(t, agentappBinary(t, true), env, args...)
@@ -644,6 +645,9 @@ func startProcBin(t testing.TB, bin string, env map[string]string, args ...strin
 	p.base = "http://" + env["LISTEN_ADDR"]
 	for k, v := range env {
 		p.cmd.Env = append(p.cmd.Env, k+"="+v)
+	}
+	if _, ok := env["GORACE"]; !ok {
+		p.cmd.Env = append(p.cmd.Env, "GORACE=atexit_sleep_ms=0") // the race runtime's 1 s pause at exit would blur timings
 	}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
@@ -660,8 +664,14 @@ func startProcBin(t testing.TB, bin string, env map[string]string, args ...strin
 			p.cmd.Process.Kill()
 			<-p.done
 		}
+		log := p.log.String()
+		for _, bad := range []string{"DATA RACE", "database is closed", "panic:"} {
+			if strings.Contains(log, bad) {
+				t.Errorf("agentapp (pid %d) log: got %q in it; want it absent", p.cmd.Process.Pid, bad)
+			}
+		}
 		if t.Failed() {
-			t.Logf("agentapp (pid %d) log:\n%s", p.cmd.Process.Pid, p.log)
+			t.Logf("agentapp (pid %d) log:\n%s", p.cmd.Process.Pid, log)
 		}
 	})
 	if len(args) == 0 || args[0] == "serve" {

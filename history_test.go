@@ -274,7 +274,7 @@ func TestRetentionThroughTheProcess(t *testing.T) {
 		WHERE a.workspace_id = $1`, ws.ID); err != nil {
 		t.Fatal(err)
 	}
-	p := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_RETENTION_DAYS": "2"}))
+	p := startProc(t, testEnv(t, dsn, map[string]string{"RUN_RETENTION_DAYS": "2"}))
 	a := p.app()
 	took := eventually(t, 45*time.Second, "pruned_total 40", func() bool {
 		return a.metric(t, "agentapp_runs_pruned_total") == 40

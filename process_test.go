@@ -27,31 +27,6 @@ import (
 	"time"
 )
 
-// ptStart starts an agentapp process (serving, unless args say otherwise) and, when the
-// test ends, checks its log for what must never appear: a data race, a query on a closed
-// pool, a panic.
-func ptStart(t *testing.T, env map[string]string, args ...string) *proc {
-	t.Helper()
-	if _, ok := env["GORACE"]; !ok {
-		env["GORACE"] = "atexit_sleep_ms=0" // the race runtime's default 1 s pause at exit would blur timings
-	}
-	p := startProc(t, env, args...)
-	t.Cleanup(func() { ptCheckLog(t, p) })
-	return p
-}
-
-// ptCheckLog fails the test if the process's log shows a data race, a query that met a
-// closed pool, or a panic.
-func ptCheckLog(t testing.TB, p *proc) {
-	t.Helper()
-	log := p.log.String()
-	for _, bad := range []string{"DATA RACE", "database is closed", "panic:"} {
-		if strings.Contains(log, bad) {
-			t.Errorf("agentapp (pid %d) log: got %q in it; want it absent", p.cmd.Process.Pid, bad)
-		}
-	}
-}
-
 // ptLogOrder fails the test unless each of lines first appears in the log after the
 // previous one.
 func ptLogOrder(t testing.TB, log string, lines ...string) {
@@ -90,7 +65,7 @@ func TestShutdownDrainsEmbeddedRun(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	env := testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"})
-	p := ptStart(t, env)
+	p := startProc(t, env)
 	a := p.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 2000})
@@ -139,7 +114,7 @@ func TestCrashRecovery(t *testing.T) {
 	over := map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_LEASE_MS": "1000", "RUN_WORKER_POLL_MS": "100"}
 	procs := map[int]*proc{}
 	for range 2 {
-		p := ptStart(t, testEnv(t, dsn, over))
+		p := startProc(t, testEnv(t, dsn, over))
 		procs[p.cmd.Process.Pid] = p
 	}
 	var a *app
@@ -231,7 +206,7 @@ func TestExactlyOnceAcrossProcesses(t *testing.T) {
 
 	var procs []*proc
 	for range 3 {
-		procs = append(procs, ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"})))
+		procs = append(procs, startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"})))
 	}
 	a := procs[0].app()
 	ws := a.createWorkspace(t)
@@ -305,7 +280,7 @@ func TestDrainDeadline(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	p := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "500"}))
+	p := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "500"}))
 	a := p.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "long", "echo", map[string]any{"delay_ms": 60000})
@@ -338,7 +313,7 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	p := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "60000",
+	p := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "60000",
 		"RUN_WORKER_LEASE_MS": "1000"}))
 	a := p.app()
 	ws := a.createWorkspace(t)
@@ -373,7 +348,7 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	}
 
 	// Its lease (1 s) recovers it: another process takes it over as attempt 2.
-	q := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "100"}))
+	q := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "100"}))
 	eventually(t, 15*time.Second, "the run to be recovered and claimed again", func() bool {
 		got = readRunRow(t, db, r.ID)
 		return got.Status == "running" && got.Attempt == 2
@@ -399,7 +374,7 @@ func TestWorkerProcessDrains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := ptStart(t, testEnv(t, dsn, nil), "worker")
+	p := startProc(t, testEnv(t, dsn, nil), "worker")
 	waitRunRow(t, db, r.ID, "running", 15*time.Second)
 
 	p.signal(t, syscall.SIGTERM)
@@ -570,7 +545,7 @@ func TestDatabaseOutage(t *testing.T) {
 	t.Parallel()
 	pg := newPTPostgres(t)
 	env := testEnv(t, pg.dsn(), map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "100", "LOG_LEVEL": "info"})
-	p := ptStart(t, env)
+	p := startProc(t, env)
 	a := p.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 1000})
@@ -678,8 +653,8 @@ func TestWakeAcrossProcesses(t *testing.T) {
 	dsn := testDB(t)
 	agentappBinary(t, true) // built before the clock starts
 	bStarted := time.Now()  // B's loop starts later, so its first tick is more than 10 s after this
-	b := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "10000"}))
-	a := ptStart(t, testEnv(t, dsn, nil)).app()
+	b := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "10000"}))
+	a := startProc(t, testEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
 	b.app().waitListening(t, true)
 
@@ -719,10 +694,10 @@ func TestListenerReconnect(t *testing.T) {
 	name := dbName(t, dsn)
 	st := &store{db: openTestDB(t, dsn)}
 	fastWS, slowWS := seedWorkspace(t, st), seedWorkspace(t, st)
-	fast := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "200",
+	fast := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "200",
 		"RUN_WORKER_WORKSPACE_ID": fastWS.ID}))
 	slowStarted := time.Now() // slow's loop starts later, so its first tick is more than 30 s after this
-	slow := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "30000",
+	slow := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "30000",
 		"RUN_WORKER_WORKSPACE_ID": slowWS.ID}))
 	fast.app().waitListening(t, true)
 	slow.app().waitListening(t, true)
@@ -814,8 +789,8 @@ func TestWaitAcrossProcesses(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	b := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
-	ap := ptStart(t, testEnv(t, dsn, nil))
+	b := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ap := startProc(t, testEnv(t, dsn, nil))
 	a := ap.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 1000})
@@ -847,7 +822,7 @@ func TestShutdownAnswersLongPoll(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	// One slot: the second run stays queued while the first executes.
-	p := ptStart(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "1"}))
+	p := startProc(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "1"}))
 	a := p.app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 1500})
@@ -918,7 +893,7 @@ func TestShutdownFinishesInflightRequest(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	p := ptStart(t, testEnv(t, dsn, nil))
+	p := startProc(t, testEnv(t, dsn, nil))
 	a := p.app()
 	ws := a.createWorkspace(t)
 

@@ -65,10 +65,10 @@ func TestWorkersRegistry(t *testing.T) {
 	host, _ := os.Hostname()
 
 	serveEnv := testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_CONCURRENCY": "7"})
-	srv := ptStart(t, serveEnv)
+	srv := startProc(t, serveEnv)
 	a := srv.app()
 	workerEnv := testEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "3"})
-	wrk := ptStart(t, workerEnv, "worker")
+	wrk := startProc(t, workerEnv, "worker")
 
 	var listed struct {
 		Workers []workerRow `json:"workers"`
@@ -123,7 +123,7 @@ func TestWorkerOnceRegisters(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	insertWorkerRow(t, db, "dead/1/aa", 2*time.Minute)
-	once := ptStart(t, testEnv(t, dsn, nil), "worker", "-once")
+	once := startProc(t, testEnv(t, dsn, nil), "worker", "-once")
 	if code := once.wait(t, 60*time.Second); code != 0 {
 		t.Errorf("worker -once: got exit %d; want 0", code)
 	}

@@ -17,13 +17,6 @@ import (
 // delay_ms and timeout_ms; the agent fields max_concurrency and paused with GET and PATCH
 // of an agent; retry; bulk cancel; and ?agent= on the runs list.
 
-// schedulingEnv is the environment of the apps these tests start: no embedded worker, so
-// runs execute only when a test asks POST /v1/worker/process, and webhooks may call the
-// tests' own servers on 127.0.0.1.
-func schedulingEnv(t testing.TB, dsn string) map[string]string {
-	return testEnv(t, dsn, map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
-}
-
 // decodeObject decodes a JSON object, keeping each value raw, so tests can see which
 // keys are present and how each is spelled.
 func decodeObject(t testing.TB, data []byte) map[string]json.RawMessage {
@@ -56,7 +49,7 @@ func TestSchedulingRunFields(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := startApp(t, schedulingEnv(t, dsn))
+	a := startApp(t, testEnv(t, dsn, nil))
 	ws := a.createWorkspace(t)
 	runs := "/v1/workspaces/" + ws.ID + "/runs"
 	future := time.Now().Add(48 * time.Hour).Truncate(time.Second)
@@ -190,7 +183,7 @@ func derefOr(p *int, def int) int {
 // message names the field (in a batch, prefixed with the element), and nothing is created.
 func TestSchedulingRunFieldsInvalid(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, schedulingEnv(t, testDB(t)))
+	a := startApp(t, testEnv(t, testDB(t), nil))
 	ws := a.createWorkspace(t)
 	runs := "/v1/workspaces/" + ws.ID + "/runs"
 	cases := []struct {
@@ -248,7 +241,7 @@ func TestSchedulingRunFieldsInvalid(t *testing.T) {
 // Idempotency-Key stands for: a repeat returns the first run, another value is 409.
 func TestSchedulingIdempotency(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, schedulingEnv(t, testDB(t)))
+	a := startApp(t, testEnv(t, testDB(t), nil))
 	ws := a.createWorkspace(t)
 	runs := "/v1/workspaces/" + ws.ID + "/runs"
 	first := `{"agent":"echo","input":1,"priority":2,"delay_ms":60000,"timeout_ms":100}`
@@ -338,7 +331,7 @@ func mustAgent(t testing.TB, a *app, method, path, token string, body any, want 
 // next claim.
 func TestSchedulingAgents(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, schedulingEnv(t, testDB(t)))
+	a := startApp(t, testEnv(t, testDB(t), nil))
 	ws := a.createWorkspace(t)
 	other := a.createWorkspace(t)
 	agents := "/v1/workspaces/" + ws.ID + "/agents"
@@ -500,7 +493,7 @@ func TestSchedulingRetry(t *testing.T) {
 	}))
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := startApp(t, schedulingEnv(t, dsn))
+	a := startApp(t, testEnv(t, dsn, nil))
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "hook", "webhook", map[string]any{"url": hook.URL})
 	a.createAgent(t, ws, "slow", "echo", map[string]any{"delay_ms": 600000})
@@ -649,7 +642,7 @@ func TestSchedulingBulkCancel(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := startApp(t, schedulingEnv(t, dsn))
+	a := startApp(t, testEnv(t, dsn, nil))
 	ws := a.createWorkspace(t)
 	other := a.createWorkspace(t)
 	a.createAgent(t, ws, "a", "echo", map[string]any{})
@@ -756,7 +749,7 @@ func TestSchedulingBulkCancel(t *testing.T) {
 // cursor; an unknown name lists nothing.
 func TestSchedulingListByAgent(t *testing.T) {
 	t.Parallel()
-	a := startApp(t, schedulingEnv(t, testDB(t)))
+	a := startApp(t, testEnv(t, testDB(t), nil))
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "a b/c", "echo", map[string]any{})
 	var ofA, ofEcho, every []string // newest first

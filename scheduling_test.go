@@ -154,7 +154,7 @@ func TestSchedFairTurns(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := ptStart(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "1"})).app()
+	a := startProc(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "1"})).app()
 	wsA, wsB := a.createWorkspace(t), a.createWorkspace(t)
 	// A's runs take a little while each, so that the order in which they start shows.
 	a.createAgent(t, wsA, "slow", "echo", map[string]any{"delay_ms": 20})
@@ -187,7 +187,7 @@ func TestSchedSpread(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := ptStart(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"})).app() // the worker API only
+	a := startProc(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"})).app() // the worker API only
 	var wss []testWorkspace
 	for range 5 {
 		ws := a.createWorkspace(t)
@@ -261,7 +261,7 @@ func TestSchedPriority(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := ptStart(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"})).app() // the worker API only
+	a := startProc(t, testEnv(t, dsn, map[string]string{"LOG_LEVEL": "info"})).app() // the worker API only
 	ws := a.createWorkspace(t)
 	// Due times around a moment a little ahead, so that a run created later can fall due
 	// earlier (a run_at in the past means now: the same for every run); the claims begin
@@ -360,7 +360,7 @@ func TestSchedMaxConcurrencyAcrossProcesses(t *testing.T) {
 	})
 	var procs []*proc
 	for range 3 {
-		procs = append(procs, ptStart(t, scEnv(t, dsn, nil)))
+		procs = append(procs, startProc(t, scEnv(t, dsn, nil)))
 	}
 	a := procs[0].app()
 	ws := a.createWorkspace(t)
@@ -412,7 +412,7 @@ func TestSchedCapsAcrossWorkspaces(t *testing.T) {
 	})
 	var procs []*proc
 	for range 3 {
-		procs = append(procs, ptStart(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "4"})))
+		procs = append(procs, startProc(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_CONCURRENCY": "4"})))
 	}
 	a := procs[0].app()
 	var held []string
@@ -462,7 +462,7 @@ func TestSchedPauseAndCap(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
-	a := ptStart(t, scEnv(t, dsn, nil)).app()
+	a := startProc(t, scEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "paused", "echo", map[string]any{})
 	scPatchAgent(t, a, ws, "paused", map[string]any{"paused": true})
@@ -529,7 +529,7 @@ func TestSchedDueRunWakesWorker(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{}`))
 	})
-	a := ptStart(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_POLL_MS": "60000"})).app()
+	a := startProc(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_POLL_MS": "60000"})).app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "flaky", "webhook", map[string]any{"url": hook.URL})
 	a.waitListening(t, true)
@@ -599,7 +599,7 @@ func TestSchedTimeout(t *testing.T) {
 		case <-time.After(time.Minute):
 		}
 	})
-	a := ptStart(t, scEnv(t, dsn, nil)).app()
+	a := startProc(t, scEnv(t, dsn, nil)).app()
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "hang", "webhook", map[string]any{"url": hook.URL})
 	created := scCreate(t, a, ws, "hang", map[string]any{"timeout_ms": 300, "max_attempts": 2})
@@ -638,7 +638,7 @@ func TestSchedIdleLoad(t *testing.T) {
 	admin := adminDB(t)
 	env := scEnv(t, dsn, nil)
 	delete(env, "RUN_WORKER_POLL_MS")
-	a := ptStart(t, env).app()
+	a := startProc(t, env).app()
 	ws := a.createWorkspace(t)
 	scCreate(t, a, ws, "echo", map[string]any{"delay_ms": time.Hour.Milliseconds()})
 	xacts := func() int64 {

@@ -216,14 +216,9 @@ func upFill(t testing.TB, db *sql.DB, hookURL string) upFixture {
 	return f
 }
 
-// upStartEnv is the environment of the new binary on the upgraded database.
-func upStartEnv(t testing.TB, dsn string) map[string]string {
-	return testEnv(t, dsn, map[string]string{
-		"RUN_WORKER_EMBEDDED":         "true",
-		"AGENT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-		"LOG_LEVEL":                   "info",
-	})
-}
+// upEnv is what the tests' environment (testEnv) changes for the new binary on the
+// upgraded database.
+var upEnv = map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"}
 
 // TestUpgradeFromPreviousRelease: the new binary starts on a database the previous release
 // made and filled; every row is intact, keys authenticate, an Idempotency-Key still returns
@@ -243,7 +238,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	f := upFill(t, db, hook.URL)
 	before := upRows(t, db, "run_after")
 
-	p := ptStart(t, upStartEnv(t, dsn))
+	p := startProc(t, testEnv(t, dsn, upEnv))
 	a := p.app()
 
 	// The queued runs that were due execute; the scheduled one waits for its time.
@@ -365,7 +360,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 		t.Fatalf("first start after SIGTERM: got exit %d; want 0", code)
 	}
 	upgraded, schema := upRows(t, db, "run_at"), upSchema(t, db)
-	p = ptStart(t, upStartEnv(t, dsn))
+	p = startProc(t, testEnv(t, dsn, upEnv))
 	p.app().mustDo(t, "GET", "/v1/workspaces/"+f.ws1.ID, f.ws1.APIKey, nil, 200, nil)
 	for _, d := range upDiff(upgraded, upRows(t, db, "run_at")) {
 		t.Errorf("after a second start: %s", d)
@@ -384,7 +379,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	db := openTestDB(t, dsn)
 	upMadeBy(t, db, "v1")
 	f := upFill(t, db, "http://127.0.0.1:1/unused")
-	env := upStartEnv(t, dsn)
+	env := testEnv(t, dsn, upEnv)
 	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
 		t.Fatalf("agentapp migrate on the previous release's database: got exit %d; want 0", code)
 	}
@@ -416,7 +411,7 @@ func TestUpgradeThenOlderBinary(t *testing.T) {
 	for _, d := range upDiff(upgraded, upRows(t, db, "run_at")) {
 		t.Errorf("after the new binary started again: %s", d)
 	}
-	a := ptStart(t, env).app()
+	a := startProc(t, env).app()
 	run := a.createRun(t, f.ws1, "echo", map[string]int{"n": 8})
 	a.waitRunStatus(t, f.ws1, run.ID, "succeeded", 60*time.Second)
 	a.waitRunStatus(t, f.ws1, f.due, "succeeded", 60*time.Second)
@@ -445,7 +440,7 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 	if err != nil {
 		t.Fatalf("fill the last release's database: %v", err)
 	}
-	env := upStartEnv(t, dsn)
+	env := testEnv(t, dsn, upEnv)
 	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
 		t.Fatalf("agentapp migrate on the last release's database: got exit %d; want 0", code)
 	}
@@ -463,7 +458,7 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 		t.Errorf("a page of the upgraded workspace: got runs %v; want one queued and one succeeded", listed)
 	}
 
-	a := ptStart(t, env).app()
+	a := startProc(t, env).app()
 	a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second)
 	// Due a second from now, so that the long poll is waiting when the run ends: it can
 	// only answer early through the new status notifications.
@@ -511,7 +506,7 @@ func TestMigrationsRecorded(t *testing.T) {
 	dsn := testDB(t)
 	db := openTestDB(t, dsn)
 	upMadeBy(t, db, "v2")
-	env := upStartEnv(t, dsn)
+	env := testEnv(t, dsn, upEnv)
 	for i := range 2 {
 		if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
 			t.Fatalf("agentapp migrate (start %d): got exit %d; want 0", i+1, code)
