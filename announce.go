@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -14,16 +16,17 @@ import (
 // process's own worker is woken at once, and one NOTIFY at a time is sent after the inserts
 // committed, in a transaction of its own that writes nothing (no flush to wait for): inserts
 // that commit while it is in flight are covered by the next one.
-// The payload is the origin, then the workspaces of the runs, so that a worker elsewhere
-// looks for them there rather than everywhere.
+// The payload is the origin, then the workspaces of the runs, each with the earliest place
+// in line of its new runs, so that a worker elsewhere looks for them there rather than
+// everywhere, and from there rather than from the start of each line (runsAnnounced).
 type announcer struct {
 	db      *sql.DB
 	log     *slog.Logger
-	origin  string            // this process's worker id, so that its own listener ignores it
-	local   func(ws []string) // tells this process's worker
-	pending chan struct{}     // holds one: an announcement is due
-	mu      sync.Mutex        // guards spaces
-	spaces  map[string]bool   // the workspaces of the runs created since the last announcement
+	origin  string                   // this process's worker id, so that its own listener ignores it
+	local   func(map[string]linePos) // tells this process's worker
+	pending chan struct{}            // holds one: an announcement is due
+	mu      sync.Mutex               // guards spaces
+	spaces  map[string]linePos       // the workspaces of the runs created since the last announcement
 	done    chan struct{}
 }
 
@@ -31,8 +34,8 @@ type announcer struct {
 // a notification's payload (8000 bytes) can name.
 const anywhere = "*"
 
-// announceMost is the most workspaces an announcement names.
-const announceMost = 150
+// announceMost is the most workspaces an announcement names (an entry takes up to 58 bytes).
+const announceMost = 120
 
 // announceEvery is the least time between two notifications. After a quiet spell a new
 // run is announced at once; a burst of inserts is then announced at most this often rather
@@ -46,17 +49,20 @@ const announceEvery = 5 * time.Millisecond
 const announceTimeout = 5 * time.Second
 
 // newAnnouncer returns an announcer; run sends its notifications.
-func newAnnouncer(db *sql.DB, log *slog.Logger, origin string, local func(ws []string)) *announcer {
+func newAnnouncer(db *sql.DB, log *slog.Logger, origin string, local func(map[string]linePos)) *announcer {
 	return &announcer{db: db, log: log, origin: origin, local: local, pending: make(chan struct{}, 1),
-		spaces: map[string]bool{}, done: make(chan struct{})}
+		spaces: map[string]linePos{}, done: make(chan struct{})}
 }
 
 // claimable is called when runs of workspace ws may have become claimable: they were
-// inserted and committed, or their agent was changed (resumed, its cap raised).
-func (a *announcer) claimable(ws string) {
-	a.local([]string{ws})
+// inserted and committed, at place at in their agent's line or later, or their agent was
+// changed (resumed, its cap raised: keepPlace).
+func (a *announcer) claimable(ws string, at linePos) {
+	a.local(map[string]linePos{ws: at})
 	a.mu.Lock()
-	a.spaces[ws] = true
+	if old, ok := a.spaces[ws]; !ok || at.before(old) {
+		a.spaces[ws] = at
+	}
 	a.mu.Unlock()
 	select {
 	case a.pending <- struct{}{}:
@@ -95,11 +101,11 @@ func (a *announcer) run(ctx context.Context) {
 		if len(a.spaces) > announceMost {
 			payload += " " + anywhere
 		} else {
-			for ws := range a.spaces {
-				payload += " " + ws
+			for ws, at := range a.spaces {
+				payload += " " + placeEntry(ws, at)
 			}
 		}
-		a.spaces = map[string]bool{}
+		a.spaces = map[string]linePos{}
 		a.mu.Unlock()
 		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
 		_, err := a.db.ExecContext(nctx, `SELECT pg_notify('agentapp_runs', $1)`, payload)
@@ -113,4 +119,29 @@ func (a *announcer) run(ctx context.Context) {
 			a.log.Info("announcing new runs works again")
 		}
 	}
+}
+
+// placeEntry is workspace ws at place at as an announcement names it: the id alone for
+// keepPlace, else "id/priority/run_at in Unix microseconds" (the trigger on runs writes the
+// same).
+func placeEntry(ws string, at linePos) string {
+	if at == keepPlace {
+		return ws
+	}
+	return ws + "/" + strconv.Itoa(at.priority) + "/" + strconv.FormatInt(at.runAt.UnixMicro(), 10)
+}
+
+// parsePlace reads an entry placeEntry wrote; one it cannot read is the start of the line.
+func parsePlace(entry string) (ws string, at linePos) {
+	ws, rest, ok := strings.Cut(entry, "/")
+	if !ok {
+		return ws, keepPlace
+	}
+	p, us, _ := strings.Cut(rest, "/")
+	priority, err1 := strconv.Atoi(p)
+	micros, err2 := strconv.ParseInt(us, 10, 64)
+	if err1 != nil || err2 != nil {
+		return ws, lineStart
+	}
+	return ws, linePos{priority, time.UnixMicro(micros)}
 }

@@ -531,7 +531,7 @@ func BenchmarkSoak(b *testing.B) {
 // BenchmarkClaimIdleWorkspaces: one claim of 100 runs (store.claim, one lineup) while 3
 // workspaces have queued runs, among 3 workspaces in all and among 10,000 (each with an
 // agent): what the workspaces with nothing queued cost a claim (nothing but the search
-// from scratch every rescanEvery).
+// for agents never seen, every searchEvery).
 func BenchmarkClaimIdleWorkspaces(b *testing.B) {
 	for _, workspaces := range []int{3, 10_000} {
 		b.Run(fmt.Sprintf("workspaces=%d", workspaces), func(b *testing.B) {

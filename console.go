@@ -1079,7 +1079,7 @@ func (c *console) setPaused(paused bool) func(http.ResponseWriter, *http.Request
 			_, err = c.s.store.updateAgent(r.Context(), ws, name, agentPatch{Paused: &paused})
 		}
 		if err == nil {
-			c.s.announce.claimable(ws)
+			c.s.announce.claimable(ws, keepPlace)
 		}
 		if err != nil {
 			c.fail(w, r, err)

@@ -274,3 +274,54 @@ func TestStaleStatusListenersRemoved(t *testing.T) {
 		return ids == "alive"
 	})
 }
+
+// TestAnnouncementsCarryPlaces: the API's announcement of a new run and the trigger's
+// notification of a run queued again both name the run's workspace with its place in
+// line, which a worker reads back exactly (runsAnnounced, parsePlace).
+func TestAnnouncementsCarryPlaces(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil))
+	db := openTestDB(t, dsn)
+	ws := a.createWorkspace(t)
+	heard := testListener(t, dsn, "agentapp_runs")
+	places := func(what string) map[string]linePos {
+		t.Helper()
+		select {
+		case n := <-heard:
+			_, rest, _ := strings.Cut(n.Extra, " ")
+			got := map[string]linePos{}
+			for _, entry := range strings.Fields(rest) {
+				ws, at := parsePlace(entry)
+				got[ws] = at
+			}
+			return got
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: not announced within 5 s", what)
+			return nil
+		}
+	}
+	at := func(id string) linePos {
+		var p linePos
+		if err := db.QueryRow(`SELECT priority, run_at FROM runs WHERE id = $1`, id).Scan(&p.priority, &p.runAt); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "echo", "priority": 3}, 201, &run)
+	if got, want := places("a new run"), at(run.ID); len(got) != 1 || !got[ws.ID].runAt.Equal(want.runAt) || got[ws.ID].priority != want.priority {
+		t.Errorf("the announcement of a new run: got %v; want {%s: %v}", got, ws.ID, want)
+	}
+
+	if _, err := db.Exec(`UPDATE runs SET status = 'running', run_at = now() - interval '1 hour' WHERE id = $1`, run.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`UPDATE runs SET status = 'queued' WHERE id = $1`, run.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := places("a run queued again"), at(run.ID); len(got) != 1 || !got[ws.ID].runAt.Equal(want.runAt) || got[ws.ID].priority != want.priority {
+		t.Errorf("the trigger's notification of a run queued again: got %v; want {%s: %v}", got, ws.ID, want)
+	}
+}

@@ -29,28 +29,34 @@ import (
 // A claim (store.claim):
 //  1. recovers expired leases (when the worker's cycle asks: worker.cycle);
 //  2. finds the agents with queued runs (lineup.find): those of the workspaces where runs
-//     were announced, and every rescanEvery those not in line or idle; when a scheduled
-//     run fell due, the idle ones are read again;
+//     were announced, and every searchEvery those it has never seen; when a scheduled run
+//     fell due, the idle ones are read again;
 //  3. takes rounds (claimRound) until it has its limit or nothing more is claimable:
 //     the workspaces in turn, least recently served by this process first, each getting an
 //     equal share; within a workspace lower priority first, then the earliest due, merged
 //     over its agents. Paused agents are left out; a capped agent is read only under its
 //     advisory lock, up to its room (max_concurrency less its running runs, counted by a
 //     statement that starts after the lock was taken). A new limit is a filter here.
-//  4. reads each agent's runs from where its last claim stopped (head.priority, head.runAt),
-//     less lateCommit, not from the start: a pinned horizon keeps the index entries of
-//     every run claimed since, and a scan from the start reads through all of them. A
-//     notification of runs queued again (a recovered lease, a retry) starts every line
-//     from the start, and so does the claim every rescanEvery.
+//  4. reads each agent's runs from where its last claim stopped (head.at), not from the
+//     start: a pinned horizon keeps the index entries of every run claimed since, and a
+//     scan from the start reads through all of them. A run that joins a line behind that
+//     place is announced with its own (announce): a new run by the API once its insert
+//     committed, a run queued again (a recovered lease, a retry) by the trigger on runs.
+//     The line is then read from there. A run another claim held (skipped, locked) is read
+//     again by the next claim: that claim may yet roll back.
+//
+// A line is read from its start again only when the announcements may have missed a run:
+// this process's claim failed, its listening connection was lost, or every rescanEvery.
 
-// rescanEvery is how often a claim looks for the agents with queued runs that it does not
-// know of (a probe each): runs announced while this process did not hear. It then reads
-// every agent's line from its start again too, which under a pinned horizon reads through
-// the entries of every run claimed since: the backstop for a run that joined a line behind
-// where a claim stopped, found sooner in every usual case (a requeued run by its
-// notification, a lower priority number by its announcement, a commit up to lateCommit
-// late at once).
-const rescanEvery = time.Second
+// rescanEvery is how often every line is read from its start again: the backstop for a run
+// that joined a line behind its place unannounced (a writer that does not announce). Under
+// a pinned horizon that read goes through the entries of every run claimed since, so it is
+// rare.
+const rescanEvery = time.Minute
+
+// searchEvery is how often a claim looks for agents it has never seen with queued runs
+// (a probe each): runs announced while this process was not listening.
+const searchEvery = time.Second
 
 // lateCommit is how far behind the database's clock a line is read from: a run's run_at is
 // its insert's start, which may commit after runs inserted later were claimed.
@@ -64,13 +70,28 @@ const claimRounds = 3
 // agent's hash).
 const capLockSpace = 734629
 
+// linePos is a place in an agent's line: its runs are in (priority, run_at, seq) order.
+type linePos struct {
+	priority int
+	runAt    time.Time
+}
+
+var (
+	lineStart = linePos{priority: -1}   // before every run
+	keepPlace = linePos{priority: 1000} // after every run: an announcement that moves no place
+)
+
+// before reports whether p comes before o in line.
+func (p linePos) before(o linePos) bool {
+	return p.priority < o.priority || p.priority == o.priority && p.runAt.Before(o.runAt)
+}
+
 // head is one agent's place in line, as this process last saw it.
 type head struct {
 	workspace string
 	capped    bool
-	idle      bool      // its line had no due run: not read until it is announced or found again
-	priority  int       // the agent's due runs are read from (priority, runAt) on
-	runAt     time.Time // zero with priority -1: from the start
+	idle      bool    // its line had no due run: not read until it is announced or found again
+	at        linePos // the agent's due runs are read from here on
 }
 
 // lineup is what a worker knows of the queue between claims: the agents that may have due
@@ -79,43 +100,58 @@ type head struct {
 type lineup struct {
 	heads  map[string]*head     // agent id → place in line
 	served map[string]time.Time // workspace id → when this process last claimed one of its runs
-	found  time.Time            // the last search for agents not in line, and reset of every line
+	found  time.Time            // the last search for agents never seen
+	reset  time.Time            // the last time every line was read from its start
 	due    time.Time            // the next scheduled run falls due: search again then
 
-	mu        sync.Mutex      // guards the announcements below
-	announced map[string]bool // workspaces with runs created since the last claim
-	rescan    bool            // search from scratch at the next claim
+	mu        sync.Mutex         // guards the announcements below
+	announced map[string]linePos // workspaces with runs queued since the last claim: the earliest place
+	rescan    bool               // read every line from its start at the next claim
 }
 
 func newLineup() *lineup {
-	return &lineup{heads: map[string]*head{}, served: map[string]time.Time{}, announced: map[string]bool{}}
+	return &lineup{heads: map[string]*head{}, served: map[string]time.Time{}, announced: map[string]linePos{}}
 }
 
-// announce records that runs were created in workspaces (nil: anywhere, or made queued
-// by an update: search from scratch).
-func (q *lineup) announce(workspaces []string) {
+// announce records that runs were queued in workspaces, each at the given place or later
+// in its agent's line (keepPlace: none behind the places known; nil: anywhere, read every
+// line from its start).
+func (q *lineup) announce(workspaces map[string]linePos) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if workspaces == nil {
 		q.rescan = true
 	}
-	for _, ws := range workspaces {
-		q.announced[ws] = true
+	for ws, at := range workspaces {
+		if old, ok := q.announced[ws]; !ok || at.before(old) {
+			q.announced[ws] = at
+		}
 	}
 }
 
+// capped reports whether an agent in line (of workspace ws, "" for any) has a cap.
+func (q *lineup) capped(ws string) bool {
+	for _, h := range q.heads {
+		if h.capped && !h.idle && (ws == "" || h.workspace == ws) {
+			return true
+		}
+	}
+	return false
+}
+
 // find brings the heads up to date before a claim.
-func (q *lineup) find(ctx context.Context, db txQueryer) error {
+func (q *lineup) find(ctx context.Context, db queryer) error {
 	now := time.Now()
 	q.mu.Lock()
 	announced, rescan := q.announced, q.rescan
-	q.announced, q.rescan = map[string]bool{}, false
+	q.announced, q.rescan = map[string]linePos{}, false
 	q.mu.Unlock()
-	reset := rescan || now.Sub(q.found) >= rescanEvery
+	reset := rescan || now.Sub(q.reset) >= rescanEvery
 	if reset {
 		for _, h := range q.heads {
-			h.priority, h.runAt = -1, time.Time{}
+			h.at = lineStart
 		}
+		q.reset = now
 	}
 	if !q.due.IsZero() && !now.Before(q.due) {
 		// A scheduled run fell due: its agent is in line, if idle (announced when the run was
@@ -125,11 +161,12 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 		}
 		q.due = time.Time{}
 	}
-	if reset {
-		// The agents not in line, or idle, that have queued runs, due or not.
+	if reset || now.Sub(q.found) >= searchEvery {
+		// The agents never seen (after a reset: not in line, or idle) that have queued runs,
+		// due or not.
 		known := make([]string, 0, len(q.heads))
 		for id, h := range q.heads {
-			if !h.idle {
+			if !reset || !h.idle {
 				known = append(known, id)
 			}
 		}
@@ -138,7 +175,7 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 			q.announce(nil) // not done: again at the next claim
 			return err
 		}
-		if err := scanHeads(rows, q.heads); err != nil {
+		if err := scanHeads(rows, q.heads, nil); err != nil {
 			q.announce(nil)
 			return err
 		}
@@ -147,34 +184,35 @@ func (q *lineup) find(ctx context.Context, db txQueryer) error {
 	if len(announced) == 0 {
 		return nil
 	}
-	// New runs go to the back of their line, unless they jump ahead by priority: a line read
-	// from a later priority than the first is read from the start again.
 	ws := make([]string, 0, len(announced))
 	for id := range announced {
 		ws = append(ws, id)
 	}
 	rows, err := db.query(ctx, announcedSQL, pq.StringArray(ws))
 	if err != nil {
-		q.announce(ws)
+		q.announce(announced)
 		return err
 	}
-	return scanHeads(rows, q.heads)
+	return scanHeads(rows, q.heads, announced)
 }
 
-// scanHeads adds the agents in rows (id, workspace, capped) to heads, at the start of their
-// line unless they have a place in it already at priority 0 (an idle agent keeps its place:
-// read from the start again, its line would read through the entries of every run claimed
-// from it since the horizon was pinned).
-func scanHeads(rows *sql.Rows, heads map[string]*head) error {
+// scanHeads adds the agents in rows (id, workspace, capped) to heads at the start of their
+// line. An agent in heads already keeps its place (an idle one too: read from the start
+// again, its line would read through the entries of every run claimed from it since the
+// horizon was pinned), moved back to where its workspace's runs were announced, if earlier.
+func scanHeads(rows *sql.Rows, heads map[string]*head, announced map[string]linePos) error {
 	defer rows.Close()
 	for rows.Next() {
 		var id string
-		h := &head{priority: -1}
+		h := &head{at: lineStart}
 		if err := rows.Scan(&id, &h.workspace, &h.capped); err != nil {
 			return err
 		}
-		if old := heads[id]; old != nil && old.priority <= 0 {
+		if old := heads[id]; old != nil {
 			old.capped, old.idle = h.capped, false
+			if at, ok := announced[old.workspace]; ok && at.before(old.at) {
+				old.at = at
+			}
 			continue
 		}
 		heads[id] = h
@@ -209,7 +247,8 @@ const recoverSQL = `
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds.
 const pickSQL = `
-	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, c.id, c.priority, c.run_at, c.seq, now()
+	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, a.name, a.kind, a.config,
+		c.id, c.priority, c.run_at, c.seq, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
@@ -223,16 +262,15 @@ const pickSQL = `
 // transaction holds. The status test is one no index can answer, so that the runs are
 // found by id: as a plain equality the generic plan read the queued range of
 // runs_list_idx, and as (status = 'queued') IS TRUE the whole of runs_line_idx, whose
-// predicate that is; under a pinned horizon each holds an entry for every run queued since
-// (6,800 and 17,000 buffers a claim). status is never null, so IS NOT FALSE says the same.
+// predicate that is; under a pinned horizon each holds an entry for every run queued since.
+// status is never null, so IS NOT FALSE says the same. The rows locked are then written by
+// their address (ctid), not found by id a second time.
 const takeSQL = `
 	UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
-	FROM agents a
-	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
-	                        FOR UPDATE SKIP LOCKED))
-	  AND a.id = r.agent_id
-	RETURNING r.id, r.workspace_id, r.attempt, r.input, a.name, a.kind, a.config, r.timeout_ms`
+	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
+	                          FOR UPDATE SKIP LOCKED))
+	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
 // each in runs_line_idx; the agents of announced workspaces; the next due time; the capped
@@ -263,24 +301,11 @@ var claimSQL = []string{recoverSQL, searchSQL, announcedSQL, pickSQL, takeSQL, n
 
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
-// this file says.
+// this file says. Each statement is a transaction of its own (one round trip each), but
+// for the rounds that read capped agents: those hold the agents' locks from the count of
+// their room to the commit of what they took, in one transaction.
 func (s *store) claim(ctx context.Context, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
-	for _, query := range claimSQL {
-		if _, err := s.prepared(ctx, query); err != nil {
-			return claimResult{}, err
-		}
-	}
-	// One transaction, so that an idle worker's claim costs PostgreSQL one.
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return claimResult{}, err
-	}
-	defer tx.Rollback()
-	db := txQueryer{s, tx}
-	res, err := s.claimIn(ctx, db, q, workerID, limit, ws, lease, recoverLeases)
-	if err == nil {
-		err = tx.Commit()
-	}
+	res, err := s.claimIn(ctx, q, workerID, limit, ws, lease, recoverLeases)
 	if err != nil {
 		q.announce(nil) // where it stopped in each line is not known: from the start next time
 		return claimResult{}, err
@@ -288,9 +313,15 @@ func (s *store) claim(ctx context.Context, q *lineup, workerID string, limit int
 	return res, nil
 }
 
-// claimIn is claim's work, in the claim's transaction.
-func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
+// claimIn is claim's work.
+func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
 	var res claimResult
+	for _, query := range claimSQL {
+		if _, err := s.prepared(ctx, query); err != nil {
+			return res, err
+		}
+	}
+	db := queryer{s: s}
 	if recoverLeases {
 		if err := db.queryRow(ctx, recoverSQL).Scan(&res.requeued, &res.failed); err != nil {
 			return res, err
@@ -304,6 +335,14 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 	}
 	if err := q.find(ctx, db); err != nil {
 		return res, err
+	}
+	if q.capped(ws) {
+		tx, err := s.db.BeginTx(ctx, nil)
+		if err != nil {
+			return res, err
+		}
+		defer tx.Rollback()
+		db.tx = tx
 	}
 	for round := 1; len(res.claimed) < limit; round++ {
 		more, err := s.claimRound(ctx, db, q, workerID, limit, ws, lease, &res)
@@ -320,13 +359,15 @@ func (s *store) claimIn(ctx context.Context, db txQueryer, q *lineup, workerID s
 	}
 	if len(res.claimed) < limit && !res.more {
 		var next sql.NullTime
-		if err := db.queryRow(ctx, nextDueSQL,
-			ws).Scan(&next); err != nil {
+		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next); err != nil {
 			return res, err
 		}
 		if next.Valid {
 			res.nextDue, q.due = next.Time, next.Time
 		}
+	}
+	if db.tx != nil {
+		return res, db.tx.Commit()
 	}
 	return res, nil
 }
@@ -345,7 +386,7 @@ func (p pick) before(o pick) int {
 
 // claimRound is one round of a claim: it adds what it claimed to res and says whether
 // another round may find more.
-func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerID string, limit int, ws string, lease time.Duration, res *claimResult) (more bool, err error) {
+func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID string, limit int, ws string, lease time.Duration, res *claimResult) (more bool, err error) {
 	want := limit - len(res.claimed)
 	// The workspaces with agents in line, least recently served first.
 	agentsOf := map[string][]string{}
@@ -416,8 +457,8 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 			if n <= 0 {
 				continue
 			}
-			agents, prios, ns = append(agents, id), append(prios, int64(h.priority)), append(ns, int64(n))
-			ats = append(ats, h.runAt.Format(time.RFC3339Nano))
+			agents, prios, ns = append(agents, id), append(prios, int64(h.at.priority)), append(ns, int64(n))
+			ats = append(ats, h.at.runAt.Format(time.RFC3339Nano))
 		}
 	}
 	if len(agents) == 0 {
@@ -427,15 +468,18 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 	if err != nil {
 		return false, err
 	}
-	read := map[string][]pick{} // by agent, in claim order
+	read := map[string][]pick{}   // by agent, in claim order
+	agentOf := map[string]agent{} // the agents read, as they stand now
 	var dbNow time.Time
 	for rows.Next() {
 		var p pick
 		var paused, isCapped bool
-		if err := rows.Scan(&p.agent, &paused, &isCapped, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
+		var a agent
+		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.Name, &a.Kind, &a.Config, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
 			rows.Close()
 			return false, err
 		}
+		agentOf[p.agent] = a
 		h := q.heads[p.agent]
 		if h == nil {
 			continue // left the line at an earlier row of this round
@@ -473,18 +517,47 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 		}
 	}
 	var chosen []string
-	taken := map[string]bool{}
 	for _, turn := range turns {
 		for _, p := range turn {
 			if len(chosen) < want {
-				chosen, taken[p.id] = append(chosen, p.id), true
+				chosen = append(chosen, p.id)
 			} else {
 				more = true
 			}
 		}
 	}
-	// Each agent's line now starts at its first run not taken, or after its last one; an
-	// agent whose line had no due run is idle until it is announced or found again.
+	claimed := map[string]bool{}
+	if len(chosen) > 0 {
+		rows, err = db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen))
+		if err != nil {
+			return false, err
+		}
+		now := time.Now()
+		for rows.Next() {
+			var c claimedRun
+			var agentID string
+			var timeout sql.NullInt64
+			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout); err != nil {
+				rows.Close()
+				return false, err
+			}
+			a := agentOf[agentID]
+			c.AgentName, c.AgentKind, c.AgentConfig = a.Name, a.Kind, a.Config
+			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
+			c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
+			res.claimed = append(res.claimed, c)
+			q.served[c.WorkspaceID] = now
+			claimed[c.ID] = true
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return false, err
+		}
+	}
+	// Each agent's line now starts at its first run not claimed (one not chosen, or one
+	// another claim held), or after its last one; an agent whose line had no due run is
+	// idle until it is announced or found again. A run held by another claim is not looked
+	// for again in this claim: that claim has it, unless it rolls back.
 	for i, id := range agents {
 		h := q.heads[id]
 		if h == nil {
@@ -497,72 +570,50 @@ func (s *store) claimRound(ctx context.Context, db txQueryer, q *lineup, workerI
 		}
 		next := got[len(got)-1]
 		for _, p := range got {
-			if !taken[p.id] {
+			if !claimed[p.id] {
 				next = p
 				break
 			}
 		}
-		h.priority, h.runAt = next.priority, next.runAt
-		if late := dbNow.Add(-lateCommit); h.runAt.After(late) {
-			h.runAt = late
+		h.at = linePos{next.priority, next.runAt}
+		if late := dbNow.Add(-lateCommit); h.at.runAt.After(late) {
+			h.at.runAt = late
 		}
 		if int64(len(got)) == ns[i] {
 			more = true // it may have more due
 		}
 	}
-	if len(chosen) == 0 {
-		return more, nil
-	}
-
-	rows, err = db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen))
-	if err != nil {
-		return false, err
-	}
-	now := time.Now()
-	claimed := 0
-	for rows.Next() {
-		var c claimedRun
-		var timeout sql.NullInt64
-		if err := rows.Scan(&c.ID, &c.WorkspaceID, &c.Attempt, &c.Input, &c.AgentName, &c.AgentKind, &c.AgentConfig, &timeout); err != nil {
-			rows.Close()
-			return false, err
-		}
-		c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
-		c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
-		res.claimed = append(res.claimed, c)
-		q.served[c.WorkspaceID] = now
-		claimed++
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return false, err
-	}
-	// Runs another claim held were skipped: another round looks past them.
-	return more || claimed < len(chosen), nil
+	return more, nil
 }
 
-// txQueryer runs statements in tx, with the pool's prepared statements (claim prepares them
-// all before its transaction begins: claimSQL).
-type txQueryer struct {
+// queryer runs the claim's statements, prepared (claim prepares them all first: claimSQL),
+// each in a transaction of its own, or in tx if set.
+type queryer struct {
 	s  *store
 	tx *sql.Tx
 }
 
-func (t txQueryer) query(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+func (t queryer) query(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
 	st, err := t.s.prepared(ctx, query)
 	if err != nil {
 		return nil, err
 	}
-	return t.tx.StmtContext(ctx, st).QueryContext(ctx, args...)
+	if t.tx != nil {
+		st = t.tx.StmtContext(ctx, st)
+	}
+	return st.QueryContext(ctx, args...)
 }
 
 // queryRow runs a statement that answers one row, as query does; an error comes from Scan.
-func (t txQueryer) queryRow(ctx context.Context, query string, args ...any) interface{ Scan(...any) error } {
+func (t queryer) queryRow(ctx context.Context, query string, args ...any) interface{ Scan(...any) error } {
 	st, err := t.s.prepared(ctx, query)
 	if err != nil {
 		return failedRow{err}
 	}
-	return t.tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+	if t.tx != nil {
+		st = t.tx.StmtContext(ctx, st)
+	}
+	return st.QueryRowContext(ctx, args...)
 }
 
 // failedRow is a row whose statement could not be sent.

@@ -663,10 +663,11 @@ func TestSchedIdleLoad(t *testing.T) {
 
 // TestSchedLineup: claims read each agent's line from where the last one stopped, and
 // find what joined a line behind that place: a run announced with a lower priority number,
-// a run committed late. Then three lineups (three processes) claim while connections
-// insert runs, some ahead of the line (a lower priority number), and some runs are queued
-// again after a claim (as a recovered lease is, keeping its place): every run is claimed
-// and finishes.
+// a run committed late, a run queued again far behind and announced at its place. Then
+// three lineups (three processes) claim while connections insert runs, some ahead of the
+// line (a lower priority number), and some runs are queued again after a claim (as a
+// recovered lease is, keeping its place): every run is claimed and finishes. Every
+// announcement here goes through the form a notification carries (placeEntry, parsePlace).
 func TestSchedLineup(t *testing.T) {
 	t.Parallel()
 	const workspaces = 50
@@ -688,7 +689,35 @@ func TestSchedLineup(t *testing.T) {
 		}
 		return ids, err
 	}
-	const requeue = `UPDATE runs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL WHERE id = ANY ($1)`
+	const requeue = `UPDATE runs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL WHERE id = ANY ($1)
+		RETURNING workspace_id, priority, run_at`
+	// places reads (workspace, priority, run_at) rows: the earliest place of each workspace,
+	// as an announcement of those runs names it.
+	places := func(rows *sql.Rows, err error) map[string]linePos {
+		if err != nil {
+			t.Errorf("queue runs: %v", err)
+			return nil
+		}
+		defer rows.Close()
+		at := map[string]linePos{}
+		for rows.Next() {
+			var ws string
+			var p linePos
+			if err := rows.Scan(&ws, &p.priority, &p.runAt); err != nil {
+				t.Errorf("queue runs: %v", err)
+				return nil
+			}
+			if old, ok := at[ws]; !ok || p.before(old) {
+				at[ws] = p
+			}
+		}
+		sent := map[string]linePos{}
+		for ws, p := range at {
+			ws, p = parsePlace(placeEntry(ws, p))
+			sent[ws] = p
+		}
+		return sent
+	}
 
 	// One workspace: priority 5 runs are claimed, then a priority 0 run joins ahead.
 	q := newLineup()
@@ -700,11 +729,12 @@ func TestSchedLineup(t *testing.T) {
 		t.Fatalf("claim of 2 from 3 queued: got %v, %v; want 2 runs", first, err)
 	}
 	var ahead string
+	var aheadAt linePos
 	if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, priority) SELECT workspace_id, id, 0
-		FROM agents WHERE workspace_id = $1 RETURNING id`, wss[0]).Scan(&ahead); err != nil {
+		FROM agents WHERE workspace_id = $1 RETURNING id, priority, run_at`, wss[0]).Scan(&ahead, &aheadAt.priority, &aheadAt.runAt); err != nil {
 		t.Fatal(err)
 	}
-	q.announce([]string{wss[0]}) // as the API does
+	q.announce(map[string]linePos{wss[0]: aheadAt}) // as the API does
 	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{ahead}) {
 		t.Fatalf("claim of 1 after a priority 0 run joined ahead: got %v, %v; want %s", got, err, ahead)
 	}
@@ -717,6 +747,15 @@ func TestSchedLineup(t *testing.T) {
 	}
 	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{late}) {
 		t.Fatalf("claim of 1 after a run committed late: got %v, %v; want %s", got, err, late)
+	}
+	// A run queued again an hour behind (a lease recovered, keeping its place) is announced
+	// at its place: the next claim takes it, not the run just added after where the last
+	// claim stopped. Unannounced, it would wait for the next read from the start.
+	exec(insert, wss[0], 0)
+	exec(`UPDATE runs SET run_at = now() - interval '1 hour', priority = 0 WHERE id = $1`, first[0])
+	q.announce(places(db.Query(requeue, pq.Array([]string{first[0]}))))
+	if got, err := claim(q, 1); err != nil || fmt.Sprint(got) != fmt.Sprint([]string{first[0]}) {
+		t.Fatalf("claim of 1 after a run was queued again an hour behind: got %v, %v; want %s", got, err, first[0])
 	}
 	exec(`UPDATE runs SET status = 'succeeded', finished_at = now() WHERE status = 'running'`)
 	exec(`DELETE FROM runs WHERE status = 'queued'`)
@@ -734,12 +773,12 @@ func TestSchedLineup(t *testing.T) {
 			defer ins.Done()
 			for range perInserter {
 				ws := wss[rand.N(len(wss))]
-				if _, err := db.Exec(insert, ws, rand.N(3)); err != nil {
-					t.Errorf("insert a run: %v", err)
+				at := places(db.Query(insert+` RETURNING workspace_id, priority, run_at`, ws, rand.N(3)))
+				if at == nil {
 					return
 				}
 				for _, q := range lineups { // as the API's announcement tells every process
-					q.announce([]string{ws})
+					q.announce(at)
 				}
 			}
 		}()
@@ -771,10 +810,13 @@ func TestSchedLineup(t *testing.T) {
 						done = append(done, id)
 					}
 				}
-				_, err = db.Exec(requeue, pq.Array(again))
 				if len(again) > 0 {
+					at := places(db.Query(requeue, pq.Array(again)))
+					if at == nil {
+						return
+					}
 					for _, q := range lineups { // as the trigger's notification tells every process
-						q.announce(nil)
+						q.announce(at)
 					}
 				}
 				if err == nil {

@@ -212,10 +212,11 @@ CREATE OR REPLACE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OL
     FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
 
 -- Notifications that let every agentapp process react at once:
---   agentapp_runs    runs became claimable (wakes idle workers). For new runs the API sends
---                    it after their insert commits, coalesced (at most one in flight per
---                    process): a NOTIFY inside the inserting transaction would serialise
---                    every insert's commit in PostgreSQL.
+--   agentapp_runs    runs became claimable (wakes idle workers), payload the sender's worker
+--                    id ("-" here) and, per workspace, where in line: "id/priority/run_at in
+--                    Unix microseconds". For new runs the API sends it after their insert
+--                    commits, coalesced (at most one in flight per process): a NOTIFY inside
+--                    the inserting transaction would serialise every insert's commit.
 --   agentapp_status  payload "workspace id:run id:new status" entries separated by spaces:
 --                    runs changed status (streams; a final one answers ?wait_ms)
 --   agentapp_cancel  payload run ids separated by spaces: cancel them where they execute
@@ -248,7 +249,7 @@ BEGIN
     -- One join of the old rows to the new ones serves all three channels.
     FOR v_channel, v_payload IN
         WITH d AS (
-            SELECT w.workspace_id, w.id, o.status AS was, w.status,
+            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at,
                    w.status = 'running' AND w.cancel_requested AND NOT o.cancel_requested AS cancel
             FROM old_runs o JOIN new_runs w ON w.id = o.id
             WHERE w.status <> o.status OR (w.cancel_requested AND NOT o.cancel_requested))
@@ -258,8 +259,15 @@ BEGIN
             FROM d WHERE v_status AND d.status <> d.was) c
         GROUP BY c.chunk
         UNION ALL
-        -- Claimable now or later (retried, requeued, recovered): idle workers learn when.
-        SELECT 'agentapp_runs', '' WHERE EXISTS (SELECT 1 FROM d WHERE d.status = 'queued' AND d.was <> 'queued')
+        -- Claimable now or later (retried, requeued, recovered): workers learn where in line,
+        -- the earliest place in each workspace (worker.runsAnnounced reads it).
+        SELECT 'agentapp_runs', '- ' || string_agg(c.entry, ' ') FROM (
+            SELECT e.entry, (row_number() OVER () - 1) / 120 AS chunk FROM (
+                SELECT DISTINCT ON (d.workspace_id) d.workspace_id::text || '/' || d.priority || '/'
+                       || trunc(extract(epoch FROM d.run_at) * 1000000)::bigint AS entry
+                FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
+                ORDER BY d.workspace_id, d.priority, d.run_at) e) c
+        GROUP BY c.chunk
         UNION ALL
         SELECT 'agentapp_cancel', string_agg(c.id, ' ') FROM (
             SELECT d.id::text AS id, (row_number() OVER () - 1) / 200 AS chunk FROM d WHERE d.cancel) c

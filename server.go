@@ -968,7 +968,7 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 	}
 	a, err := s.store.updateAgent(r.Context(), ws, name, p)
 	if err == nil {
-		s.announce.claimable(ws)
+		s.announce.claimable(ws, keepPlace)
 	}
 	s.answer(w, r, http.StatusOK, a, err)
 }
@@ -1124,7 +1124,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 		err = errKeyReused
 	}
 	if created {
-		s.announce.claimable(run.WorkspaceID)
+		s.announce.claimable(run.WorkspaceID, linePos{run.Priority, run.RunAt})
 	}
 	switch {
 	case err != nil:
@@ -1186,7 +1186,15 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	s.announce.claimable(r.PathValue("ws"))
+	if len(runs) > 0 {
+		first := linePos{runs[0].Priority, runs[0].RunAt}
+		for _, run := range runs[1:] {
+			if at := (linePos{run.Priority, run.RunAt}); at.before(first) {
+				first = at
+			}
+		}
+		s.announce.claimable(r.PathValue("ws"), first)
+	}
 	writeRuns(w, http.StatusCreated, runs, false, "")
 }
 

@@ -324,24 +324,30 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 }
 
 // runsAnnounced is told that runs became claimable: payload is the announcing worker's id
-// and the workspaces of the runs it created, separated by spaces ("" for a trigger's
-// notification or a reconnect: anywhere). Its own announcements are ignored: the worker
-// was told when it made them.
+// ("-" for the trigger on runs) and an entry per workspace, separated by spaces (nothing
+// after the id, or "*": anywhere). An entry is the workspace's id, with "/priority/run_at
+// in Unix microseconds" when the runs are at that place in line or later. Its own
+// announcements are ignored: the worker was told when it made them.
 func (w *worker) runsAnnounced(payload string) {
 	origin, rest, _ := strings.Cut(payload, " ")
 	if origin == w.id {
 		return
 	}
-	var workspaces []string // nil: anywhere
-	if origin != "" && rest != "" && rest != anywhere {
-		workspaces = strings.Fields(rest)
+	if rest == "" || rest == anywhere {
+		w.claimable(nil)
+		return
+	}
+	workspaces := map[string]linePos{}
+	for _, entry := range strings.Fields(rest) {
+		ws, at := parsePlace(entry)
+		workspaces[ws] = at
 	}
 	w.claimable(workspaces)
 }
 
 // claimable tells the worker that runs of workspaces (nil: anywhere) may have become
-// claimable, and wakes it.
-func (w *worker) claimable(workspaces []string) {
+// claimable, each at the given place in line or later, and wakes it.
+func (w *worker) claimable(workspaces map[string]linePos) {
 	w.line.announce(workspaces)
 	w.wakeUp()
 }
