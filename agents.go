@@ -7,10 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,11 +49,32 @@ func decodeAgentConfig(config json.RawMessage, v any) error {
 	return nil
 }
 
+// checkConfigKeys refuses a key of config that is not exactly one of v's JSON names:
+// encoding/json matches keys case-insensitively, so {"DELAY_MS":1} would pass for
+// delay_ms. Only the API checks this; a config stored before is executed as it was read.
+func checkConfigKeys(config json.RawMessage, v any) error {
+	var keys map[string]json.RawMessage
+	if json.Unmarshal(config, &keys) != nil {
+		return nil // not an object: decodeAgentConfig says why
+	}
+	fields := jsonFields(reflect.TypeOf(v).Elem())
+	names := slices.Sorted(maps.Keys(fields))
+	for _, k := range slices.Sorted(maps.Keys(keys)) {
+		if _, ok := fields[k]; !ok {
+			return fmt.Errorf("config: unknown key %q (keys match exactly; this kind knows %s)", k, strings.Join(names, ", "))
+		}
+	}
+	return nil
+}
+
 // validateAgent checks an agent's kind and config as given to the API.
 func validateAgent(kind string, config json.RawMessage, allowedHosts []string) error {
 	switch kind {
 	case "echo":
 		var c echoConfig
+		if err := checkConfigKeys(config, &c); err != nil {
+			return err
+		}
 		if err := decodeAgentConfig(config, &c); err != nil {
 			return err
 		}
@@ -59,6 +83,9 @@ func validateAgent(kind string, config json.RawMessage, allowedHosts []string) e
 		}
 	case "webhook":
 		var c webhookConfig
+		if err := checkConfigKeys(config, &c); err != nil {
+			return err
+		}
 		if err := decodeAgentConfig(config, &c); err != nil {
 			return err
 		}

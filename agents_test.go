@@ -444,3 +444,36 @@ func TestWorkerWebhookOutputNotStorable(t *testing.T) {
 		t.Errorf("output of [1e131071]: got %d bytes; want the 131072 digits and more", len(r.Output))
 	}
 }
+
+// TestAgentConfigKeysMatchExactly: a config key that differs from a known one only in case
+// is unknown (SPEC: {"DELAY_MS":1} is not delay_ms): 422 at creation and at PATCH, for
+// both kinds, and the exact key is accepted.
+func TestAgentConfigKeysMatchExactly(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	hook := "http://127.0.0.1:9/run"
+	cases := []struct {
+		kind      string
+		good, bad map[string]any
+	}{
+		{"echo", map[string]any{"delay_ms": 1}, map[string]any{"DELAY_MS": 1}},
+		{"webhook", map[string]any{"url": hook}, map[string]any{"URL": hook}},
+		{"webhook", map[string]any{"url": hook, "timeout_ms": 5}, map[string]any{"url": hook, "Timeout_ms": 5}},
+	}
+	for i, c := range cases {
+		name := fmt.Sprint(c.kind, i)
+		status, _, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil,
+			map[string]any{"name": name, "kind": c.kind, "config": c.bad})
+		if status != 422 || !strings.Contains(string(body), "unknown key") {
+			t.Errorf("POST %s agent with config %v: got %d %s; want 422 naming the unknown key", c.kind, c.bad, status, body)
+		}
+		a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey,
+			map[string]any{"name": name, "kind": c.kind, "config": c.good}, 201, nil)
+		status, _, body = a.do(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, nil, map[string]any{"config": c.bad})
+		if status != 422 || !strings.Contains(string(body), "unknown key") {
+			t.Errorf("PATCH %s agent with config %v: got %d %s; want 422 naming the unknown key", c.kind, c.bad, status, body)
+		}
+		a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, map[string]any{"config": c.good}, 200, nil)
+	}
+}
