@@ -1147,8 +1147,8 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 }
 
 // requestTrace is the trace context of a create request's traceparent header, or a new
-// trace when it has none or an invalid one. Every run a batch creates is in the batch
-// request's trace, as its traceparent says it should be.
+// trace when it has none or an invalid one. A batch's runs all take their request's (one
+// new trace for the batch without one): they were created by one operation.
 func requestTrace(r *http.Request) traceContext {
 	if tc, ok := parseTraceparent(r.Header.Get("traceparent")); ok {
 		return tc
