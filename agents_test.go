@@ -727,6 +727,12 @@ func TestSignedDeliveries(t *testing.T) {
 			t.Errorf("trace_id of a batch's run: got %q; want the batch request's %s", r.TraceID, callerTrace)
 		}
 	}
+	var untraced struct{ Runs []runRecord }
+	a.mustDo(t, "POST", runs+"/batch", ws.APIKey, map[string]any{"runs": []any{map[string]any{"agent": "echo"}, map[string]any{"agent": "echo"}}}, 201, &untraced)
+	if got := untraced.Runs; len(got) != 2 || got[0].TraceID != got[1].TraceID || got[0].TraceID == callerTrace ||
+		got[0].TraceID == fresh.TraceID || !regexp.MustCompile(`^[0-9a-f]{32}$`).MatchString(got[0].TraceID) {
+		t.Errorf("trace_ids of a batch without traceparent: got %+v; want one new trace id for both", got)
+	}
 
 	// Each delivery: signed with the secret, webhook-id <run>_0_1, the run's trace id.
 	byRun := map[string]delivery{}
