@@ -3,14 +3,22 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,11 +54,32 @@ func decodeAgentConfig(config json.RawMessage, v any) error {
 	return nil
 }
 
+// checkConfigKeys refuses a key of config that is not exactly one of v's JSON names:
+// encoding/json matches keys case-insensitively, so {"DELAY_MS":1} would pass for
+// delay_ms. Only the API checks this; a config stored before is executed as it was read.
+func checkConfigKeys(config json.RawMessage, v any) error {
+	var keys map[string]json.RawMessage
+	if json.Unmarshal(config, &keys) != nil {
+		return nil // not an object: decodeAgentConfig says why
+	}
+	fields := jsonFields(reflect.TypeOf(v).Elem())
+	names := slices.Sorted(maps.Keys(fields))
+	for _, k := range slices.Sorted(maps.Keys(keys)) {
+		if _, ok := fields[k]; !ok {
+			return fmt.Errorf("config: unknown key %q (keys match exactly; this kind knows %s)", k, strings.Join(names, ", "))
+		}
+	}
+	return nil
+}
+
 // validateAgent checks an agent's kind and config as given to the API.
 func validateAgent(kind string, config json.RawMessage, allowedHosts []string) error {
 	switch kind {
 	case "echo":
 		var c echoConfig
+		if err := checkConfigKeys(config, &c); err != nil {
+			return err
+		}
 		if err := decodeAgentConfig(config, &c); err != nil {
 			return err
 		}
@@ -59,6 +88,9 @@ func validateAgent(kind string, config json.RawMessage, allowedHosts []string) e
 		}
 	case "webhook":
 		var c webhookConfig
+		if err := checkConfigKeys(config, &c); err != nil {
+			return err
+		}
 		if err := decodeAgentConfig(config, &c); err != nil {
 			return err
 		}
@@ -415,6 +447,18 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Idempotency-Key", c.ID)
+	// The step is 0 until runs have steps: the id then tells one step's delivery from
+	// another's, and a requeued attempt (refunded at shutdown) is delivered again with its id.
+	id := fmt.Sprintf("%s_0_%d", c.ID, c.Attempt)
+	ts := time.Now().Unix()
+	sig, err := signatures(c.Secrets, id, ts, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("webhook-id", id)
+	req.Header.Set("webhook-timestamp", strconv.FormatInt(ts, 10))
+	req.Header.Set("webhook-signature", sig)
+	req.Header.Set("traceparent", "00-"+c.TraceID+"-"+randomHex(8)+"-"+c.Flags)
 
 	// timedOut tells the webhook's own timeout from the run being canceled.
 	timedOut := func() bool { return ctx.Err() == nil && reqCtx.Err() != nil }
@@ -456,6 +500,91 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 		return nil, err
 	}
 	return out.Bytes(), nil
+}
+
+// secretPrefix begins every signing secret, as the Standard Webhooks specification spells
+// them; the rest is the key's base64.
+const secretPrefix = "whsec_"
+
+// secretOverlap is how long the secret before a rotation signs deliveries beside the new
+// one, so that an agent can switch to the new secret without refusing a delivery (SPEC).
+const secretOverlap = 24 * time.Hour
+
+// newSigningSecret returns a new webhook signing secret: whsec_ and the base64 of 32 random
+// bytes (the specification asks for 24 to 64).
+func newSigningSecret() string {
+	b := make([]byte, 32)
+	rand.Read(b) // crypto/rand: never fails
+	return secretPrefix + base64.StdEncoding.EncodeToString(b)
+}
+
+// signatures is a webhook-signature header: the Standard Webhooks v1 signature of
+// id.ts.body by each secret, newest first, separated by spaces.
+func signatures(secrets []string, id string, ts int64, body []byte) (string, error) {
+	if len(secrets) == 0 {
+		return "", errors.New("webhook agent has no signing secret: rotate it (POST …/rotate-secret)")
+	}
+	sigs := make([]string, len(secrets))
+	for i, secret := range secrets {
+		key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(secret, secretPrefix))
+		if err != nil {
+			return "", fmt.Errorf("webhook agent's signing secret is malformed (%v): rotate it", err)
+		}
+		mac := hmac.New(sha256.New, key)
+		fmt.Fprintf(mac, "%s.%d.", id, ts)
+		mac.Write(body)
+		sigs[i] = "v1," + base64.StdEncoding.EncodeToString(mac.Sum(nil))
+	}
+	return strings.Join(sigs, " "), nil
+}
+
+// randomHex returns n random bytes in lowercase hex.
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// traceContext is the W3C trace context a run's deliveries carry: its trace id (32 hex
+// digits) and trace flags (2).
+type traceContext struct {
+	TraceID, Flags string
+}
+
+// newTraceContext starts a trace: a random trace id, sampled (flags 01), as a request
+// without a traceparent gets one.
+func newTraceContext() traceContext {
+	return traceContext{TraceID: randomHex(16), Flags: "01"}
+}
+
+// parseTraceparent reads a W3C traceparent header (version 00, or a later version read as
+// 00 says); ok is false for an invalid one, which the caller replaces with a new trace.
+func parseTraceparent(h string) (tc traceContext, ok bool) {
+	h = strings.TrimSpace(h)
+	if len(h) < 55 || h[2] != '-' || h[35] != '-' || h[52] != '-' {
+		return tc, false
+	}
+	version, traceID, parent, flags := h[:2], h[3:35], h[36:52], h[53:55]
+	switch {
+	case !isLowerHex(version) || version == "ff",
+		version == "00" && len(h) != 55,
+		len(h) > 55 && h[55] != '-',
+		!isLowerHex(traceID) || traceID == strings.Repeat("0", 32),
+		!isLowerHex(parent) || parent == strings.Repeat("0", 16),
+		!isLowerHex(flags):
+		return tc, false
+	}
+	return traceContext{TraceID: traceID, Flags: flags}, true
+}
+
+// isLowerHex reports whether s is lowercase hex digits only, as trace context requires.
+func isLowerHex(s string) bool {
+	for i := range len(s) {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // maxErrorExcerpt is how much of a failed webhook's answer its attempt's error quotes: the

@@ -2,14 +2,25 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // forbiddenURLs are webhook URLs whose host is a literal forbidden address in some spelling,
@@ -218,7 +229,7 @@ func TestWebhookDialRefusesForbidden(t *testing.T) {
 	client := newWebhookClientWith(testLookup)
 	t.Cleanup(client.CloseIdleConnections)
 	attempt := func(host string, allowed []string) (json.RawMessage, error) {
-		c := claimedRun{ID: "00000000-0000-0000-0000-000000000001", AgentKind: "webhook", AgentName: "hook", Attempt: 1,
+		c := claimedRun{ID: "00000000-0000-0000-0000-000000000001", AgentKind: "webhook", AgentName: "hook", Attempt: 1, Secrets: []string{newSigningSecret()},
 			AgentConfig: json.RawMessage(`{"url":"http://` + net.JoinHostPort(host, port) + `/","timeout_ms":5000}`), Input: json.RawMessage(`{}`)}
 		return runAgent(context.Background(), client, allowed, c)
 	}
@@ -442,5 +453,441 @@ func TestWorkerWebhookOutputNotStorable(t *testing.T) {
 	}
 	if r := a.getRun(t, ws, runs["fine"].ID); len(r.Output) < 131072 {
 		t.Errorf("output of [1e131071]: got %d bytes; want the 131072 digits and more", len(r.Output))
+	}
+}
+
+// TestAgentConfigKeysMatchExactly: a config key that differs from a known one only in case
+// is unknown (SPEC: {"DELAY_MS":1} is not delay_ms): 422 at creation and at PATCH, for
+// both kinds, and the exact key is accepted.
+func TestAgentConfigKeysMatchExactly(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	hook := "http://127.0.0.1:9/run"
+	cases := []struct {
+		kind      string
+		good, bad map[string]any
+	}{
+		{"echo", map[string]any{"delay_ms": 1}, map[string]any{"DELAY_MS": 1}},
+		{"webhook", map[string]any{"url": hook}, map[string]any{"URL": hook}},
+		{"webhook", map[string]any{"url": hook, "timeout_ms": 5}, map[string]any{"url": hook, "Timeout_ms": 5}},
+	}
+	for i, c := range cases {
+		name := fmt.Sprint(c.kind, i)
+		status, _, body := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, nil,
+			map[string]any{"name": name, "kind": c.kind, "config": c.bad})
+		if status != 422 || !strings.Contains(string(body), "unknown key") {
+			t.Errorf("POST %s agent with config %v: got %d %s; want 422 naming the unknown key", c.kind, c.bad, status, body)
+		}
+		a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey,
+			map[string]any{"name": name, "kind": c.kind, "config": c.good}, 201, nil)
+		status, _, body = a.do(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, nil, map[string]any{"config": c.bad})
+		if status != 422 || !strings.Contains(string(body), "unknown key") {
+			t.Errorf("PATCH %s agent with config %v: got %d %s; want 422 naming the unknown key", c.kind, c.bad, status, body)
+		}
+		a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, map[string]any{"config": c.good}, 200, nil)
+	}
+}
+
+// swVerify verifies a delivery as the Standard Webhooks specification tells a receiver to,
+// written apart from signatures() so that the two check each other: the key is the base64
+// after whsec_, the signed content id.timestamp.body, the timestamp within five minutes of
+// now, and any one v1 signature of the space-separated list may match.
+func swVerify(secret string, h http.Header, body []byte, now time.Time) error {
+	key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(secret, "whsec_"))
+	if err != nil {
+		return fmt.Errorf("secret: %v", err)
+	}
+	id, ts := h.Get("webhook-id"), h.Get("webhook-timestamp")
+	sec, err := strconv.ParseInt(ts, 10, 64)
+	if id == "" || err != nil {
+		return fmt.Errorf("webhook-id %q, webhook-timestamp %q: want both", id, ts)
+	}
+	if d := now.Sub(time.Unix(sec, 0)); d > 5*time.Minute || d < -5*time.Minute {
+		return fmt.Errorf("webhook-timestamp %s is %v from now", ts, d)
+	}
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(id + "." + ts + "." + string(body)))
+	want := mac.Sum(nil)
+	for _, sig := range strings.Fields(h.Get("webhook-signature")) {
+		version, b64, _ := strings.Cut(sig, ",")
+		got, err := base64.StdEncoding.DecodeString(b64)
+		if version == "v1" && err == nil && hmac.Equal(got, want) {
+			return nil
+		}
+	}
+	return errors.New("no signature matches")
+}
+
+// TestStandardWebhooksExample: the verifier above and signatures() agree with the example
+// the Standard Webhooks specification publishes, and a changed body or id fails.
+func TestStandardWebhooksExample(t *testing.T) {
+	const (
+		secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+		id     = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+		ts     = 1614265330
+		body   = `{"test": 2432232314}`
+		want   = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+	)
+	h := http.Header{"Webhook-Id": {id}, "Webhook-Timestamp": {strconv.Itoa(ts)}, "Webhook-Signature": {want}}
+	at := time.Unix(ts, 0)
+	if err := swVerify(secret, h, []byte(body), at); err != nil {
+		t.Errorf("the specification's example: got %v; want it verified", err)
+	}
+	if err := swVerify(secret, h, []byte(`{"test": 2432232315}`), at); err == nil {
+		t.Error("the example with another body: got verified; want refused")
+	}
+	if err := swVerify(secret, h, []byte(body), at.Add(10*time.Minute)); err == nil {
+		t.Error("the example ten minutes late: got verified; want refused")
+	}
+	if got, err := signatures([]string{secret}, id, ts, []byte(body)); got != want || err != nil {
+		t.Errorf("signatures of the example: got %q, %v; want %q", got, err, want)
+	}
+	other := newSigningSecret()
+	got, err := signatures([]string{other, secret}, id, ts, []byte(body))
+	if err != nil || !strings.HasSuffix(got, " "+want) || strings.Count(got, "v1,") != 2 {
+		t.Errorf("signatures by a new secret and the example's: got %q, %v; want the new one's, a space, then %q", got, err, want)
+	}
+	h.Set("Webhook-Signature", got)
+	for _, s := range []string{other, secret} {
+		if err := swVerify(s, h, []byte(body), at); err != nil {
+			t.Errorf("both signatures, verified with %s: got %v; want verified", s, err)
+		}
+	}
+}
+
+// TestParseTraceparent: valid headers (version 00, and a later version with more fields)
+// give their trace id and flags; anything else is refused.
+func TestParseTraceparent(t *testing.T) {
+	const id = "4bf92f3577b34da6a3ce929d0e0e4736"
+	for _, h := range []string{"00-" + id + "-00f067aa0ba902b7-01", "cc-" + id + "-00f067aa0ba902b7-00-what-comes-later"} {
+		tc, ok := parseTraceparent(h)
+		if !ok || tc.TraceID != id || tc.Flags != h[53:55] {
+			t.Errorf("parseTraceparent(%q): got %+v, %v; want trace id %s, flags %s", h, tc, ok, id, h[53:55])
+		}
+	}
+	for _, h := range []string{"", "00-" + id + "-00f067aa0ba902b7-01-", "ff-" + id + "-00f067aa0ba902b7-01",
+		"00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-" + id + "-0000000000000000-01",
+		"00-" + strings.ToUpper(id) + "-00f067aa0ba902b7-01", "00-" + id + "-00f067aa0ba902b7-0g", "cc-" + id + "-00f067aa0ba902b7-01x"} {
+		if tc, ok := parseTraceparent(h); ok {
+			t.Errorf("parseTraceparent(%q): got %+v; want refused", h, tc)
+		}
+	}
+	a, b := newTraceContext(), newTraceContext()
+	if _, ok := parseTraceparent("00-" + a.TraceID + "-00f067aa0ba902b7-" + a.Flags); !ok || a.TraceID == b.TraceID {
+		t.Errorf("new trace contexts: got %+v and %+v; want valid and different", a, b)
+	}
+}
+
+// delivery is one webhook request as a test server received it.
+type delivery struct {
+	header http.Header
+	body   []byte
+	at     time.Time
+}
+
+// deliveryLog is a test webhook server's record of what it received, by path.
+type deliveryLog struct {
+	mu  sync.Mutex
+	got map[string][]delivery
+}
+
+func (l *deliveryLog) add(path string, d delivery) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.got == nil {
+		l.got = map[string][]delivery{}
+	}
+	l.got[path] = append(l.got[path], d)
+}
+
+func (l *deliveryLog) of(path string) []delivery {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.got[path])
+}
+
+// newDeliveryServer starts a webhook server that records every request: /fail answers
+// 500, /hang waits until the request is canceled, anything else 200 {}.
+func newDeliveryServer(t *testing.T) (*httptest.Server, *deliveryLog) {
+	log := &deliveryLog{}
+	srv := newWebhookServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		log.add(r.URL.Path, delivery{r.Header.Clone(), body, time.Now()})
+		switch r.URL.Path {
+		case "/fail":
+			http.Error(w, "failing on purpose", http.StatusInternalServerError)
+		case "/hang":
+			<-r.Context().Done()
+		default:
+			io.WriteString(w, "{}")
+		}
+	}))
+	return srv, log
+}
+
+// traceparentOf splits a delivery's traceparent into trace id and parent id, failing the
+// test unless it is 00-<32 hex>-<16 hex>-<2 hex>.
+func traceparentOf(t *testing.T, d delivery) (traceID, parentID string) {
+	t.Helper()
+	h := d.header.Get("traceparent")
+	if !regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$`).MatchString(h) {
+		t.Fatalf("traceparent: got %q; want 00-<trace id>-<parent id>-<flags>", h)
+	}
+	return h[3:35], h[36:52]
+}
+
+// TestSignedDeliveries: every delivery of a webhook agent is signed with its secret, which
+// only its creation and a rotation show; after a rotation both secrets sign for 24 hours,
+// then only the new one; each attempt has its own webhook-id; the create request's trace
+// id is carried, with a new parent id for each delivery.
+func TestSignedDeliveries(t *testing.T) {
+	t.Parallel()
+	srv, log := newDeliveryServer(t)
+	host := strings.TrimPrefix(srv.URL, "http://")
+	env := testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": host, "RUN_WORKER_EMBEDDED": "true"})
+	db := openTestDB(t, env["DATABASE_URL"])
+	a := startApp(t, env)
+	ws := a.createWorkspace(t)
+	agents := "/v1/workspaces/" + ws.ID + "/agents"
+	runs := "/v1/workspaces/" + ws.ID + "/runs"
+
+	var hook agent
+	a.mustDo(t, "POST", agents, ws.APIKey, map[string]any{"name": "hook", "kind": "webhook",
+		"config": map[string]any{"url": srv.URL + "/ok"}}, 201, &hook)
+	secret := hook.SigningSecret
+	if key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(secret, "whsec_")); !strings.HasPrefix(secret, "whsec_") || err != nil || len(key) < 24 {
+		t.Fatalf("signing_secret of a new webhook agent: got %q; want whsec_ and the base64 of 24 bytes or more", secret)
+	}
+	var echo agent
+	a.mustDo(t, "GET", agents+"/echo", ws.APIKey, nil, 200, &echo)
+	var failingHook agent
+	a.mustDo(t, "POST", agents, ws.APIKey, map[string]any{"name": "failing", "kind": "webhook",
+		"config": map[string]any{"url": srv.URL + "/fail"}}, 201, &failingHook)
+	if failingHook.SigningSecret == "" || failingHook.SigningSecret == secret {
+		t.Fatalf("signing_secret of a second webhook agent: got %q; want its own", failingHook.SigningSecret)
+	}
+	noSecret := func(when string) {
+		t.Helper()
+		for _, path := range []string{agents, agents + "/hook"} {
+			if _, _, body := a.do(t, "GET", path, ws.APIKey, nil, nil); strings.Contains(string(body), "signing_secret") ||
+				strings.Contains(string(body), strings.TrimPrefix(secret, "whsec_")) {
+				t.Errorf("GET %s %s: got %s; want no signing secret", path, when, body)
+			}
+		}
+		if _, _, body := a.do(t, "PATCH", agents+"/hook", ws.APIKey, nil, map[string]any{"paused": false}); strings.Contains(string(body), "signing_secret") {
+			t.Errorf("PATCH agent %s: got %s; want no signing secret", when, body)
+		}
+	}
+	noSecret("after its creation")
+
+	// One run with the caller's trace, one without, one with an invalid traceparent.
+	const callerTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
+	const callerParent = "00f067aa0ba902b7"
+	create := func(agentName, traceparent string) runRecord {
+		t.Helper()
+		var r runRecord
+		hdr := map[string]string{}
+		if traceparent != "" {
+			hdr["traceparent"] = traceparent
+		}
+		status, _, body := a.do(t, "POST", runs, ws.APIKey, hdr, map[string]any{"agent": agentName, "input": map[string]any{"n": 1}})
+		if status != 201 || json.Unmarshal(body, &r) != nil {
+			t.Fatalf("POST run: got %d %s; want 201 and a run", status, body)
+		}
+		return r
+	}
+	traced := create("hook", "00-"+callerTrace+"-"+callerParent+"-01")
+	fresh := create("hook", "")
+	invalid := create("hook", "00-"+callerTrace+"-"+callerParent+"-1")
+	if traced.TraceID != callerTrace {
+		t.Errorf("trace_id of a run created with traceparent: got %q; want %s", traced.TraceID, callerTrace)
+	}
+	for _, r := range []runRecord{fresh, invalid} {
+		if !regexp.MustCompile(`^[0-9a-f]{32}$`).MatchString(r.TraceID) || r.TraceID == callerTrace {
+			t.Errorf("trace_id of a run created without a valid traceparent: got %q; want a new one", r.TraceID)
+		}
+	}
+	if fresh.TraceID == invalid.TraceID {
+		t.Errorf("trace_id of two runs created without a traceparent: got %s for both; want each its own", fresh.TraceID)
+	}
+	var batch struct{ Runs []runRecord }
+	status, _, body := a.do(t, "POST", runs+"/batch", ws.APIKey, map[string]string{"traceparent": "00-" + callerTrace + "-" + callerParent + "-00"},
+		map[string]any{"runs": []any{map[string]any{"agent": "hook"}, map[string]any{"agent": "hook"}}})
+	if status != 201 || json.Unmarshal(body, &batch) != nil || len(batch.Runs) != 2 {
+		t.Fatalf("POST batch: got %d %s; want 201 and two runs", status, body)
+	}
+	for _, r := range append(batch.Runs, traced, fresh, invalid) {
+		if got := a.waitRunStatus(t, ws, r.ID, "succeeded", 30*time.Second); got.TraceID != r.TraceID {
+			t.Errorf("GET run %s: got trace_id %q; want %q, as created", r.ID, got.TraceID, r.TraceID)
+		}
+	}
+	for _, r := range batch.Runs {
+		if r.TraceID != callerTrace {
+			t.Errorf("trace_id of a batch's run: got %q; want the batch request's %s", r.TraceID, callerTrace)
+		}
+	}
+	var untraced struct{ Runs []runRecord }
+	a.mustDo(t, "POST", runs+"/batch", ws.APIKey, map[string]any{"runs": []any{map[string]any{"agent": "echo"}, map[string]any{"agent": "echo"}}}, 201, &untraced)
+	if got := untraced.Runs; len(got) != 2 || got[0].TraceID != got[1].TraceID || got[0].TraceID == callerTrace ||
+		got[0].TraceID == fresh.TraceID || !regexp.MustCompile(`^[0-9a-f]{32}$`).MatchString(got[0].TraceID) {
+		t.Errorf("trace_ids of a batch without traceparent: got %+v; want one new trace id for both", got)
+	}
+
+	// Each delivery: signed with the secret, webhook-id <run>_0_1, the run's trace id.
+	byRun := map[string]delivery{}
+	for _, d := range log.of("/ok") {
+		var b struct {
+			RunID string `json:"run_id"`
+		}
+		json.Unmarshal(d.body, &b)
+		byRun[b.RunID] = d
+	}
+	parents := map[string]bool{}
+	for _, r := range append(batch.Runs, traced, fresh, invalid) {
+		d, ok := byRun[r.ID]
+		if !ok {
+			t.Fatalf("deliveries: got none of run %s; want one", r.ID)
+		}
+		if err := swVerify(secret, d.header, d.body, d.at); err != nil {
+			t.Errorf("delivery of run %s (signature %q): got %v; want verified with the agent's secret", r.ID, d.header.Get("webhook-signature"), err)
+		}
+		if got := d.header.Values("webhook-signature"); len(got) != 1 || strings.Count(got[0], "v1,") != 1 {
+			t.Errorf("webhook-signature before any rotation: got %q; want one signature", got)
+		}
+		if got, want := d.header.Get("webhook-id"), r.ID+"_0_1"; got != want {
+			t.Errorf("webhook-id of run %s: got %q; want %q", r.ID, got, want)
+		}
+		traceID, parent := traceparentOf(t, d)
+		if traceID != r.TraceID {
+			t.Errorf("traceparent of run %s: got trace id %s; want the run's %s", r.ID, traceID, r.TraceID)
+		}
+		if parent == callerParent || parents[parent] {
+			t.Errorf("traceparent of run %s: got parent id %s again; want a new one for each delivery", r.ID, parent)
+		}
+		parents[parent] = true
+	}
+
+	// Each attempt of a failing run: its own webhook-id, the same trace, a new parent id.
+	failing := create("failing", "00-"+callerTrace+"-"+callerParent+"-01")
+	a.waitRunStatus(t, ws, failing.ID, "failed", 30*time.Second)
+	tries := log.of("/fail")
+	if len(tries) != 3 {
+		t.Fatalf("deliveries of a run failing 3 attempts: got %d; want 3", len(tries))
+	}
+	for i, d := range tries {
+		if got, want := d.header.Get("webhook-id"), fmt.Sprintf("%s_0_%d", failing.ID, i+1); got != want {
+			t.Errorf("webhook-id of attempt %d: got %q; want %q", i+1, got, want)
+		}
+		if err := swVerify(failingHook.SigningSecret, d.header, d.body, d.at); err != nil {
+			t.Errorf("attempt %d: got %v; want verified with its agent's secret", i+1, err)
+		}
+		if err := swVerify(secret, d.header, d.body, d.at); err == nil {
+			t.Errorf("attempt %d: got it verified with another agent's secret; want refused", i+1)
+		}
+		traceID, parent := traceparentOf(t, d)
+		if traceID != callerTrace || parents[parent] {
+			t.Errorf("traceparent of attempt %d: got %s; want trace id %s and a parent id not seen before", i+1, d.header.Get("traceparent"), callerTrace)
+		}
+		parents[parent] = true
+	}
+
+	// A rotation: the new secret, shown once; both sign for 24 hours, the new one first.
+	var rotated agent
+	a.mustDo(t, "POST", agents+"/hook/rotate-secret", ws.APIKey, nil, 200, &rotated)
+	if rotated.SigningSecret == "" || rotated.SigningSecret == secret || rotated.Name != "hook" {
+		t.Fatalf("rotate-secret: got agent %q with secret %q; want hook with a new secret", rotated.Name, rotated.SigningSecret)
+	}
+	noSecret("after a rotation")
+	before := len(log.of("/ok"))
+	deliver := func() delivery {
+		t.Helper()
+		r := create("hook", "")
+		a.waitRunStatus(t, ws, r.ID, "succeeded", 30*time.Second)
+		got := log.of("/ok")
+		if len(got) != before+1 {
+			t.Fatalf("deliveries: got %d; want %d", len(got), before+1)
+		}
+		before++
+		return got[len(got)-1]
+	}
+	d := deliver()
+	sigs := strings.Fields(d.header.Get("webhook-signature"))
+	if len(sigs) != 2 {
+		t.Fatalf("webhook-signature after a rotation: got %q; want two signatures", sigs)
+	}
+	for i, s := range []string{rotated.SigningSecret, secret} {
+		one := d.header.Clone()
+		one.Set("webhook-signature", sigs[i])
+		if err := swVerify(s, one, d.body, d.at); err != nil {
+			t.Errorf("signature %d after a rotation: got %v; want verified with the %s secret", i+1, err, []string{"new", "old"}[i])
+		}
+		if err := swVerify(s, d.header, d.body, d.at); err != nil {
+			t.Errorf("webhook-signature after a rotation: got %v; want it verified with the %s secret", err, []string{"new", "old"}[i])
+		}
+	}
+	// 24 hours later (the rotation moved back): the new secret alone.
+	if _, err := db.Exec(`UPDATE agents SET secret_rotated_at = secret_rotated_at - interval '24 hours 1 second' WHERE id = $1`, hook.ID); err != nil {
+		t.Fatal(err)
+	}
+	d = deliver()
+	if err := swVerify(rotated.SigningSecret, d.header, d.body, d.at); err != nil || strings.Count(d.header.Get("webhook-signature"), "v1,") != 1 {
+		t.Errorf("webhook-signature 24 h after a rotation: got %q (%v); want the new secret's alone", d.header.Get("webhook-signature"), err)
+	}
+	if err := swVerify(secret, d.header, d.body, d.at); err == nil {
+		t.Error("webhook-signature 24 h after a rotation: got it verified with the old secret; want refused")
+	}
+
+	// An echo agent has nothing to sign: 409 saying so.
+	status, _, body = a.do(t, "POST", agents+"/echo/rotate-secret", ws.APIKey, nil, nil)
+	if status != 409 || !strings.Contains(string(body), "only webhook agents") {
+		t.Errorf("rotate-secret of an echo agent: got %d %s; want 409 saying only webhook agents have a secret", status, body)
+	}
+	if status, _, body = a.do(t, "POST", agents+"/nobody/rotate-secret", ws.APIKey, nil, nil); status != 404 {
+		t.Errorf("rotate-secret of an unknown agent: got %d %s; want 404", status, body)
+	}
+}
+
+// TestRedeliveryKeepsWebhookID: an attempt put back in the queue at shutdown (its attempt
+// refunded) is delivered again by the next process with the same webhook-id, so that the
+// agent can tell it is the same delivery; the trace id is the same, the parent id new.
+func TestRedeliveryKeepsWebhookID(t *testing.T) {
+	t.Parallel()
+	srv, log := newDeliveryServer(t)
+	env := testEnv(t, testDB(t), map[string]string{"AGENT_WEBHOOK_ALLOWED_HOSTS": strings.TrimPrefix(srv.URL, "http://"),
+		"RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "200", "RUN_WORKER_EMBEDDED": "true"})
+	p := startProc(t, env)
+	a := p.app()
+	ws := a.createWorkspace(t)
+	var hook agent
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, map[string]any{"name": "hook", "kind": "webhook",
+		"config": map[string]any{"url": srv.URL + "/hang"}}, 201, &hook)
+	r := a.createRun(t, ws, "hook", nil)
+	eventually(t, 30*time.Second, "the run is delivered", func() bool { return len(log.of("/hang")) == 1 })
+	p.signal(t, syscall.SIGTERM)
+	if code := p.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit after SIGTERM: got %d; want 0", code)
+	}
+	db := openTestDB(t, env["DATABASE_URL"])
+	if got := readRunRow(t, db, r.ID); got.Status != "queued" || got.Attempt != 0 {
+		t.Fatalf("run after shutdown: got %s attempt %d; want queued, attempt 0 (refunded)", got.Status, got.Attempt)
+	}
+	env["LISTEN_ADDR"] = freeAddr(t)
+	startProc(t, env)
+	eventually(t, 30*time.Second, "the run is delivered again", func() bool { return len(log.of("/hang")) == 2 })
+	got := log.of("/hang")
+	for i, d := range got {
+		if err := swVerify(hook.SigningSecret, d.header, d.body, d.at); err != nil {
+			t.Errorf("delivery %d: got %v; want verified", i+1, err)
+		}
+	}
+	if id0, id1 := got[0].header.Get("webhook-id"), got[1].header.Get("webhook-id"); id0 != r.ID+"_0_1" || id1 != id0 {
+		t.Errorf("webhook-id of a redelivered attempt: got %q, then %q; want %s_0_1 both times", id0, id1, r.ID)
+	}
+	t0, p0 := traceparentOf(t, got[0])
+	t1, p1 := traceparentOf(t, got[1])
+	if t0 != r.TraceID || t1 != t0 || p1 == p0 {
+		t.Errorf("traceparent of a redelivery: got %s, then %s; want trace id %s both times, parent ids different",
+			got[0].header.Get("traceparent"), got[1].header.Get("traceparent"), r.TraceID)
 	}
 }

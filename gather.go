@@ -159,17 +159,18 @@ func (s *store) insertGathered(ctx context.Context, batch []*pendingCreate) (map
 	ids, wss, agents, inputs, keys := make([]string, k), make([]string, k), make([]string, k), make([]string, k), make([]string, k)
 	hashes := make(pq.ByteaArray, k)
 	maxes, priorities, delays, timeouts := make([]int64, k), make([]int64, k), make([]int64, k), make([]int64, k)
-	runAts := make([]string, k)
+	runAts, traceIDs, flags := make([]string, k), make([]string, k), make([]string, k)
 	for i, p := range batch {
+		traceIDs[i], flags[i] = p.n.Trace.TraceID, p.n.Trace.Flags
 		ids[i], wss[i], agents[i], inputs[i], keys[i] = p.id, p.ws, p.n.Agent, string(p.n.Input), p.n.IdempotencyKey
 		hashes[i], maxes[i], priorities[i], delays[i] = p.n.RequestHash, int64(p.n.MaxAttempts), int64(p.n.Priority), p.n.DelayMS
 		timeouts[i], runAts[i] = int64(p.n.TimeoutMS), timeArg(p.n.RunAt)
 	}
 	rows, err := s.queryPrepared(ctx, `SELECT `+runColumns+`
-		FROM agentapp_create_runs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) r JOIN agents a ON a.id = r.agent_id`,
+		FROM agentapp_create_runs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) r JOIN agents a ON a.id = r.agent_id`,
 		pq.StringArray(ids), pq.StringArray(wss), pq.StringArray(agents), pq.StringArray(inputs), pq.Int64Array(maxes),
 		pq.StringArray(keys), hashes, pq.Int64Array(priorities), pq.StringArray(runAts), pq.Int64Array(delays),
-		pq.Int64Array(timeouts))
+		pq.Int64Array(timeouts), pq.StringArray(traceIDs), pq.StringArray(flags))
 	if err != nil {
 		return nil, err
 	}

@@ -3,9 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"database/sql"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -105,13 +103,6 @@ func adminDB(t testing.TB) *sql.DB {
 	t.Helper()
 	base := os.Getenv("DATABASE_URL")
 	return openTestDB(t, withDatabase(t, base, dbName(t, base)))
-}
-
-// randomHex returns n random bytes in hex.
-func randomHex(n int) string {
-	b := make([]byte, n)
-	rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // freeAddr returns a 127.0.0.1 address with a port that was free a moment ago.

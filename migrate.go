@@ -83,6 +83,18 @@ INSERT INTO run_counts (workspace_id, status, shard, n)
 SELECT workspace_id, agentapp_counter(status), 0, count(*) FROM runs GROUP BY 1, 2;
 ALTER TABLE workspaces DROP COLUMN IF EXISTS has_queued, DROP COLUMN IF EXISTS served_at`,
 	},
+	{
+		version: 4,
+		name:    "signed deliveries and trace context",
+		// The signing secret's default is volatile, so every existing agent gets its own.
+		before: `
+ALTER TABLE agents
+    ADD COLUMN signing_secret text DEFAULT 'whsec_' || encode(decode(
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64'),
+    ADD COLUMN previous_signing_secret text,
+    ADD COLUMN secret_rotated_at timestamptz;
+ALTER TABLE runs ADD COLUMN trace_id text, ADD COLUMN trace_flags text`,
+	},
 }
 
 // retiredSQL drops what earlier releases made and this one does not use. It runs at every
@@ -114,7 +126,9 @@ DROP FUNCTION IF EXISTS agentapp_runs_notify_update();
 DROP FUNCTION IF EXISTS agentapp_runs_notify_status();
 DROP FUNCTION IF EXISTS agentapp_claim(text, integer, uuid, bigint, boolean);
 DROP FUNCTION IF EXISTS agentapp_queue_head(uuid, uuid[], integer);
-DROP FUNCTION IF EXISTS agentapp_queue_tail(uuid)`
+DROP FUNCTION IF EXISTS agentapp_queue_tail(uuid);
+DROP FUNCTION IF EXISTS agentapp_create_runs(uuid[], uuid[], text[], jsonb[], integer[], text[], bytea[], smallint[],
+                                             text[], bigint[], integer[])`
 
 // applySchema brings the database to this release's schema in one transaction under an
 // advisory lock, so that processes starting together do not race: the pending migrations'

@@ -827,6 +827,9 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": "down", "kind": "webhook",
 		"config": map[string]any{"url": "http://" + freeAddr(t) + "/run", "timeout_ms": 5000}}, ws.ID)
 	c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/agents/{name}/rotate-secret", "", ws.APIKey, nil, nil, ws.ID, "down")
+	c.do(t, a, 409, "POST /v1/workspaces/{ws}/agents/{name}/rotate-secret", "", ws.APIKey, nil, nil, ws.ID, "echo")
+	c.do(t, a, 404, "POST /v1/workspaces/{ws}/agents/{name}/rotate-secret", "", ws.APIKey, nil, nil, ws.ID, "nobody")
 	// A capped agent whose name needs percent-encoding in a path.
 	const capped = "capped/1 é"
 	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": capped, "kind": "echo",
@@ -857,6 +860,9 @@ func TestOpenAPIAnswers(t *testing.T) {
 	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "down", "max_attempts": 1}, ws.ID)
 	json.Unmarshal(body, &failing)
 	c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs/batch", "", ws.APIKey, nil, map[string]any{"runs": []any{map[string]any{"agent": "echo"}}}, ws.ID)
+	tp := map[string]string{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs/batch", "", ws.APIKey, tp, map[string]any{"runs": []any{map[string]any{"agent": "echo"}}}, ws.ID)
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, tp, map[string]any{"agent": "echo"}, ws.ID)
 	c.do(t, a, 413, "POST /v1/workspaces/{ws}/runs/batch", "", ws.APIKey, nil, strings.Repeat(" ", maxBody+1), ws.ID)
 
 	c.do(t, a, 200, "POST /v1/worker/process", "", admin, nil, map[string]any{"limit": 10})

@@ -247,7 +247,8 @@ const recoverSQL = `
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds.
 const pickSQL = `
-	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, a.name, a.kind, a.config,
+	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, a.name, a.kind, a.config, a.signing_secret,
+		CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
 		c.id, c.priority, c.run_at, c.seq, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
@@ -270,7 +271,7 @@ const takeSQL = `
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
 	                          FOR UPDATE SKIP LOCKED))
-	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms`
+	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
 // each in runs_line_idx; the agents of announced workspaces; the next due time; the capped
@@ -464,20 +465,27 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	if len(agents) == 0 {
 		return false, nil
 	}
-	rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns)
+	rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns, secretOverlap.Milliseconds())
 	if err != nil {
 		return false, err
 	}
-	read := map[string][]pick{}   // by agent, in claim order
-	agentOf := map[string]agent{} // the agents read, as they stand now
+	read := map[string][]pick{}        // by agent, in claim order
+	agentOf := map[string]claimedRun{} // the agents read, as they stand now
 	var dbNow time.Time
 	for rows.Next() {
 		var p pick
 		var paused, isCapped bool
-		var a agent
-		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.Name, &a.Kind, &a.Config, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
+		var a claimedRun
+		var secret, previous sql.NullString
+		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
+			&p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
 			rows.Close()
 			return false, err
+		}
+		for _, s := range []sql.NullString{secret, previous} {
+			if s.Valid {
+				a.Secrets = append(a.Secrets, s.String)
+			}
 		}
 		agentOf[p.agent] = a
 		h := q.heads[p.agent]
@@ -534,15 +542,17 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 		now := time.Now()
 		for rows.Next() {
-			var c claimedRun
 			var agentID string
 			var timeout sql.NullInt64
-			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout); err != nil {
+			var traceID, flags sql.NullString
+			var c claimedRun
+			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout, &traceID, &flags); err != nil {
 				rows.Close()
 				return false, err
 			}
 			a := agentOf[agentID]
-			c.AgentName, c.AgentKind, c.AgentConfig = a.Name, a.Kind, a.Config
+			c.AgentName, c.AgentKind, c.AgentConfig, c.Secrets = a.AgentName, a.AgentKind, a.AgentConfig, a.Secrets
+			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
 			c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
 			res.claimed = append(res.claimed, c)
@@ -626,14 +636,15 @@ type newRun struct {
 	Agent          string
 	Input          json.RawMessage
 	MaxAttempts    int
-	Priority       int       // 0 … 9, lower first
-	RunAt          time.Time // zero: now; a time in the past means now
-	DelayMS        int64     // due this long after the database's now(); not with RunAt
-	TimeoutMS      int       // 0: none
-	IdempotencyKey string    // optional
-	RequestHash    []byte    // with IdempotencyKey: tells a repeat from a different request
-	EarlierHash    []byte    // the hash the previous release stored for the same request, or nil
-	storedSize     int       // Input's size as stored and answered
+	Priority       int          // 0 … 9, lower first
+	RunAt          time.Time    // zero: now; a time in the past means now
+	DelayMS        int64        // due this long after the database's now(); not with RunAt
+	TimeoutMS      int          // 0: none
+	IdempotencyKey string       // optional
+	RequestHash    []byte       // with IdempotencyKey: tells a repeat from a different request
+	EarlierHash    []byte       // the hash the previous release stored for the same request, or nil
+	Trace          traceContext // the create request's, or a new one
+	storedSize     int          // Input's size as stored and answered
 }
 
 // createRunAlone is createRun in a statement of its own, for the run with the given id.
@@ -675,8 +686,9 @@ func timeArg(t time.Time) string {
 // unknownAgentError is a run request naming an agent its workspace does not have.
 type unknownAgentError struct{ name string }
 
-// createRuns inserts all the runs or none: an unknown agent name is an unknownAgentError.
-func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRecord, error) {
+// createRuns inserts all the runs or none, in the trace tc: an unknown agent name is an
+// unknownAgentError.
+func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc traceContext) ([]runRecord, error) {
 	names := make([]string, len(ns))
 	for i, n := range ns {
 		names[i] = n.Agent
@@ -713,9 +725,10 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 	// joining agents for names the request gave) took a third of the server's CPU per batch.
 	rows, err = s.queryPrepared(ctx, `
 		WITH ins AS (
-			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms)
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms,
+			                  trace_id, trace_flags)
 			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, agentapp_run_at(w.run_at, w.delay_ms),
-			       NULLIF(w.timeout_ms, 0)
+			       NULLIF(w.timeout_ms, 0), $10, $11
 			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
 			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
 			ORDER BY w.ord
@@ -723,7 +736,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 		)
 		SELECT * FROM ins ORDER BY seq`,
 		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes), pq.Int64Array(priorities),
-		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs))
+		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs), tc.TraceID, tc.Flags)
 	if err != nil {
 		return nil, err
 	}
@@ -740,7 +753,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun) ([]runRe
 		}
 		n := ns[len(runs)]
 		r.WorkspaceID, r.Agent, r.Status, r.Errors = ws, n.Agent, statusQueued, json.RawMessage("[]")
-		r.MaxAttempts, r.Priority = n.MaxAttempts, n.Priority
+		r.MaxAttempts, r.Priority, r.TraceID = n.MaxAttempts, n.Priority, tc.TraceID
 		if n.TimeoutMS != 0 {
 			ms := n.TimeoutMS
 			r.TimeoutMS = &ms
@@ -849,6 +862,8 @@ type claimedRun struct {
 	Timeout     time.Duration // 0: none
 	EventsURL   string        // where the agent posts progress events, with EventsToken
 	EventsToken string
+	Secrets     []string // a webhook agent's signing secrets, newest first
+	traceContext
 }
 
 // claimResult is what one claim did.

@@ -55,6 +55,8 @@ func (r *runRecord) appendJSON(b []byte) []byte {
 	} else {
 		b = strconv.AppendInt(b, int64(*r.TimeoutMS), 10)
 	}
+	b = append(b, `,"trace_id":`...)
+	b = appendJSONString(b, r.TraceID)
 	b = append(b, `,"created_at":`...)
 	b = appendJSONTime(b, &r.CreatedAt)
 	b = append(b, `,"started_at":`...)

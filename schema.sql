@@ -20,6 +20,13 @@ CREATE TABLE IF NOT EXISTS agents (
     max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000), -- null: no cap
     paused       boolean NOT NULL DEFAULT false,  -- true: its runs stay queued
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- A webhook agent's key for signing its requests (whsec_ + base64), shown once by the
+    -- API. The default gives one to an agent an older binary creates (gen_random_uuid draws
+    -- from the server's strong random source: 244 random bits).
+    signing_secret text DEFAULT 'whsec_' || encode(decode(
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64'),
+    previous_signing_secret text,                 -- the key before the last rotation, which signs too
+    secret_rotated_at timestamptz,                -- … for 24 hours after this
     UNIQUE (workspace_id, name),
     CONSTRAINT agents_workspace_id_id_key UNIQUE (workspace_id, id) -- runs' key to their agent
 );
@@ -50,6 +57,8 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at      timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now(),
     events_count     integer NOT NULL DEFAULT 0,  -- its last event's seq, taken under the run's row lock
+    trace_id         text,                        -- its create request's W3C trace id (32 hex digits); null:
+    trace_flags      text,                        -- made before signed deliveries, its id stands for it
     -- One key to the agent, in its workspace, instead of one to each: a key is checked
     -- for every row inserted, and these two checks were a quarter of a batch's time in
     -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
@@ -97,19 +106,19 @@ $$;
 CREATE OR REPLACE FUNCTION agentapp_create_runs(p_ids uuid[], p_workspaces uuid[], p_agents text[], p_inputs jsonb[],
                                                 p_max_attempts integer[], p_keys text[], p_hashes bytea[],
                                                 p_priorities smallint[], p_run_ats text[], p_delays_ms bigint[],
-                                                p_timeouts_ms integer[])
+                                                p_timeouts_ms integer[], p_trace_ids text[], p_trace_flags text[])
 RETURNS SETOF runs
 LANGUAGE plpgsql ROWS 4 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 BEGIN
     RETURN QUERY
     INSERT INTO runs AS r (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
-                           priority, run_at, timeout_ms)
+                           priority, run_at, timeout_ms, trace_id, trace_flags)
     SELECT w.id, w.workspace_id, a.id, w.input, w.max_attempts, NULLIF(w.key, ''), NULLIF(w.hash, ''::bytea),
-           w.priority, agentapp_run_at(w.run_at, w.delay_ms), NULLIF(w.timeout_ms, 0)
+           w.priority, agentapp_run_at(w.run_at, w.delay_ms), NULLIF(w.timeout_ms, 0), w.trace_id, w.trace_flags
     FROM unnest(p_ids, p_workspaces, p_agents, p_inputs, p_max_attempts, p_keys, p_hashes, p_priorities,
-                p_run_ats, p_delays_ms, p_timeouts_ms)
+                p_run_ats, p_delays_ms, p_timeouts_ms, p_trace_ids, p_trace_flags)
          WITH ORDINALITY AS w (id, workspace_id, agent, input, max_attempts, key, hash, priority, run_at, delay_ms,
-                               timeout_ms, ord)
+                               timeout_ms, trace_id, trace_flags, ord)
     CROSS JOIN LATERAL (SELECT g.id FROM agents g WHERE g.workspace_id = w.workspace_id AND g.name = w.agent LIMIT 1) a
     ORDER BY w.ord
     ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -346,3 +355,4 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
+

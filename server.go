@@ -95,6 +95,7 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("GET /v1/workspaces/{ws}/agents", s.member(s.listAgents))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/agents/{name}", s.member(s.getAgent))
 	mux.HandleFunc("PATCH /v1/workspaces/{ws}/agents/{name}", s.member(s.updateAgent))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/agents/{name}/rotate-secret", s.member(s.rotateSecret))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs", s.member(s.createRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/batch", s.member(s.createRuns))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs", s.member(s.listRuns))
@@ -973,6 +974,14 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 	s.answer(w, r, http.StatusOK, a, err)
 }
 
+// rotateSecret gives a webhook agent a new signing secret and answers the agent with it,
+// the only time it is shown; an echo agent is 409, as a state the request cannot change
+// (its kind), not a malformed request. No request body is read.
+func (s *server) rotateSecret(w http.ResponseWriter, r *http.Request) {
+	a, err := s.store.rotateSecret(r.Context(), r.PathValue("ws"), r.PathValue("name"))
+	s.answer(w, r, http.StatusOK, a, err)
+}
+
 // listAgents answers the workspace's agents.
 func (s *server) listAgents(w http.ResponseWriter, r *http.Request) {
 	agents, err := s.store.listAgents(r.Context(), r.PathValue("ws"))
@@ -1119,6 +1128,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 			n.EarlierHash = requestHash(n, n.Input) // the previous release hashed the input as sent
 		}
 	}
+	n.Trace = requestTrace(r)
 	run, created, err := s.store.createRun(r.Context(), r.PathValue("ws"), n)
 	if errors.Is(err, errConflict) {
 		err = errKeyReused
@@ -1134,6 +1144,16 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 	default:
 		writeRun(w, http.StatusOK, run)
 	}
+}
+
+// requestTrace is the trace context of a create request's traceparent header, or a new
+// trace when it has none or an invalid one. A batch's runs all take their request's (one
+// new trace for the batch without one): they were created by one operation.
+func requestTrace(r *http.Request) traceContext {
+	if tc, ok := parseTraceparent(r.Header.Get("traceparent")); ok {
+		return tc
+	}
+	return newTraceContext()
 }
 
 // requestHash tells a repeat of a create request from another request with the same
@@ -1181,7 +1201,7 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, invalid("the batch's inputs are over %d MiB as stored and answered (%d bytes): send fewer runs at once", maxBatchStored>>20, total))
 		return
 	}
-	runs, err := s.store.createRuns(r.Context(), r.PathValue("ws"), ns)
+	runs, err := s.store.createRuns(r.Context(), r.PathValue("ws"), ns, requestTrace(r))
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -205,6 +205,7 @@ type agent struct {
 	MaxConcurrency *int            `json:"max_concurrency"` // nil: no cap
 	Paused         bool            `json:"paused"`
 	CreatedAt      time.Time       `json:"created_at"`
+	SigningSecret  string          `json:"signing_secret,omitempty"` // only in the answers that show it once
 }
 
 // agentColumns is what scanAgent reads from agents.
@@ -223,15 +224,43 @@ func scanAgent(row interface{ Scan(...any) error }) (agent, error) {
 	return a, err
 }
 
-// createAgent inserts an agent; a taken name is errConflict.
+// createAgent inserts an agent, a webhook agent with a new signing secret (in the agent
+// returned, the only time it is shown); a taken name is errConflict.
 func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
+	var secret any // an echo agent signs nothing
+	if a.Kind == "webhook" {
+		secret = newSigningSecret()
+	}
 	a, err := scanAgent(s.db.QueryRowContext(ctx,
-		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused) VALUES ($1, $2, $3, $4, $5, $6)
+		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused, signing_secret)
+		 VALUES ($1, $2, $3, $4, $5, $6, $7)
 		 RETURNING `+agentColumns,
-		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused))
+		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused, secret))
 	if isUniqueViolation(err) {
 		return a, errConflict
 	}
+	if s, ok := secret.(string); ok {
+		a.SigningSecret = s
+	}
+	return a, err
+}
+
+// rotateSecret gives the webhook agent of ws with this name a new signing secret and
+// returns the agent with it; the secret before signs too for secretOverlap (one before
+// that no longer). An echo agent is errConflict: it has no deliveries to sign.
+func (s *store) rotateSecret(ctx context.Context, ws, name string) (agent, error) {
+	secret := newSigningSecret()
+	a, err := scanAgent(s.db.QueryRowContext(ctx, `
+		UPDATE agents SET previous_signing_secret = signing_secret, signing_secret = $3, secret_rotated_at = now()
+		WHERE workspace_id = $1 AND name = $2 AND kind = 'webhook'
+		RETURNING `+agentColumns, ws, name, secret))
+	if errors.Is(err, sql.ErrNoRows) {
+		if a, err = s.getAgent(ctx, ws, name); err != nil {
+			return a, err
+		}
+		return a, fmt.Errorf("%w: agent %q is of kind %s, whose runs are not delivered: only webhook agents have a signing secret", errConflict, name, a.Kind)
+	}
+	a.SigningSecret = secret
 	return a, err
 }
 
@@ -319,6 +348,7 @@ type runRecord struct {
 	Priority    int             `json:"priority"`
 	RunAt       time.Time       `json:"run_at"`     // not claimed before this
 	TimeoutMS   *int            `json:"timeout_ms"` // nil: none
+	TraceID     string          `json:"trace_id"`
 	CreatedAt   time.Time       `json:"created_at"`
 	StartedAt   *time.Time      `json:"started_at"`
 	FinishedAt  *time.Time      `json:"finished_at"`
@@ -337,6 +367,19 @@ const (
 	statusCanceled  runStatus = "canceled"
 )
 
+// traceOf is a run's trace context as stored, or for a run of an earlier release (none
+// stored) its id as the trace id, sampled: the same for every delivery of the run.
+func traceOf(runID string, traceID, flags sql.NullString) traceContext {
+	tc := traceContext{TraceID: traceID.String, Flags: flags.String}
+	if !traceID.Valid {
+		tc.TraceID = strings.ReplaceAll(runID, "-", "")
+	}
+	if !flags.Valid {
+		tc.Flags = "01"
+	}
+	return tc
+}
+
 // final reports whether a run in this status can no longer change.
 func (s runStatus) final() bool {
 	return s == statusSucceeded || s == statusFailed || s == statusCanceled
@@ -348,7 +391,7 @@ func (r runRecord) final() bool { return r.Status.final() }
 // runColumns is what scanRun reads, from runs r joined with agents a.
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
 	r.attempt, r.max_attempts, r.priority, r.run_at, r.timeout_ms, r.created_at, r.started_at, r.finished_at,
-	r.updated_at, r.seq`
+	r.updated_at, r.seq, r.trace_id`
 
 // scanRun reads one row of runColumns.
 func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
@@ -356,12 +399,14 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	var output []byte
 	var started, finished sql.NullTime
 	var timeout sql.NullInt64
+	var traceID sql.NullString
 	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
 		&r.Attempt, &r.MaxAttempts, &r.Priority, &r.RunAt, &timeout, &r.CreatedAt, &started, &finished,
-		&r.UpdatedAt, &r.seq)
+		&r.UpdatedAt, &r.seq, &traceID)
 	if err != nil {
 		return r, err
 	}
+	r.TraceID = traceOf(r.ID, traceID, sql.NullString{}).TraceID
 	if timeout.Valid {
 		ms := int(timeout.Int64)
 		r.TimeoutMS = &ms

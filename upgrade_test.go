@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"database/sql"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -530,5 +531,82 @@ func TestMigrationsRecorded(t *testing.T) {
 	}
 	for _, d := range upDiff(schema, upSchema(t, db)) {
 		t.Errorf("after the refused start: %s", d)
+	}
+}
+
+// TestUpgradeSignsWebhookAgents: the webhook agents of the last release's database get a
+// signing secret each at the upgrade, and their queued runs are delivered signed with it,
+// with the run's id as the trace id (they were created without one), as the run's JSON
+// shows; a rotation then answers a new secret.
+func TestUpgradeSignsWebhookAgents(t *testing.T) {
+	t.Parallel()
+	srv, log := newDeliveryServer(t)
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	upMadeBy(t, db, "v2")
+	ws := testWorkspace{APIKey: "ak_upgrade_key_signed_0123456789"}
+	h := sha256.Sum256([]byte(ws.APIKey))
+	var runIDs pq.StringArray
+	err := db.QueryRow(`WITH w AS (INSERT INTO workspaces (name, api_key_hash) VALUES ('signed', $1) RETURNING id),
+		a AS (INSERT INTO agents (workspace_id, name, kind, config)
+		      SELECT id, n, 'webhook', jsonb_build_object('url', $2::text || '/' || n) FROM w, unnest('{one,two}'::text[]) n
+		      RETURNING id, workspace_id),
+		r AS (INSERT INTO runs (workspace_id, agent_id, input) SELECT workspace_id, id, '{}' FROM a RETURNING id)
+		SELECT (SELECT id FROM w), array_agg(id) FROM r`, h[:], srv.URL).Scan(&ws.ID, &runIDs)
+	if err != nil {
+		t.Fatalf("fill the last release's database: %v", err)
+	}
+	env := testEnv(t, dsn, upEnv)
+	env["AGENT_WEBHOOK_ALLOWED_HOSTS"] = strings.TrimPrefix(srv.URL, "http://")
+	a := startProc(t, env).app()
+	secrets := map[string]string{}
+	rows, err := db.Query(`SELECT name, signing_secret FROM agents`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var name string
+		var secret sql.NullString
+		if err := rows.Scan(&name, &secret); err != nil {
+			t.Fatal(err)
+		}
+		key, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(secret.String, "whsec_"))
+		if !strings.HasPrefix(secret.String, "whsec_") || err != nil || len(key) < 24 {
+			t.Errorf("signing_secret of upgraded agent %s: got %q; want whsec_ and the base64 of 24 bytes or more", name, secret.String)
+		}
+		secrets[name] = secret.String
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if len(secrets) != 2 || secrets["one"] == secrets["two"] {
+		t.Fatalf("secrets of the upgraded agents: got %v; want two, different", secrets)
+	}
+	for _, id := range runIDs {
+		got := a.waitRunStatus(t, ws, id, "succeeded", 60*time.Second)
+		if want := strings.ReplaceAll(id, "-", ""); got.TraceID != want {
+			t.Errorf("trace_id of a run queued before the upgrade: got %q; want its id, %s", got.TraceID, want)
+		}
+	}
+	for name, secret := range secrets {
+		ds := log.of("/" + name)
+		if len(ds) != 1 {
+			t.Fatalf("deliveries to agent %s: got %d; want 1", name, len(ds))
+		}
+		if err := swVerify(secret, ds[0].header, ds[0].body, ds[0].at); err != nil {
+			t.Errorf("delivery of upgraded agent %s: got %v; want verified with the secret the upgrade gave it", name, err)
+		}
+		var body struct {
+			RunID string `json:"run_id"`
+		}
+		json.Unmarshal(ds[0].body, &body)
+		if traceID, _ := traceparentOf(t, ds[0]); traceID != strings.ReplaceAll(body.RunID, "-", "") {
+			t.Errorf("traceparent of a run queued before the upgrade: got trace id %s; want its run id %s", traceID, body.RunID)
+		}
+	}
+	var rotated agent
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/agents/one/rotate-secret", ws.APIKey, nil, 200, &rotated)
+	if rotated.SigningSecret == "" || rotated.SigningSecret == secrets["one"] {
+		t.Errorf("rotate-secret of an upgraded agent: got %q; want a new secret", rotated.SigningSecret)
 	}
 }

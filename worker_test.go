@@ -781,7 +781,8 @@ func TestWorkerAgentPanic(t *testing.T) {
 	t.Parallel()
 	// A nil *http.Client panics inside the webhook agent.
 	webhook := claimedRun{ID: "00000000-0000-0000-0000-000000000001", AgentKind: "webhook", AgentName: "hook",
-		AgentConfig: json.RawMessage(`{"url":"http://127.0.0.1:9/hook"}`), Input: json.RawMessage(`{}`), Attempt: 1}
+		AgentConfig: json.RawMessage(`{"url":"http://127.0.0.1:9/hook"}`), Input: json.RawMessage(`{}`), Attempt: 1,
+		Secrets: []string{newSigningSecret()}}
 	out, err := runAgent(context.Background(), nil, nil, webhook)
 	if err == nil || !strings.Contains(err.Error(), "agent panicked") || out != nil {
 		t.Fatalf("runAgent with a panicking agent: got output %s, err %v; want no output and an error saying the agent panicked", out, err)
