@@ -129,6 +129,15 @@ func (q *lineup) announce(workspaces map[string]linePos) {
 	}
 }
 
+// searchDue reports whether the next claim searches for agents (find).
+func (q *lineup) searchDue() bool {
+	q.mu.Lock()
+	rescan := q.rescan
+	q.mu.Unlock()
+	now := time.Now()
+	return rescan || now.Sub(q.reset) >= rescanEvery || now.Sub(q.found) >= searchEvery
+}
+
 // capped reports whether an agent in line (of workspace ws, "" for any) has a cap.
 func (q *lineup) capped(ws string) bool {
 	for _, h := range q.heads {
@@ -303,8 +312,8 @@ var claimSQL = []string{recoverSQL, searchSQL, announcedSQL, pickSQL, takeSQL, n
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
 // this file says. Each statement is a transaction of its own (one round trip each), but
-// for the rounds that read capped agents: those hold the agents' locks from the count of
-// their room to the commit of what they took, in one transaction.
+// for a claim that reads capped agents, which holds their locks from the count of their
+// room to the commit of what it took, and a claim that searches (claimIn).
 func (s *store) claim(ctx context.Context, q *lineup, workerID string, limit int, ws string, lease time.Duration, recoverLeases bool) (claimResult, error) {
 	res, err := s.claimIn(ctx, q, workerID, limit, ws, lease, recoverLeases)
 	if err != nil {
@@ -323,6 +332,23 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 		}
 	}
 	db := queryer{s: s}
+	begin := func() error {
+		tx, err := s.db.BeginTx(ctx, nil)
+		db.tx = tx
+		return err
+	}
+	defer func() {
+		if db.tx != nil {
+			db.tx.Rollback()
+		}
+	}()
+	// The claim that searches (once a second) is one transaction, so that an idle worker's
+	// claim costs PostgreSQL one, not two.
+	if q.searchDue() {
+		if err := begin(); err != nil {
+			return res, err
+		}
+	}
 	if recoverLeases {
 		if err := db.queryRow(ctx, recoverSQL).Scan(&res.requeued, &res.failed); err != nil {
 			return res, err
@@ -337,13 +363,10 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 	if err := q.find(ctx, db); err != nil {
 		return res, err
 	}
-	if q.capped(ws) {
-		tx, err := s.db.BeginTx(ctx, nil)
-		if err != nil {
+	if db.tx == nil && q.capped(ws) {
+		if err := begin(); err != nil {
 			return res, err
 		}
-		defer tx.Rollback()
-		db.tx = tx
 	}
 	for round := 1; len(res.claimed) < limit; round++ {
 		more, err := s.claimRound(ctx, db, q, workerID, limit, ws, lease, &res)
@@ -368,7 +391,9 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 		}
 	}
 	if db.tx != nil {
-		return res, db.tx.Commit()
+		err := db.tx.Commit()
+		db.tx = nil
+		return res, err
 	}
 	return res, nil
 }
@@ -554,7 +579,9 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			c.AgentName, c.AgentKind, c.AgentConfig, c.Secrets = a.AgentName, a.AgentKind, a.AgentConfig, a.Secrets
 			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
-			c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
+			if c.AgentKind == "webhook" { // the only kind that posts events
+				c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
+			}
 			res.claimed = append(res.claimed, c)
 			q.served[c.WorkspaceID] = now
 			claimed[c.ID] = true
