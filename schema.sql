@@ -469,3 +469,45 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
+
+-- Schedules (schedules.go): each due time of a schedule makes exactly one run. next_at is
+-- the next due time (computed in Go from cron and timezone), last_at the last one fired.
+-- The processes that run the worker fire the due schedules they can lock (FOR UPDATE SKIP
+-- LOCKED), and the runs' unique (schedule_id, scheduled_for) refuses a second run for a
+-- due time whatever happens.
+CREATE TABLE IF NOT EXISTS schedules (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL,
+    name         text NOT NULL,
+    cron         text NOT NULL,                   -- five fields, a macro or "@every D" (cron.go)
+    timezone     text NOT NULL DEFAULT 'UTC',     -- an IANA name
+    agent_id     uuid NOT NULL,
+    input        jsonb NOT NULL DEFAULT 'null',
+    priority     smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
+    timeout_ms   integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
+    max_attempts integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 25),
+    paused       boolean NOT NULL DEFAULT false,  -- true: it makes no runs
+    next_at      timestamptz,                     -- null: it never falls due again
+    last_at      timestamptz,                     -- the last due time that made a run
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (workspace_id, name),
+    FOREIGN KEY (workspace_id, agent_id) REFERENCES agents (workspace_id, id) ON DELETE CASCADE
+);
+-- The due schedules, earliest first: what the firing loop reads and sleeps on.
+CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_at) WHERE NOT paused;
+
+-- UPGRADE (to become a numbered migration): the runs' link to the schedule that made them.
+-- schedule_id is set null when the schedule is deleted (its runs stay); scheduled_for is
+-- the due time the run was made for. Self-contained: it only adds to runs.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'schedule_id') THEN
+        ALTER TABLE runs
+            ADD COLUMN schedule_id uuid REFERENCES schedules (id) ON DELETE SET NULL,
+            ADD COLUMN scheduled_for timestamptz;
+        -- One run per due time, across every process: the firing insert does nothing on conflict.
+        CREATE UNIQUE INDEX runs_schedule_due_idx ON runs (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL;
+        -- A schedule's runs, newest first (?schedule=), and the key's lookups when a schedule is deleted.
+        CREATE INDEX runs_schedule_seq_idx ON runs (schedule_id, seq) WHERE schedule_id IS NOT NULL;
+    END IF;
+END $$;

@@ -187,6 +187,15 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	// The pruner stops with ctx: it never holds up the drain.
 	prunerDone := make(chan struct{})
 	go w.pruneRuns(ctx, prunerDone)
+	// The loop fires due schedules too; it also stops with ctx.
+	schedulerDone := make(chan struct{})
+	if loop {
+		sd := &scheduler{st: w.st, log: w.log, m: w.metrics, origin: w.id, local: w.claimable,
+			workspace: w.cfg.WorkspaceID, zones: map[string]*time.Location{}}
+		go sd.run(ctx, schedulerDone)
+	} else {
+		close(schedulerDone)
+	}
 	// The heartbeat registers the process now and removes its row once all else has ended.
 	beatCtx, stopBeat := context.WithCancel(context.Background())
 	beatDone := make(chan struct{})
@@ -317,6 +326,7 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	stopRenewer()
 	<-renewerDone
 	<-prunerDone
+	<-schedulerDone
 	stopBeat()
 	<-beatDone
 	w.log.Info("worker stopped", "worker", w.id)
