@@ -2,6 +2,7 @@ package main
 
 import (
 	"database/sql"
+	"net/http"
 	"strings"
 	"syscall"
 	"testing"
@@ -308,4 +309,67 @@ func TestScheduleCatchUp(t *testing.T) {
 	checkEverySecond(t, dues, [2]time.Time{last, first})
 	t.Logf("stopped at %s, restarted at %s; runs for %s then %s", stopped.UTC().Format(time.StampMilli),
 		restarted.UTC().Format(time.StampMilli), last.Format(time.StampMilli), first.Format(time.StampMilli))
+}
+
+// TestConsoleSchedules: the schedules page lists a workspace's schedules (cron, time zone,
+// next and last due) to it and the admin, not to another workspace, and its pause and
+// resume forms need the CSRF token and change the schedule as the API's PATCH does.
+func TestConsoleSchedules(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	a := startApp(t, testEnv(t, dsn, nil))
+	wsA, wsB := a.createWorkspace(t), a.createWorkspace(t)
+	var sc struct {
+		ID     string     `json:"id"`
+		Paused bool       `json:"paused"`
+		NextAt *time.Time `json:"next_at"`
+	}
+	path := "/v1/workspaces/" + wsA.ID + "/schedules/nightly"
+	a.mustDo(t, "POST", "/v1/workspaces/"+wsA.ID+"/schedules", wsA.APIKey, map[string]any{"name": "nightly",
+		"cron": "30 2 * * *", "timezone": "Europe/Berlin", "agent": "echo"}, 201, &sc)
+
+	userA, userB, admin := newBrowser(a), newBrowser(a), newBrowser(a)
+	csrfA, csrfB, adminCSRF := userA.signIn(t, wsA.APIKey), userB.signIn(t, wsB.APIKey), admin.signIn(t, testAdminToken)
+	pause, resume := "/ui/schedules/"+sc.ID+"/pause", "/ui/schedules/"+sc.ID+"/resume"
+	p := userA.mustGet(t, "/ui/schedules")
+	for _, want := range []string{`href="/ui/schedules" aria-current="page"`, "nightly", "<code>30 2 * * *</code>",
+		"Europe/Berlin", formatTime(sc.NextAt), `action="` + pause + `"`} {
+		if !strings.Contains(p.body, want) {
+			t.Errorf("schedules page: got no %q; want it; body:\n%s", want, p.body)
+		}
+	}
+	if p := admin.mustGet(t, "/ui/schedules"); !strings.Contains(p.body, "nightly") {
+		t.Errorf("admin's schedules page: got no nightly; want it")
+	}
+	if p := userB.mustGet(t, "/ui/schedules"); strings.Contains(p.body, "nightly") || !strings.Contains(p.body, "No schedules yet.") {
+		t.Errorf("B's schedules page: got A's schedule or no empty hint; want neither A's nor a list")
+	}
+
+	if p := userA.post(t, pause, "", nil); p.status != http.StatusForbidden {
+		t.Errorf("pause without csrf: got %d; want 403", p.status)
+	}
+	if p := userB.post(t, pause, csrfB, nil); p.status != http.StatusNotFound {
+		t.Errorf("B pauses A's schedule: got %d; want 404", p.status)
+	}
+	if p := userA.post(t, "/ui/schedules/not-an-id/pause", csrfA, nil); p.status != http.StatusNotFound {
+		t.Errorf("pause of a bad schedule id: got %d; want 404", p.status)
+	}
+	p = userA.post(t, pause, csrfA, nil)
+	if p.status != http.StatusSeeOther || p.location != "/ui/schedules?flash=schedule-paused" {
+		t.Errorf("pause: got %d to %q; want 303 to /ui/schedules?flash=schedule-paused", p.status, p.location)
+	}
+	if p := userA.mustGet(t, p.location); !strings.Contains(p.body, "Schedule paused") || !strings.Contains(p.body, `action="`+resume+`"`) {
+		t.Errorf("schedules page after the pause: got no flash or no Resume form; want both")
+	}
+	a.mustDo(t, "GET", path, wsA.APIKey, nil, 200, &sc)
+	if !sc.Paused || sc.NextAt != nil {
+		t.Errorf("schedule after the console's pause: got paused %v next_at %v; want paused, no next_at", sc.Paused, sc.NextAt)
+	}
+	if p := admin.post(t, resume, adminCSRF, nil); p.location != "/ui/schedules?flash=schedule-resumed" {
+		t.Errorf("admin's resume: got %d to %q; want 303 to /ui/schedules?flash=schedule-resumed", p.status, p.location)
+	}
+	a.mustDo(t, "GET", path, wsA.APIKey, nil, 200, &sc)
+	if sc.Paused || sc.NextAt == nil {
+		t.Errorf("schedule after the admin's resume: got paused %v next_at %v; want resumed with a next_at", sc.Paused, sc.NextAt)
+	}
 }
