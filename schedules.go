@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/lib/pq"
@@ -343,16 +344,20 @@ const (
 	scheduleMaxSleep = time.Second
 	scheduleBatch    = 500
 	scheduleRetry    = time.Second // after a database error
+	// scheduleFirers is how many batches one process fires at once when more than one is
+	// due: each holds a connection of the worker's pool (workerPoolSize) meanwhile.
+	scheduleFirers = 2
 )
 
-// scheduler fires due schedules; only its loop's goroutine uses it.
+// scheduler fires due schedules; its loop's goroutine and the firers it starts use it.
 type scheduler struct {
 	st        *store
 	log       *slog.Logger
 	m         *metrics
-	origin    string                    // the worker id, as announcements name it
-	workspace string                    // RUN_WORKER_WORKSPACE_ID: only its schedules ("" for all)
-	local     func(ws []string)         // tells this process's worker of new runs
+	origin    string            // the worker id, as announcements name it
+	workspace string            // RUN_WORKER_WORKSPACE_ID: only its schedules ("" for all)
+	local     func(ws []string) // tells this process's worker of new runs
+	zonesMu   sync.Mutex
 	zones     map[string]*time.Location // LoadLocation reads a file at every call
 	failing   bool
 }
@@ -402,12 +407,29 @@ func (sd *scheduler) step(ctx context.Context) (time.Duration, error) {
 		}
 		return d, nil
 	}
-	for {
-		n, err := sd.fire(ctx)
-		if err != nil || n < scheduleBatch {
-			return 0, err
-		}
+	n, err := sd.fire(ctx)
+	if err != nil || n < scheduleBatch {
+		return 0, err
 	}
+	// More are due than a batch (every schedule at the top of the hour, say): firers take
+	// batches side by side, as SKIP LOCKED gives each other schedules.
+	errs := make([]error, scheduleFirers)
+	var wg sync.WaitGroup
+	for i := range scheduleFirers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				n, err := sd.fire(ctx)
+				if err != nil || n < scheduleBatch {
+					errs[i] = err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return 0, errors.Join(errs...)
 }
 
 // fire makes the runs of up to scheduleBatch due schedules that no other process holds,
@@ -415,22 +437,27 @@ func (sd *scheduler) step(ctx context.Context) (time.Duration, error) {
 // latest due time not after now: after a time with no process up, the missed times make
 // one run, not a backlog.
 func (sd *scheduler) fire(ctx context.Context) (int, error) {
+	began := time.Now()
 	tx, err := sd.st.db.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, err
 	}
 	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, `SELECT id, cron, timezone, next_at, now() FROM schedules
+	rows, err := tx.QueryContext(ctx, `SELECT id, cron, timezone, next_at, now(), workspace_id, agent_id, input,
+		priority, coalesce(timeout_ms, 0), max_attempts FROM schedules
 		WHERE NOT paused AND next_at <= now() AND ($2 = '' OR workspace_id = NULLIF($2, '')::uuid)
 		ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED`, scheduleBatch, sd.workspace)
 	if err != nil {
 		return 0, err
 	}
-	var ids, runIDs, dues, nexts, broken []string
+	// The runs' fields travel as arrays: the insert reads no schedule again.
+	var ids, runIDs, dues, nexts, broken, wss, agents, inputs []string
+	var priorities, timeouts, maxAttempts []int64
 	for rows.Next() {
-		var id, cron, zone string
+		var id, cron, zone, ws, agent, input string
 		var nextAt, now time.Time
-		if err := rows.Scan(&id, &cron, &zone, &nextAt, &now); err != nil {
+		var priority, timeout, attempts int64
+		if err := rows.Scan(&id, &cron, &zone, &nextAt, &now, &ws, &agent, &input, &priority, &timeout, &attempts); err != nil {
 			rows.Close()
 			return 0, err
 		}
@@ -451,6 +478,8 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 		}
 		ids, runIDs = append(ids, id), append(runIDs, newRunID())
 		dues, nexts = append(dues, due.Format(time.RFC3339Nano)), append(nexts, next)
+		wss, agents, inputs = append(wss, ws), append(agents, agent), append(inputs, input)
+		priorities, timeouts, maxAttempts = append(priorities, priority), append(timeouts, timeout), append(maxAttempts, attempts)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -467,17 +496,21 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 	// One statement makes the runs and moves the schedules on.
 	rows, err = tx.QueryContext(ctx, `
 		WITH due AS (
-			SELECT u.id, u.run_id, u.due::timestamptz AS due, NULLIF(u.next, '')::timestamptz AS next
-			FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) AS u (id, run_id, due, next)
+			SELECT u.*, u.due_text::timestamptz AS due FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
+				$5::uuid[], $6::uuid[], $7::text[], $8::smallint[], $9::integer[], $10::integer[])
+				AS u (id, run_id, due_text, next, workspace_id, agent_id, input, priority, timeout_ms, max_attempts)
 		), moved AS (
-			UPDATE schedules s SET next_at = d.next, last_at = d.due FROM due d WHERE s.id = d.id
+			UPDATE schedules s SET next_at = NULLIF(d.next, '')::timestamptz, last_at = d.due FROM due d WHERE s.id = d.id
 		)
 		INSERT INTO runs (id, workspace_id, agent_id, input, priority, timeout_ms, max_attempts, schedule_id, scheduled_for)
-		SELECT d.run_id, s.workspace_id, s.agent_id, s.input, s.priority, s.timeout_ms, s.max_attempts, s.id, d.due
-		FROM due d JOIN schedules s ON s.id = d.id
+		SELECT d.run_id, d.workspace_id, d.agent_id, d.input::jsonb, d.priority, NULLIF(d.timeout_ms, 0), d.max_attempts,
+			d.id, d.due
+		FROM due d
 		ON CONFLICT (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL DO NOTHING
 		RETURNING workspace_id, extract(epoch FROM created_at - scheduled_for)::float8`,
-		pq.StringArray(ids), pq.StringArray(runIDs), pq.StringArray(dues), pq.StringArray(nexts))
+		pq.StringArray(ids), pq.StringArray(runIDs), pq.StringArray(dues), pq.StringArray(nexts), pq.StringArray(wss),
+		pq.StringArray(agents), pq.StringArray(inputs), pq.Int64Array(priorities), pq.Int64Array(timeouts),
+		pq.Int64Array(maxAttempts))
 	if err != nil {
 		return 0, err
 	}
@@ -504,6 +537,7 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 		sd.m.scheduleLag.observe(lag)
 	}
 	sd.m.scheduled.add(float64(len(lags)))
+	sd.log.Debug("fired schedules", "schedules", len(ids), "runs", len(lags), "took", time.Since(began))
 	if len(spaces) > 0 {
 		sd.announce(ctx, spaces)
 	}
@@ -532,6 +566,8 @@ func (sd *scheduler) announce(ctx context.Context, spaces map[string]bool) {
 
 // zone is the time zone named, loaded once; nil if it cannot be loaded.
 func (sd *scheduler) zone(name string) *time.Location {
+	sd.zonesMu.Lock()
+	defer sd.zonesMu.Unlock()
 	if loc, ok := sd.zones[name]; ok {
 		return loc
 	}

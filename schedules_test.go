@@ -83,6 +83,19 @@ func TestScheduleAPI(t *testing.T) {
 				r.Schedule, r.ScheduledFor, r.Priority, r.MaxAttempts, r.Input)
 		}
 	}
+	// Pages of a schedule's runs, newest first.
+	var page1, page2 struct {
+		Runs       []runRecord
+		NextCursor *string `json:"next_cursor"`
+	}
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?schedule=tick&limit=1", ws.APIKey, nil, 200, &page1)
+	if len(page1.Runs) != 1 || page1.NextCursor == nil {
+		t.Fatalf("first page of limit 1: got %d runs, next_cursor %v; want 1 and a cursor", len(page1.Runs), page1.NextCursor)
+	}
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?schedule=tick&limit=1&cursor="+*page1.NextCursor, ws.APIKey, nil, 200, &page2)
+	if len(page2.Runs) != 1 || !page2.Runs[0].ScheduledFor.Before(*page1.Runs[0].ScheduledFor) {
+		t.Errorf("second page: got %d runs; want one due before the first page's (%s)", len(page2.Runs), page1.Runs[0].ScheduledFor)
+	}
 	a.createRun(t, ws, "echo", 1)
 	var other struct{ Runs []runRecord }
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?schedule=nope", ws.APIKey, nil, 200, &other)
@@ -166,9 +179,14 @@ func TestScheduleAPI(t *testing.T) {
 	// DELETE: 204, and its runs stay.
 	made := len(scheduledRuns(t, db, "tick"))
 	a.mustDo(t, "DELETE", base+"/tick", ws.APIKey, nil, 204, nil)
-	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+runs.Runs[0].ID, ws.APIKey, nil, 200, nil)
+	var orphan runRecord
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs/"+runs.Runs[0].ID, ws.APIKey, nil, 200, &orphan)
+	if orphan.Schedule != nil || orphan.ScheduledFor == nil {
+		t.Errorf("run of the deleted schedule: got schedule %v scheduled_for %v; want null and its due time", orphan.Schedule, orphan.ScheduledFor)
+	}
 	var kept int
-	if err := db.QueryRow(`SELECT count(*) FROM runs WHERE scheduled_for IS NOT NULL AND schedule_id IS NULL`).Scan(&kept); err != nil {
+	if err := db.QueryRow(`SELECT count(*) FROM runs WHERE scheduled_for IS NOT NULL
+		AND NOT EXISTS (SELECT 1 FROM schedules s WHERE s.id = runs.schedule_id)`).Scan(&kept); err != nil {
 		t.Fatal(err)
 	}
 	if kept != made {

@@ -496,18 +496,18 @@ CREATE TABLE IF NOT EXISTS schedules (
 -- The due schedules, earliest first: what the firing loop reads and sleeps on.
 CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_at) WHERE NOT paused;
 
--- UPGRADE (to become a numbered migration): the runs' link to the schedule that made them.
--- schedule_id is set null when the schedule is deleted (its runs stay); scheduled_for is
--- the due time the run was made for. Self-contained: it only adds to runs.
+-- UPGRADE (to become a numbered migration): the runs' link to the schedule that made them
+-- (schedule_id) and the due time each was made for (scheduled_for). Self-contained: it only
+-- adds to runs. schedule_id has no foreign key: deleting a schedule leaves its runs as they
+-- are (a key's ON DELETE SET NULL would rewrite every one of them in the delete's
+-- transaction, and its check costs each fired run a lookup); the API shows the schedule's
+-- name while the schedule exists, null after.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'runs'::regclass AND attname = 'schedule_id') THEN
-        ALTER TABLE runs
-            ADD COLUMN schedule_id uuid REFERENCES schedules (id) ON DELETE SET NULL,
-            ADD COLUMN scheduled_for timestamptz;
-        -- One run per due time, across every process: the firing insert does nothing on conflict.
+        ALTER TABLE runs ADD COLUMN schedule_id uuid, ADD COLUMN scheduled_for timestamptz;
+        -- One run per due time, across every process: the firing insert does nothing on
+        -- conflict. Also a schedule's runs in the order they were made (?schedule=).
         CREATE UNIQUE INDEX runs_schedule_due_idx ON runs (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL;
-        -- A schedule's runs, newest first (?schedule=), and the key's lookups when a schedule is deleted.
-        CREATE INDEX runs_schedule_seq_idx ON runs (schedule_id, seq) WHERE schedule_id IS NOT NULL;
     END IF;
 END $$;

@@ -471,12 +471,14 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleNam
 		FROM agentapp_runs_page(ARRAY[$1::uuid], $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
 		ORDER BY r.seq DESC`, ws, cursor, statusList(status), limit+1, agentName)
 	} else {
-		// A schedule's runs are a range of runs_schedule_seq_idx.
+		// A schedule's runs are a range of runs_schedule_due_idx, made in the order of
+		// their due times: newest first is latest due first.
 		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
 		FROM runs r JOIN agents a ON a.id = r.agent_id
 		WHERE r.schedule_id = (SELECT sc.id FROM schedules sc WHERE sc.workspace_id = $1 AND sc.name = $6)
-			AND r.seq < $2 AND r.status = ANY ($3) AND ($5 = '' OR a.name = $5)
-		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, statusList(status), limit+1, agentName, scheduleName)
+			AND r.scheduled_for < coalesce((SELECT c.scheduled_for FROM runs c WHERE c.seq = $2 AND c.id = $7::uuid), 'infinity')
+			AND r.status = ANY ($3) AND ($5 = '' OR a.name = $5)
+		ORDER BY r.scheduled_for DESC LIMIT $4`, ws, cursor, statusList(status), limit+1, agentName, scheduleName, cursorID(after))
 	}
 	if err != nil {
 		return nil, "", err
@@ -498,6 +500,14 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleNam
 		next = runs[limit-1].ID
 	}
 	return runs, next, nil
+}
+
+// cursorID is a cursor's run id as a uuid argument: the nil uuid for the first page.
+func cursorID(after string) string {
+	if after == "" {
+		return "00000000-0000-0000-0000-000000000000"
+	}
+	return after
 }
 
 // newestFirst is the seq before which a list's first page starts: before every run.
