@@ -97,14 +97,7 @@ func (a *announcer) run(ctx context.Context) {
 		}
 		last = time.Now()
 		a.mu.Lock()
-		payload := a.origin
-		if len(a.spaces) > announceMost {
-			payload += " " + anywhere
-		} else {
-			for ws, at := range a.spaces {
-				payload += " " + placeEntry(ws, at)
-			}
-		}
+		payload := announcement(a.origin, a.spaces)
 		a.spaces = map[string]linePos{}
 		a.mu.Unlock()
 		nctx, cancel := context.WithTimeout(ctx, announceTimeout)
@@ -119,6 +112,19 @@ func (a *announcer) run(ctx context.Context) {
 			a.log.Info("announcing new runs works again")
 		}
 	}
+}
+
+// announcement is the payload of a notification of new runs from origin: the workspaces
+// with their places, or anywhere when there are more than one notification can name.
+func announcement(origin string, spaces map[string]linePos) string {
+	if len(spaces) > announceMost {
+		return origin + " " + anywhere
+	}
+	payload := origin
+	for ws, at := range spaces {
+		payload += " " + placeEntry(ws, at)
+	}
+	return payload
 }
 
 // placeEntry is workspace ws at place at as an announcement names it: the id alone for

@@ -904,3 +904,84 @@ func BenchmarkConsole(b *testing.B) {
 
 // benchConsoleRequests is how many times BenchmarkConsole asks each page.
 const benchConsoleRequests = 20
+
+// BenchmarkSchedules: 10,000 schedules of @every 1m in one workspace, all due at the top of
+// each minute, fired by one process (embedded worker, defaults) for two minutes. Their
+// agent is paused, so the process's CPU is the scheduling's, not the runs' execution. It
+// reports, per minute, the process's CPU seconds and the database's transactions (each
+// statement outside a transaction is one), and the lag from due time to the run's
+// creation (p50, p99, max) as the database's clock has it.
+func BenchmarkSchedules(b *testing.B) {
+	const n = 10000
+	dsn := testDB(b)
+	name := dbName(b, dsn)
+	admin := adminDB(b)
+	db := openTestDB(b, dsn)
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
+	a := p.app()
+	ws := a.createWorkspace(b)
+	a.mustDo(b, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/echo", ws.APIKey, map[string]any{"paused": true}, 200, nil)
+	if _, err := db.Exec(`INSERT INTO schedules (workspace_id, name, cron, agent_id, next_at)
+		SELECT $1, 's' || i, '@every 1m', (SELECT id FROM agents WHERE workspace_id = $1 AND name = 'echo'),
+		       date_trunc('minute', now()) + interval '1 minute'
+		FROM generate_series(1, $2) i`, ws.ID, n); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := db.Exec(`ANALYZE schedules`); err != nil { // as autovacuum would have, on a table made over time
+		b.Fatal(err)
+	}
+	xacts := func() int64 {
+		var x int64
+		if err := admin.QueryRow(`SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, name).Scan(&x); err != nil {
+			b.Fatal(err)
+		}
+		return x
+	}
+	// Measure from 30 s into a minute for two minutes: two firings of all 10,000.
+	var now time.Time
+	if err := db.QueryRow(`SELECT now()`).Scan(&now); err != nil {
+		b.Fatal(err)
+	}
+	start := now.Truncate(time.Minute).Add(90 * time.Second)
+	time.Sleep(time.Until(start))
+	x0, s0 := xacts(), benchProcStats(b, p.cmd.Process.Pid)
+	time.Sleep(2 * time.Minute)
+	x1, s1 := xacts(), benchProcStats(b, p.cmd.Process.Pid)
+	var made int
+	var p50, p99, worst float64
+	if err := db.QueryRow(`SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
+		percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), max(lag)
+		FROM (SELECT extract(epoch FROM created_at - scheduled_for) AS lag FROM runs
+		      WHERE scheduled_for > $1 AND scheduled_for <= $2) l`, start, start.Add(2*time.Minute)).Scan(&made, &p50, &p99, &worst); err != nil {
+		b.Fatal(err)
+	}
+	perMinute, err := db.Query(`SELECT scheduled_for, count(*), max(extract(epoch FROM created_at - scheduled_for))
+		FROM runs WHERE scheduled_for IS NOT NULL GROUP BY 1 ORDER BY 1`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for perMinute.Next() {
+		var at time.Time
+		var count int
+		var most float64
+		if err := perMinute.Scan(&at, &count, &most); err != nil {
+			b.Fatal(err)
+		}
+		b.Logf("due %s: %d runs, the last made %.0f ms after", at.UTC().Format("15:04:05"), count, most*1000)
+	}
+	perMinute.Close()
+	var dups int
+	if err := db.QueryRow(`SELECT count(*) - count(DISTINCT (schedule_id, scheduled_for)) FROM runs`).Scan(&dups); err != nil {
+		b.Fatal(err)
+	}
+	benchStop(b, p)
+	if made != 2*n || dups != 0 {
+		b.Errorf("runs made for the two minutes' due times: got %d (%d duplicates); want %d, none twice", made, dups, 2*n)
+	}
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric((s1.cpu-s0.cpu)/2, "CPU-s/min")
+	b.ReportMetric(float64(x1-x0)/2, "xact/min")
+	b.ReportMetric(p50*1000, "lag-p50-ms")
+	b.ReportMetric(p99*1000, "lag-p99-ms")
+	b.ReportMetric(worst*1000, "lag-max-ms")
+}

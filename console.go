@@ -66,7 +66,7 @@ type console struct {
 }
 
 // consolePages are the page templates in ui/, each rendered inside ui/layout.html.
-var consolePages = []string{"sign-in", "overview", "runs", "run", "agents", "error"}
+var consolePages = []string{"sign-in", "overview", "runs", "run", "agents", "schedules", "error"}
 
 // console returns the console's handler; every console route is listed here.
 func (s *server) console() http.Handler {
@@ -88,6 +88,9 @@ func (s *server) console() http.Handler {
 	mux.HandleFunc("GET /ui/agents", c.page(c.agents))
 	mux.HandleFunc("POST /ui/agents/{id}/pause", c.action(c.setPaused(true)))
 	mux.HandleFunc("POST /ui/agents/{id}/resume", c.action(c.setPaused(false)))
+	mux.HandleFunc("GET /ui/schedules", c.page(c.schedules))
+	mux.HandleFunc("POST /ui/schedules/{id}/pause", c.action(c.setSchedulePaused(true)))
+	mux.HandleFunc("POST /ui/schedules/{id}/resume", c.action(c.setSchedulePaused(false)))
 	mux.HandleFunc("GET /ui/style.css", c.asset("ui/style.css", "text/css; charset=utf-8"))
 	mux.HandleFunc("GET /ui/live.js", c.asset("ui/live.js", "text/javascript; charset=utf-8"))
 	mux.HandleFunc("GET /ui/flash.js", c.asset("ui/flash.js", "text/javascript; charset=utf-8"))
@@ -146,6 +149,8 @@ var flashMessages = map[string]string{
 	"canceled-queued":  "Canceled %d queued run(s).",
 	"paused":           "Agent paused: its runs stay queued until it is resumed.",
 	"resumed":          "Agent resumed: its queued runs are claimed again.",
+	"schedule-paused":  "Schedule paused: it makes no runs until it is resumed.",
+	"schedule-resumed": "Schedule resumed: its next due time is after now.",
 }
 
 // withFlash returns path with the flash parameters that announce key (and its number n).
@@ -306,6 +311,8 @@ func backTo(r *http.Request) string {
 		return "/ui/runs" + f.query("")
 	case len(parts) == 4 && parts[1] == "agents":
 		return "/ui/agents"
+	case len(parts) == 4 && parts[1] == "schedules":
+		return "/ui/schedules"
 	}
 	return ""
 }
@@ -1202,3 +1209,83 @@ func capped(n int64, limit int) string {
 	}
 	return strconv.FormatInt(n, 10)
 }
+
+// setSchedulePaused pauses or resumes a schedule of the session's scope, by id, as the
+// API's PATCH does.
+func (c *console) setSchedulePaused(paused bool) func(http.ResponseWriter, *http.Request, session) {
+	flash := map[bool]string{true: "schedule-paused", false: "schedule-resumed"}[paused]
+	return func(w http.ResponseWriter, r *http.Request, se session) {
+		id := r.PathValue("id")
+		var ws, name string
+		err := sql.ErrNoRows
+		if isUUID(id) {
+			err = c.s.store.db.QueryRowContext(r.Context(), `SELECT workspace_id, name FROM schedules
+				WHERE id = $1 AND ($2::uuid IS NULL OR workspace_id = $2)`, id, se.scope()).Scan(&ws, &name)
+		}
+		if errors.Is(err, sql.ErrNoRows) {
+			err = fmt.Errorf("%w: no such schedule", errNotFound)
+		}
+		if err == nil {
+			_, err = c.s.patchSchedule(r.Context(), ws, name, scheduleRequest{Paused: &paused})
+		}
+		if err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		http.Redirect(w, r, withFlash("/ui/schedules", flash, 0), http.StatusSeeOther)
+	}
+}
+
+// scheduleRow is one schedule on the schedules page.
+type scheduleRow struct {
+	schedule
+	Workspace string
+}
+
+// schedulesData is the schedules page.
+type schedulesData struct {
+	Schedules []scheduleRow
+	Truncated bool // more than agentsPageLimit schedules
+}
+
+// schedules lists the schedules in scope, the first agentsPageLimit by workspace and name.
+func (c *console) schedules(w http.ResponseWriter, r *http.Request, se session) {
+	rows, err := c.s.store.db.QueryContext(r.Context(), `SELECT `+scheduleColumns+`,
+		(SELECT w.name FROM workspaces w WHERE w.id = schedules.workspace_id)
+		FROM schedules WHERE $1::uuid IS NULL OR workspace_id = $1
+		ORDER BY workspace_id, schedules.name LIMIT $2`, se.scope(), agentsPageLimit+1)
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	defer rows.Close()
+	var d schedulesData
+	for rows.Next() {
+		var row scheduleRow
+		var workspace string
+		sc, err := scanSchedule(scanExtra{rows, &workspace})
+		if err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		row.schedule, row.Workspace = sc, workspace
+		d.Schedules = append(d.Schedules, row)
+	}
+	if err := rows.Err(); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	if len(d.Schedules) > agentsPageLimit {
+		d.Schedules, d.Truncated = d.Schedules[:agentsPageLimit], true
+	}
+	c.render(w, r, http.StatusOK, "schedules", se.layout("Schedules", "schedules", d))
+}
+
+// scanExtra scans a row that has more columns than its reader knows into extra.
+type scanExtra struct {
+	rows  *sql.Rows
+	extra *string
+}
+
+// Scan scans dst and then extra.
+func (s scanExtra) Scan(dst ...any) error { return s.rows.Scan(append(dst, s.extra)...) }

@@ -164,7 +164,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	}
 	m := newMetrics()
 	w := newWorker(&store{db: workerDB, events: st.events}, log, workerConfigOf(cfg).as(serveMode(cfg.WorkerEmbedded)), m)
-	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal, w.schedulesChanged)
 	// endPolls ends long polls at shutdown. It is not the requests' base context: canceling
 	// that would cut in-flight requests off mid-query instead of finishing them.
 	endPolls := make(chan struct{})
@@ -248,7 +248,7 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 		}
 		return json.NewEncoder(stdout).Encode(s)
 	}
-	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal)
+	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal, w.schedulesChanged)
 	err = w.run(ctx, true)
 	n.close()
 	return err

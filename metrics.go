@@ -22,6 +22,8 @@ type metrics struct {
 	executing     *gauge
 	claimDuration *histogram
 	runDuration   *histogram
+	scheduled     *gauge     // runs made by schedules (a counter)
+	scheduleLag   *histogram // from a due time to its run's creation
 }
 
 func newMetrics() *metrics {
@@ -35,6 +37,8 @@ func newMetrics() *metrics {
 		executing:     &gauge{},
 		claimDuration: &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
 		runDuration:   &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
+		scheduled:     &gauge{},
+		scheduleLag:   &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
 	}
 }
 
@@ -147,5 +151,9 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 	m.claimDuration.write(&b, "agentapp_claim_duration_seconds")
 	help("agentapp_run_duration_seconds", "histogram", "Time agents took to execute one attempt.")
 	m.runDuration.write(&b, "agentapp_run_duration_seconds")
+	help("agentapp_schedule_runs_total", "counter", "Runs this process made for schedules' due times.")
+	fmt.Fprintf(&b, "agentapp_schedule_runs_total %g\n", m.scheduled.get())
+	help("agentapp_schedule_lag_seconds", "histogram", "From a schedule's due time to the creation of its run, for the runs this process made.")
+	m.scheduleLag.write(&b, "agentapp_schedule_lag_seconds")
 	io.WriteString(w, b.String())
 }

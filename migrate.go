@@ -95,6 +95,11 @@ ALTER TABLE agents
     ADD COLUMN secret_rotated_at timestamptz;
 ALTER TABLE runs ADD COLUMN trace_id text, ADD COLUMN trace_flags text`,
 	},
+	{
+		version: 5,
+		name:    "schedules",
+		before:  `ALTER TABLE runs ADD COLUMN schedule_id uuid, ADD COLUMN scheduled_for timestamptz`,
+	},
 }
 
 // retiredSQL drops what earlier releases made and this one does not use. It runs at every

@@ -23,6 +23,7 @@ type notifier struct {
 	log       *slog.Logger
 	onRuns    func(origin string) // origin: the announcing worker's id, or "" (anyone may claim)
 	onCancel  func(runID string)
+	onDue     func() // schedules were made or changed: when the next falls due may be sooner
 	listening atomic.Bool
 	done      chan struct{}
 
@@ -51,12 +52,12 @@ type notifier struct {
 const statusListenerTTL = time.Minute
 
 // notifyChannels are the channels schema.sql's triggers notify.
-var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_events", "agentapp_status"}
+var notifyChannels = []string{"agentapp_runs", "agentapp_cancel", "agentapp_events", "agentapp_status", "agentapp_schedules"}
 
 // newNotifier connects in the background; it never blocks start-up on the database. db
 // and id serve its row in status_listeners.
-func newNotifier(dsn string, db *sql.DB, id string, log *slog.Logger, onRuns func(origin string), onCancel func(string)) *notifier {
-	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, done: make(chan struct{}),
+func newNotifier(dsn string, db *sql.DB, id string, log *slog.Logger, onRuns func(origin string), onCancel func(string), onDue func()) *notifier {
+	n := &notifier{log: log, onRuns: onRuns, onCancel: onCancel, onDue: onDue, done: make(chan struct{}),
 		waiters: map[string][]chan struct{}{}, watchers: map[string]map[*watcher]bool{}, db: db, id: id,
 		stopRefresh: make(chan struct{}), refreshDone: make(chan struct{})}
 	n.l = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, n.event)
@@ -216,12 +217,14 @@ func (n *notifier) run() {
 	n.log.Info("listening for notifications")
 	// Whatever was notified before LISTEN took effect went unheard, as after a reconnect.
 	n.onRuns("")
+	n.onDue()
 	n.wakeAll()
 	n.pokeAll(true)
 	for msg := range n.l.Notify {
 		if msg == nil {
 			// Reconnected: notifications may have been missed meanwhile.
 			n.onRuns("")
+			n.onDue()
 			n.wakeAll()
 			n.pokeAll(true)
 			continue
@@ -229,6 +232,8 @@ func (n *notifier) run() {
 		switch msg.Channel {
 		case "agentapp_runs":
 			n.onRuns(msg.Extra)
+		case "agentapp_schedules":
+			n.onDue()
 		case "agentapp_cancel":
 			for run := range strings.FieldsSeq(msg.Extra) {
 				n.onCancel(run)

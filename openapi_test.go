@@ -909,6 +909,23 @@ func TestOpenAPIAnswers(t *testing.T) {
 		t.Errorf("cancel of the queued echo runs: got %q; want {\"canceled\":3}", got)
 	}
 
+	// Schedules (no worker runs here: a paused one, and one due daily, make no runs).
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, map[string]any{"name": "nightly", "cron": "30 2 * * *",
+		"timezone": "Europe/Berlin", "agent": "echo", "input": map[string]any{"q": 1}, "priority": 1, "timeout_ms": 1000,
+		"max_attempts": 2, "paused": false}, ws.ID)
+	c.do(t, a, 409, "POST /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, map[string]any{"name": "nightly", "cron": "@daily", "agent": "echo"}, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, map[string]any{"name": "x", "cron": "@daily", "agent": "echo", "timezone": "Nowhere"}, ws.ID)
+	c.do(t, a, 400, "POST /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, map[string]any{"name": "x", "Cron": "@daily", "agent": "echo"}, ws.ID)
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, nil, ws.ID, "nightly")
+	c.do(t, a, 404, "GET /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, nil, ws.ID, "nobody")
+	c.do(t, a, 200, "PATCH /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, map[string]any{"paused": true, "timeout_ms": nil}, ws.ID, "nightly")
+	c.do(t, a, 422, "PATCH /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, map[string]any{"cron": "61 * * * *"}, ws.ID, "nightly")
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/runs", "?schedule=nightly", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/schedules", "", ws.APIKey, nil, map[string]any{"name": "gone", "cron": "@every 1h", "agent": "echo"}, ws.ID)
+	c.do(t, a, 204, "DELETE /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, nil, ws.ID, "gone")
+	c.do(t, a, 404, "DELETE /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, nil, ws.ID, "gone")
+
 	oaAnswersEvents(t, a, c, openTestDB(t, env["DATABASE_URL"]))
 
 	// The console, as a browser signed in with the workspace's key uses it.
@@ -944,6 +961,13 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 303, "POST /ui/agents/{id}/pause", "", url.Values{"csrf": {csrf}}, echo.ID)
 	c.browse(t, b, 303, "POST /ui/agents/{id}/resume", "", url.Values{"csrf": {csrf}}, echo.ID)
 	c.browse(t, b, 404, "POST /ui/agents/{id}/pause", "", url.Values{"csrf": {csrf}}, nobody)
+	c.browse(t, b, 200, "GET /ui/schedules", "", nil)
+	var nightly struct{ ID string }
+	_, body = c.do(t, a, 200, "GET /v1/workspaces/{ws}/schedules/{name}", "", ws.APIKey, nil, nil, ws.ID, "nightly")
+	json.Unmarshal(body, &nightly)
+	c.browse(t, b, 303, "POST /ui/schedules/{id}/resume", "", url.Values{"csrf": {csrf}}, nightly.ID)
+	c.browse(t, b, 303, "POST /ui/schedules/{id}/pause", "", url.Values{"csrf": {csrf}}, nightly.ID)
+	c.browse(t, b, 404, "POST /ui/schedules/{id}/pause", "", url.Values{"csrf": {csrf}}, nobody)
 	c.browse(t, b, 303, "POST /ui/sign-out", "", url.Values{"csrf": {csrf}})
 	c.browse(t, b, 303, "GET /ui/", "", nil)
 

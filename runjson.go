@@ -55,6 +55,14 @@ func (r *runRecord) appendJSON(b []byte) []byte {
 	} else {
 		b = strconv.AppendInt(b, int64(*r.TimeoutMS), 10)
 	}
+	b = append(b, `,"schedule":`...)
+	if r.Schedule == nil {
+		b = append(b, "null"...)
+	} else {
+		b = appendJSONString(b, *r.Schedule)
+	}
+	b = append(b, `,"scheduled_for":`...)
+	b = appendJSONTime(b, r.ScheduledFor)
 	b = append(b, `,"trace_id":`...)
 	b = appendJSONString(b, r.TraceID)
 	b = append(b, `,"created_at":`...)

@@ -39,7 +39,7 @@ func sampleRuns() []runRecord {
 			Output: json.RawMessage(`"<script>\u2028"`), Error: &odd,
 			Errors:  json.RawMessage(`[{"at": "2026-12-02T06:43:34.070314Z", "attempt": 1, "message": "boom & <bust>"}]`),
 			Attempt: 3, MaxAttempts: 3, Priority: 9, RunAt: whole, TimeoutMS: &timeout, CreatedAt: whole,
-			StartedAt: &at, FinishedAt: &whole, UpdatedAt: at},
+			StartedAt: &at, FinishedAt: &whole, UpdatedAt: at, Schedule: &odd, ScheduledFor: &whole},
 		{ID: "z", Status: statusSucceeded, Input: json.RawMessage(`null`), Output: json.RawMessage(`{"nested": {"deep": [[], {}, ""]}}`),
 			Error: &msg, Errors: nil, Priority: -1, StartedAt: &whole},
 	}

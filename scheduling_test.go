@@ -627,8 +627,8 @@ func TestSchedTimeout(t *testing.T) {
 }
 
 // TestSchedIdleLoad: with the default poll, an idle worker with one run scheduled an hour
-// ahead costs about one transaction a second (measured from another database, so the
-// reading adds none).
+// ahead costs about one transaction a second: its claim (measured from another database,
+// so the reading adds none).
 func TestSchedIdleLoad(t *testing.T) {
 	t.Parallel()
 	// PostgreSQL flushes an idle backend's statistics within 10 s (as BenchmarkIdle

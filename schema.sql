@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS runs (
     events_count     integer NOT NULL DEFAULT 0,  -- its last event's seq, taken under the run's row lock
     trace_id         text,                        -- its create request's W3C trace id (32 hex digits); null:
     trace_flags      text,                        -- made before signed deliveries, its id stands for it
+    -- The schedule that made it and the due time it was made for. No key: deleting a
+    -- schedule leaves its runs as they are (ON DELETE SET NULL would rewrite every one in
+    -- the delete's transaction, and the check would cost each fired run a lookup); the API
+    -- shows the schedule's name while it exists, null after.
+    schedule_id      uuid,
+    scheduled_for    timestamptz,
     -- One key to the agent, in its workspace, instead of one to each: a key is checked
     -- for every row inserted, and these two checks were a quarter of a batch's time in
     -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
@@ -356,3 +362,41 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
 
+-- Schedules (schedules.go): each due time of a schedule makes exactly one run. next_at is
+-- the next due time (computed in Go from cron and timezone), last_at the last one fired.
+-- The processes that run the worker fire the due schedules they can lock (FOR UPDATE SKIP
+-- LOCKED), and the runs' unique (schedule_id, scheduled_for) refuses a second run for a
+-- due time whatever happens.
+CREATE TABLE IF NOT EXISTS schedules (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL,
+    name         text NOT NULL,
+    cron         text NOT NULL,                   -- five fields, a macro or "@every D" (cron.go)
+    timezone     text NOT NULL DEFAULT 'UTC',     -- an IANA name
+    agent_id     uuid NOT NULL,
+    input        jsonb NOT NULL DEFAULT 'null',
+    priority     smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
+    timeout_ms   integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
+    max_attempts integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 25),
+    paused       boolean NOT NULL DEFAULT false,  -- true: it makes no runs
+    next_at      timestamptz,                     -- null: it never falls due again
+    last_at      timestamptz,                     -- the last due time that made a run
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (workspace_id, name),
+    FOREIGN KEY (workspace_id, agent_id) REFERENCES agents (workspace_id, id) ON DELETE CASCADE
+);
+-- The due schedules, earliest first: what the firing loop reads and sleeps on.
+CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_at) WHERE NOT paused;
+-- agentapp_schedules (no payload): schedules were made or changed, so the next due time
+-- may be sooner: the firing loops (schedules.go) read it again.
+CREATE OR REPLACE FUNCTION agentapp_schedules_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('agentapp_schedules', '');
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER schedules_notify AFTER INSERT OR UPDATE ON schedules
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_schedules_notify();
+-- One run per due time of a schedule, across every process: the firing insert does
+-- nothing on conflict. Also a schedule's runs in the order they were made (?schedule=).
+CREATE UNIQUE INDEX IF NOT EXISTS runs_schedule_due_idx ON runs (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL;

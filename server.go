@@ -103,6 +103,11 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/cancel", s.member(s.cancelRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/retry", s.member(s.retryRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/cancel", s.member(s.cancelRuns))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/schedules", s.member(s.createSchedule))
+	mux.HandleFunc("GET /v1/workspaces/{ws}/schedules", s.member(s.listSchedules))
+	mux.HandleFunc("GET /v1/workspaces/{ws}/schedules/{name}", s.member(s.getSchedule))
+	mux.HandleFunc("PATCH /v1/workspaces/{ws}/schedules/{name}", s.member(s.updateSchedule))
+	mux.HandleFunc("DELETE /v1/workspaces/{ws}/schedules/{name}", s.member(s.deleteSchedule))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/stats", s.member(s.stats))
 	mux.HandleFunc("POST /v1/worker/process", s.admin(s.process))
 	mux.HandleFunc("GET /v1/workers", s.admin(s.listWorkers))
@@ -1280,7 +1285,8 @@ func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, r.URL.Query().Get("agent"), limit, after)
+	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, r.URL.Query().Get("agent"),
+		r.URL.Query().Get("schedule"), limit, after)
 	if err != nil {
 		s.fail(w, r, err)
 		return

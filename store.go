@@ -335,25 +335,27 @@ func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) 
 
 // runRecord is a run as the API shows it.
 type runRecord struct {
-	ID          string          `json:"id"`
-	WorkspaceID string          `json:"workspace_id"`
-	Agent       string          `json:"agent"`
-	Status      runStatus       `json:"status"`
-	Input       json.RawMessage `json:"input"`
-	Output      json.RawMessage `json:"output"`
-	Error       *string         `json:"error"`
-	Errors      json.RawMessage `json:"errors"`
-	Attempt     int             `json:"attempt"`
-	MaxAttempts int             `json:"max_attempts"`
-	Priority    int             `json:"priority"`
-	RunAt       time.Time       `json:"run_at"`     // not claimed before this
-	TimeoutMS   *int            `json:"timeout_ms"` // nil: none
-	TraceID     string          `json:"trace_id"`
-	CreatedAt   time.Time       `json:"created_at"`
-	StartedAt   *time.Time      `json:"started_at"`
-	FinishedAt  *time.Time      `json:"finished_at"`
-	UpdatedAt   time.Time       `json:"updated_at"`
-	seq         int64
+	ID           string          `json:"id"`
+	WorkspaceID  string          `json:"workspace_id"`
+	Agent        string          `json:"agent"`
+	Status       runStatus       `json:"status"`
+	Input        json.RawMessage `json:"input"`
+	Output       json.RawMessage `json:"output"`
+	Error        *string         `json:"error"`
+	Errors       json.RawMessage `json:"errors"`
+	Attempt      int             `json:"attempt"`
+	MaxAttempts  int             `json:"max_attempts"`
+	Priority     int             `json:"priority"`
+	RunAt        time.Time       `json:"run_at"`        // not claimed before this
+	TimeoutMS    *int            `json:"timeout_ms"`    // nil: none
+	Schedule     *string         `json:"schedule"`      // the name of the schedule that made it
+	ScheduledFor *time.Time      `json:"scheduled_for"` // the due time it was made for
+	TraceID      string          `json:"trace_id"`
+	CreatedAt    time.Time       `json:"created_at"`
+	StartedAt    *time.Time      `json:"started_at"`
+	FinishedAt   *time.Time      `json:"finished_at"`
+	UpdatedAt    time.Time       `json:"updated_at"`
+	seq          int64
 }
 
 // runStatus is a run's status, as the runs table and the API spell it.
@@ -391,7 +393,7 @@ func (r runRecord) final() bool { return r.Status.final() }
 // runColumns is what scanRun reads, from runs r joined with agents a.
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
 	r.attempt, r.max_attempts, r.priority, r.run_at, r.timeout_ms, r.created_at, r.started_at, r.finished_at,
-	r.updated_at, r.seq, r.trace_id`
+	r.updated_at, r.seq, (SELECT sc.name FROM schedules sc WHERE sc.id = r.schedule_id), r.scheduled_for, r.trace_id`
 
 // scanRun reads one row of runColumns.
 func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
@@ -399,14 +401,19 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	var output []byte
 	var started, finished sql.NullTime
 	var timeout sql.NullInt64
+	var scheduledFor sql.NullTime
 	var traceID sql.NullString
 	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
 		&r.Attempt, &r.MaxAttempts, &r.Priority, &r.RunAt, &timeout, &r.CreatedAt, &started, &finished,
-		&r.UpdatedAt, &r.seq, &traceID)
+		&r.UpdatedAt, &r.seq, &r.Schedule, &scheduledFor, &traceID)
 	if err != nil {
 		return r, err
 	}
 	r.TraceID = traceOf(r.ID, traceID, sql.NullString{}).TraceID
+	if scheduledFor.Valid {
+		t := scheduledFor.Time.UTC()
+		r.ScheduledFor = &t
+	}
 	if timeout.Valid {
 		ms := int(timeout.Int64)
 		r.TimeoutMS = &ms
@@ -468,9 +475,10 @@ func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
 
 // listRuns returns up to limit runs of ws, newest first, older than the run after (an id;
 // "" for the first page), optionally only those with the given status and of the agent
-// with the given name (an unknown name has none). next is the id of the last run when a
-// following page exists, else "". An after that is not a run of ws is an invalid cursor.
-func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limit int, after string) (runs []runRecord, next string, err error) {
+// with the given name (an unknown name has none), and of the schedule with the given name.
+// next is the id of the last run when a following page exists, else "". An after that is
+// not a run of ws is an invalid cursor.
+func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleName string, limit int, after string) (runs []runRecord, next string, err error) {
 	cursor := int64(newestFirst)
 	if after != "" {
 		err := s.db.QueryRowContext(ctx, `SELECT seq FROM runs WHERE id = $1 AND workspace_id = $2`, after, ws).Scan(&cursor)
@@ -481,9 +489,21 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 			return nil, "", err
 		}
 	}
-	rows, err := s.queryPrepared(ctx, `SELECT `+runColumns+`
+	var rows *sql.Rows
+	if scheduleName == "" {
+		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
 		FROM agentapp_runs_page(ARRAY[$1::uuid], $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
 		ORDER BY r.seq DESC`, ws, cursor, statusList(status), limit+1, agentName)
+	} else {
+		// A schedule's runs are a range of runs_schedule_due_idx, made in the order of
+		// their due times: newest first is latest due first.
+		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
+		FROM runs r JOIN agents a ON a.id = r.agent_id
+		WHERE r.schedule_id = (SELECT sc.id FROM schedules sc WHERE sc.workspace_id = $1 AND sc.name = $6)
+			AND r.scheduled_for < coalesce((SELECT c.scheduled_for FROM runs c WHERE c.seq = $2 AND c.id = $7::uuid), 'infinity')
+			AND r.status = ANY ($3) AND ($5 = '' OR a.name = $5)
+		ORDER BY r.scheduled_for DESC LIMIT $4`, ws, cursor, statusList(status), limit+1, agentName, scheduleName, cursorID(after))
+	}
 	if err != nil {
 		return nil, "", err
 	}
@@ -504,6 +524,14 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName string, limi
 		next = runs[limit-1].ID
 	}
 	return runs, next, nil
+}
+
+// cursorID is a cursor's run id as a uuid argument: the nil uuid for the first page.
+func cursorID(after string) string {
+	if after == "" {
+		return "00000000-0000-0000-0000-000000000000"
+	}
+	return after
 }
 
 // newestFirst is the seq before which a list's first page starts: before every run.

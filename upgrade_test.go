@@ -325,12 +325,12 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	// The new columns have their defaults on the old rows.
 	var wrong int
 	if err := db.QueryRow(`SELECT
-		(SELECT count(*) FROM runs WHERE priority <> 0 OR timeout_ms IS NOT NULL) +
+		(SELECT count(*) FROM runs WHERE priority <> 0 OR timeout_ms IS NOT NULL OR schedule_id IS NOT NULL OR scheduled_for IS NOT NULL) +
 		(SELECT count(*) FROM agents WHERE max_concurrency IS NOT NULL OR paused)`).Scan(&wrong); err != nil {
 		t.Fatal(err)
 	}
 	if wrong != 0 {
-		t.Errorf("old rows without the new columns' defaults (priority 0, timeout_ms null, max_concurrency null, paused false): got %d; want 0", wrong)
+		t.Errorf("old rows without the new columns' defaults (priority 0, timeout_ms, schedule_id and scheduled_for null, max_concurrency null, paused false): got %d; want 0", wrong)
 	}
 	// … and the API shows them so.
 	for _, ws := range []testWorkspace{f.ws1, f.ws2} {
@@ -345,8 +345,9 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 			}
 		}
 	}
-	if run := a.getRun(t, f.ws2, f.canceled); run.Priority != 0 || run.TimeoutMS != nil {
-		t.Errorf("run from before the upgrade: got priority %d, timeout_ms %v; want 0, null", run.Priority, run.TimeoutMS)
+	if run := a.getRun(t, f.ws2, f.canceled); run.Priority != 0 || run.TimeoutMS != nil || run.Schedule != nil || run.ScheduledFor != nil {
+		t.Errorf("run from before the upgrade: got priority %d, timeout_ms %v, schedule %v, scheduled_for %v; want 0, null, null, null",
+			run.Priority, run.TimeoutMS, run.Schedule, run.ScheduledFor)
 	}
 
 	// The scheduled run executes once its time has come, not before.

@@ -129,6 +129,7 @@ type worker struct {
 	cycleMu  sync.Mutex    // held by the cycle in progress; TryLock so cycles never overlap
 	line     *lineup       // what the claims know of the queue (queue.go)
 	wake     chan struct{} // asks the loop for a cycle now (a run became claimable)
+	due      chan struct{} // asks the scheduler to read when the next schedule falls due
 	more     atomic.Bool   // the last claim filled its slots, or met capped agents: more may be claimable
 	nextDue  atomic.Int64  // unix nanoseconds when the next scheduled run falls due; 0: unknown
 	active   atomic.Int64  // slots taken: reserved by a cycle, freed by run's loop
@@ -158,6 +159,7 @@ func newWorker(st *store, log *slog.Logger, cfg workerConfig, m *metrics) *worke
 		client:   newWebhookClient(),
 		line:     newLineup(),
 		wake:     make(chan struct{}, 1),
+		due:      make(chan struct{}, 1),
 		started:  make(chan []*execution),
 		ended:    make(chan *execution, cfg.Concurrency),
 		cancels:  make(chan cancelOrder),
@@ -187,6 +189,15 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	// The pruner stops with ctx: it never holds up the drain.
 	prunerDone := make(chan struct{})
 	go w.pruneRuns(ctx, prunerDone)
+	// The loop fires due schedules too; it also stops with ctx.
+	schedulerDone := make(chan struct{})
+	if loop {
+		sd := &scheduler{st: w.st, log: w.log, m: w.metrics, origin: w.id, local: w.claimable, changed: w.due,
+			workspace: w.cfg.WorkspaceID, zones: map[string]*time.Location{}}
+		go sd.run(ctx, schedulerDone)
+	} else {
+		close(schedulerDone)
+	}
 	// The heartbeat registers the process now and removes its row once all else has ended.
 	beatCtx, stopBeat := context.WithCancel(context.Background())
 	beatDone := make(chan struct{})
@@ -317,6 +328,7 @@ func (w *worker) run(ctx context.Context, loop bool) error {
 	stopRenewer()
 	<-renewerDone
 	<-prunerDone
+	<-schedulerDone
 	stopBeat()
 	<-beatDone
 	w.log.Info("worker stopped", "worker", w.id)
@@ -350,6 +362,15 @@ func (w *worker) runsAnnounced(payload string) {
 func (w *worker) claimable(workspaces map[string]linePos) {
 	w.line.announce(workspaces)
 	w.wakeUp()
+}
+
+// schedulesChanged is told that schedules were made or changed (or that such news may have
+// been missed): the scheduler reads when the next falls due.
+func (w *worker) schedulesChanged() {
+	select {
+	case w.due <- struct{}{}:
+	default:
+	}
 }
 
 // wakeUp asks the loop for a cycle as soon as the current one (if any) ends.

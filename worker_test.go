@@ -985,7 +985,7 @@ func TestWorkerNotifierWakesOnceListening(t *testing.T) {
 		case woken <- struct{}{}:
 		default:
 		}
-	}, func(string) {})
+	}, func(string) {}, func() {})
 	defer n.close()
 	select {
 	case <-woken:
