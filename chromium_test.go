@@ -438,6 +438,26 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Errorf("paused badge: got background %s, failed's red; want a color of its own", bg)
 	}
 
+	// A schedule, paused and resumed from its page.
+	var nightly schedule
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/schedules", ws.APIKey,
+		map[string]any{"name": "nightly", "cron": "30 2 * * *", "timezone": "Europe/Berlin", "agent": "summarize"}, 201, &nightly)
+	c.navigate(a.base + "/ui/schedules")
+	expect("schedules", "/ui/schedules", "nightly", "30 2 * * *", "Europe/Berlin", "summarize")
+	c.submit("pause a schedule", `document.querySelector("form[action='/ui/schedules/`+nightly.ID+`/pause'] button").click()`)
+	expect("schedule paused", "/ui/schedules", "Schedule paused", "nightly")
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/schedules/nightly", ws.APIKey, nil, 200, &nightly)
+	if !nightly.Paused || nightly.NextAt != nil {
+		t.Errorf("schedule after the browser's pause: got paused %v, next_at %v; want paused, no next due time", nightly.Paused, nightly.NextAt)
+	}
+	shot("8-schedule-paused")
+	c.submit("resume a schedule", `document.querySelector("form[action='/ui/schedules/`+nightly.ID+`/resume'] button").click()`)
+	expect("schedule resumed", "/ui/schedules", "Schedule resumed", "nightly")
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/schedules/nightly", ws.APIKey, nil, 200, &nightly)
+	if nightly.Paused || nightly.NextAt == nil || !nightly.NextAt.After(time.Now()) {
+		t.Errorf("schedule after the browser's resume: got paused %v, next_at %v; want running, due after now", nightly.Paused, nightly.NextAt)
+	}
+
 	// The queued runs of the paused agent say why they wait.
 	c.navigate(a.base + "/ui/runs?status=queued&agent=translate")
 	expect("runs of a paused agent", "/ui/runs?status=queued&agent=translate", "agent paused")
