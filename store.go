@@ -245,8 +245,12 @@ func scanAgent(row interface{ Scan(...any) error }) (agent, error) {
 }
 
 // createAgent inserts an agent, a webhook agent with a new signing secret (in the agent
-// returned, the only time it is shown); a taken name is errConflict.
+// returned, the only time it is shown), with the default retry policy if it sets none; a
+// taken name is errConflict.
 func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
+	if a.Retry == (retryPolicy{}) {
+		a.Retry = defaultRetry // none set
+	}
 	var secret any // an echo agent signs nothing
 	if a.Kind == "webhook" {
 		secret = newSigningSecret()

@@ -423,7 +423,7 @@ func TestWorkerFencing(t *testing.T) {
 	}
 
 	refA := attemptRef{id, 1}
-	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued} {
+	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued, endPushedBack} {
 		got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: refA, End: kind, Output: json.RawMessage(`"from A"`), Message: "from A"}})
 		if err != nil {
 			t.Fatal(err)
