@@ -535,7 +535,7 @@ func pushback(resp *http.Response, now time.Time) (time.Duration, bool) {
 	}
 	h := strings.TrimSpace(resp.Header.Get("Retry-After"))
 	var d time.Duration
-	if secs, err := strconv.ParseUint(h, 10, 64); err == nil {
+	if secs, err := strconv.ParseUint(h, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) { // too many seconds: the most
 		d = maxPushback
 		if secs < uint64(maxPushback/time.Second) {
 			d = time.Duration(secs) * time.Second

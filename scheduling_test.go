@@ -937,6 +937,9 @@ func TestSchedPushback(t *testing.T) {
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
 		case c.Agent == "plain":
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		case c.Agent == "patient":
+			w.Header().Set("Retry-After", "7200")
+			http.Error(w, "come back tomorrow", http.StatusTooManyRequests)
 		case c.Agent == "vague":
 			w.Header().Set("Retry-After", "soon")
 			http.Error(w, "slow down", http.StatusTooManyRequests)
@@ -950,7 +953,7 @@ func TestSchedPushback(t *testing.T) {
 	procs := []*proc{startProc(t, scEnv(t, dsn, slow)), startProc(t, scEnv(t, dsn, slow))}
 	a, b := procs[0].app(), procs[1].app()
 	ws := a.createWorkspace(t)
-	for _, name := range []string{"limited", "dated", "plain", "vague"} {
+	for _, name := range []string{"limited", "dated", "plain", "vague", "patient"} {
 		a.createAgent(t, ws, name, "webhook", map[string]any{"url": hook.URL})
 	}
 	a.waitListening(t, true)
@@ -1026,6 +1029,23 @@ func TestSchedPushback(t *testing.T) {
 	run := a.waitRunStatus(t, ws, dated.ID, "succeeded", 30*time.Second)
 	if run.Attempt != 1 || run.StartedAt.Before(dateUntil) {
 		t.Errorf("run pushed back to a date: got attempt %d, started %v; want 1, not before %v", run.Attempt, run.StartedAt, dateUntil)
+	}
+
+	// Retry-After: 7200 holds the agent for an hour, the most honoured.
+	patient := b.createRun(t, ws, "patient", 4)
+	var hourUntil time.Time
+	eventually(t, 30*time.Second, "the patient agent shows throttled_until", func() bool {
+		if ag := scAgent(t, a, ws, "patient"); ag.ThrottledUntil != nil {
+			hourUntil = *ag.ThrottledUntil
+		}
+		return !hourUntil.IsZero()
+	})
+	if d := hourUntil.Sub(calls.of(patient.ID)[0].at); d < time.Hour || d > time.Hour+scDueBound {
+		t.Errorf("throttled_until after Retry-After: 7200: got %v after the 429; want an hour, the most honoured", d)
+	}
+	if r := a.getRun(t, ws, patient.ID); r.Status != statusQueued || r.Attempt != 0 || r.RunAt.Sub(hourUntil).Abs() > time.Millisecond {
+		t.Errorf("run pushed back for an hour: got %s, attempt %d, run_at %v; want queued, attempt 0 (refunded), due at %v",
+			r.Status, r.Attempt, r.RunAt, hourUntil)
 	}
 
 	// No Retry-After, or one that says neither seconds nor a date: an ordinary failed attempt.
