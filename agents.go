@@ -480,9 +480,12 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxWebhookBody+1))
+	delay, pushedBack := pushback(resp, time.Now())
 	switch {
 	case ctx.Err() != nil:
 		return nil, context.Cause(ctx)
+	case pushedBack:
+		return nil, &pushbackError{status: resp.StatusCode, delay: delay, excerpt: bodyExcerpt(data)}
 	case err != nil && timedOut():
 		return nil, fmt.Errorf("webhook timed out after %v reading the response", timeout)
 	case err != nil:
@@ -502,6 +505,49 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 		return nil, err
 	}
 	return out.Bytes(), nil
+}
+
+// maxPushback is the longest Retry-After honoured (SPEC): a longer one holds the agent for
+// this long, so that a wrong header cannot park an agent for days.
+const maxPushback = time.Hour
+
+// maxPushbacks is how many times a run may be pushed back without spending an attempt
+// (SPEC): the next pushback fails the attempt, so that a webhook that always pushes back
+// does not keep a run forever.
+const maxPushbacks = 20
+
+// pushbackError is a webhook's 429 or 503 with a Retry-After: the attempt is not spent, and
+// its agent starts no attempt before delay has passed.
+type pushbackError struct {
+	status  int
+	delay   time.Duration
+	excerpt string // bodyExcerpt of the answer
+}
+
+func (e *pushbackError) Error() string {
+	return fmt.Sprintf("webhook answered HTTP %d with Retry-After %v%s", e.status, e.delay, e.excerpt)
+}
+
+// pushback reads a webhook's answer as a pushback: a 429 or 503 with a Retry-After in
+// seconds or as an HTTP date, at most maxPushback from now (a date past is now). Without a
+// Retry-After it can read, the answer is an ordinary failure.
+func pushback(resp *http.Response, now time.Time) (time.Duration, bool) {
+	if resp.StatusCode != http.StatusTooManyRequests && resp.StatusCode != http.StatusServiceUnavailable {
+		return 0, false
+	}
+	h := strings.TrimSpace(resp.Header.Get("Retry-After"))
+	var d time.Duration
+	if secs, err := strconv.ParseUint(h, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) { // too many seconds: the most
+		d = maxPushback
+		if secs < uint64(maxPushback/time.Second) {
+			d = time.Duration(secs) * time.Second
+		}
+	} else if t, err := http.ParseTime(h); err == nil {
+		d = max(t.Sub(now), 0)
+	} else {
+		return 0, false
+	}
+	return min(d, maxPushback), true
 }
 
 // secretPrefix begins every signing secret, as the Standard Webhooks specification spells

@@ -891,3 +891,43 @@ func TestRedeliveryKeepsWebhookID(t *testing.T) {
 			got[0].header.Get("traceparent"), got[1].header.Get("traceparent"), r.TraceID)
 	}
 }
+
+// TestPushbackRetryAfter: which webhook answers are a pushback, and for how long: a 429 or
+// 503 with Retry-After in seconds or as an HTTP date (one past is now), at most an hour;
+// anything else is an ordinary failure.
+func TestPushbackRetryAfter(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		status     int
+		retryAfter string // "": no header
+		want       time.Duration
+		ok         bool
+	}{
+		{429, "2", 2 * time.Second, true},
+		{503, "0", 0, true},
+		{503, " 30 ", 30 * time.Second, true},
+		{429, "3600", time.Hour, true},
+		{429, "3601", time.Hour, true},
+		{429, "99999999999999999999", time.Hour, true},
+		{503, now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second, true},
+		{503, now.Add(3 * time.Hour).Format(http.TimeFormat), time.Hour, true},
+		{429, now.Add(-time.Minute).Format(http.TimeFormat), 0, true},
+		{429, "Sunday, 06-Dec-26 12:00:30 GMT", 0, true}, // RFC 850, past: now
+		{429, "", 0, false},
+		{503, "soon", 0, false},
+		{429, "-1", 0, false},
+		{429, "1.5", 0, false},
+		{500, "2", 0, false},
+		{502, "2", 0, false},
+		{200, "2", 0, false},
+	} {
+		resp := &http.Response{StatusCode: c.status, Header: http.Header{}}
+		if c.retryAfter != "" {
+			resp.Header.Set("Retry-After", c.retryAfter)
+		}
+		got, ok := pushback(resp, now)
+		if got != c.want || ok != c.ok {
+			t.Errorf("HTTP %d, Retry-After %q: got %v, %v; want %v, %v", c.status, c.retryAfter, got, ok, c.want, c.ok)
+		}
+	}
+}

@@ -1103,7 +1103,8 @@ type agentRow struct {
 	Config                     json.RawMessage
 	MaxConcurrency             sql.NullInt64
 	Paused                     bool
-	Queued, Running            int64 // capped at agentCountCap+1
+	ThrottledUntil             *time.Time // a webhook's Retry-After holds its attempts until then; nil: not throttled
+	Queued, Running            int64      // capped at agentCountCap+1
 }
 
 // agentsData is the agents page.
@@ -1117,6 +1118,7 @@ type agentsData struct {
 func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	rows, err := c.s.store.db.QueryContext(r.Context(), `
 		SELECT a.id, a.workspace_id, w.name, a.name, a.kind, a.config, a.max_concurrency, a.paused,
+		       CASE WHEN a.throttled_until > now() THEN a.throttled_until END,
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE LIMIT $2) q),
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
 		                                AND r.agent_id = a.id LIMIT $2) q)
@@ -1132,7 +1134,7 @@ func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	for rows.Next() {
 		var a agentRow
 		if err := rows.Scan(&a.ID, &a.WorkspaceID, &a.Workspace, &a.Name, &a.Kind, &a.Config, &a.MaxConcurrency,
-			&a.Paused, &a.Queued, &a.Running); err != nil {
+			&a.Paused, &a.ThrottledUntil, &a.Queued, &a.Running); err != nil {
 			c.fail(w, r, err)
 			return
 		}

@@ -313,6 +313,16 @@ func TestConsolePages(t *testing.T) {
 		if n := strings.Count(admin.mustGet(t, "/ui/agents").body, ">echo</a>"); n != 2 {
 			t.Errorf("admin agents page: got %d agents named echo; want 2 (both workspaces')", n)
 		}
+		// A throttle (a webhook's Retry-After) is shown until it passes.
+		until := time.Now().Add(time.Hour).UTC().Truncate(time.Millisecond)
+		sqlExec(t, openTestDB(t, dsn))(`UPDATE agents SET throttled_until = $2 WHERE workspace_id = $1 AND name = 'slow'`, wsA.ID, until)
+		if p := userA.mustGet(t, "/ui/agents"); !strings.Contains(p.body, formatTime(until)) || !strings.Contains(p.body, "throttled until") {
+			t.Errorf("agents page of a throttled agent: got no %s; want its throttled_until shown", formatTime(until))
+		}
+		sqlExec(t, openTestDB(t, dsn))(`UPDATE agents SET throttled_until = now() - interval '1 second' WHERE workspace_id = $1 AND name = 'slow'`, wsA.ID)
+		if p := userA.mustGet(t, "/ui/agents"); strings.Contains(p.body, formatTime(until)) {
+			t.Errorf("agents page once the throttle has passed: got %s still; want it gone", formatTime(until))
+		}
 	})
 
 	t.Run("cancel", func(t *testing.T) {

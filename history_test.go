@@ -119,17 +119,17 @@ func TestCountersMatchTable(t *testing.T) {
 		db.QueryRow(`SELECT count(*) FROM runs WHERE status IN ('queued', 'running')`).Scan(&open)
 		return open == 0
 	})
-	// Some finished runs "long ago", then pruned.
+	close(stopRolling)
+	if err := <-rolling; err != nil {
+		t.Fatalf("roll the counts up during the load: %v", err)
+	}
+	// Some finished runs "long ago", then pruned: changes the last roll-up below takes.
 	if _, err := db.Exec(`UPDATE runs SET finished_at = now() - interval '3 days'
 		WHERE id IN (SELECT id FROM runs WHERE workspace_id = $1 ORDER BY seq LIMIT 30)`, wsA.ID); err != nil {
 		t.Fatal(err)
 	}
 	if n, err := st.prune(context.Background(), 24*time.Hour, 7); err != nil || n != 7 {
 		t.Fatalf("prune: got %d, %v; want 7 deleted", n, err)
-	}
-	close(stopRolling)
-	if err := <-rolling; err != nil {
-		t.Fatalf("roll the counts up during the load: %v", err)
 	}
 	var before, after int
 	db.QueryRow(`SELECT count(*) FROM run_count_changes`).Scan(&before)

@@ -18,6 +18,7 @@ type metrics struct {
 	outcomes      *counterVec // attempts written, by the status the run ended in
 	recovered     *gauge      // runs recovered from expired leases (a counter)
 	requeued      *gauge      // runs handed back at shutdown (a counter)
+	pushbacks     *gauge      // attempts a webhook pushed back with Retry-After (a counter)
 	pruned        *gauge      // final runs deleted by retention (a counter)
 	executing     *gauge
 	claimDuration *histogram
@@ -33,6 +34,7 @@ func newMetrics() *metrics {
 		outcomes:      &counterVec{v: map[string]float64{}},
 		recovered:     &gauge{},
 		requeued:      &gauge{},
+		pushbacks:     &gauge{},
 		pruned:        &gauge{},
 		executing:     &gauge{},
 		claimDuration: &histogram{bounds: buckets, counts: make([]uint64, len(buckets))},
@@ -145,6 +147,8 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 	fmt.Fprintf(&b, "agentapp_runs_recovered_total %g\n", m.recovered.get())
 	help("agentapp_runs_requeued_at_shutdown_total", "counter", "Runs this process handed back to the queue at shutdown.")
 	fmt.Fprintf(&b, "agentapp_runs_requeued_at_shutdown_total %g\n", m.requeued.get())
+	help("agentapp_pushbacks_total", "counter", "Attempts whose webhook answered 429 or 503 with Retry-After, written by this process as pushed back (not spent).")
+	fmt.Fprintf(&b, "agentapp_pushbacks_total %g\n", m.pushbacks.get())
 	help("agentapp_runs_pruned_total", "counter", "Final runs this process deleted under RUN_RETENTION_DAYS.")
 	fmt.Fprintf(&b, "agentapp_runs_pruned_total %g\n", m.pruned.get())
 	help("agentapp_claim_duration_seconds", "histogram", "Time of one claim statement (recovery included).")

@@ -100,6 +100,18 @@ ALTER TABLE runs ADD COLUMN trace_id text, ADD COLUMN trace_flags text`,
 		name:    "schedules",
 		before:  `ALTER TABLE runs ADD COLUMN schedule_id uuid, ADD COLUMN scheduled_for timestamptz`,
 	},
+	{
+		version: 6,
+		name:    "retry backoff per agent; pushback",
+		before: `
+ALTER TABLE agents
+    ADD COLUMN retry_base_ms integer NOT NULL DEFAULT 500,
+    ADD COLUMN retry_max_ms integer NOT NULL DEFAULT 30000,
+    ADD COLUMN throttled_until timestamptz,
+    ADD CONSTRAINT agents_retry_check CHECK (retry_base_ms BETWEEN 1 AND 3600000
+                                             AND retry_max_ms BETWEEN retry_base_ms AND 86400000);
+ALTER TABLE runs ADD COLUMN pushbacks integer NOT NULL DEFAULT 0`,
+	},
 }
 
 // retiredSQL drops what earlier releases made and this one does not use. It runs at every

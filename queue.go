@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
@@ -34,7 +36,9 @@ import (
 //  3. takes rounds (claimRound) until it has its limit or nothing more is claimable:
 //     the workspaces in turn, least recently served by this process first, each getting an
 //     equal share; within a workspace lower priority first, then the earliest due, merged
-//     over its agents. Paused agents are left out; a capped agent is read only under its
+//     over its agents. Paused agents are left out, and throttled ones (a webhook's
+//     Retry-After) read nothing until their time, which the next due time counts, so that
+//     an idle worker wakes then; a capped agent is read only under its
 //     advisory lock, up to its room (max_concurrency less its running runs, counted by a
 //     statement that starts after the lock was taken). A new limit is a filter here.
 //  4. reads each agent's runs from where its last claim stopped (head.at), not from the
@@ -254,11 +258,12 @@ const recoverSQL = `
 
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
-// says, and whose start the row comparison bounds.
+// says, and whose start the row comparison bounds. A throttled agent reads none: its
+// head goes idle until the next due time, which its throttled_until is among.
 const pickSQL = `
 	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, a.name, a.kind, a.config, a.signing_secret,
 		CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
-		c.id, c.priority, c.run_at, c.seq, now()
+		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
@@ -266,7 +271,8 @@ const pickSQL = `
 		WHERE r.agent_id = h.agent_id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()
 		  AND (r.priority, r.run_at) >= (h.priority, h.run_at)
 		ORDER BY r.priority, r.run_at, r.seq
-		LIMIT h.n) c`
+		LIMIT h.n) c
+	WHERE a.throttled_until IS NULL OR a.throttled_until <= now()`
 
 // takeSQL claims the picked runs that are still queued, skipping those another
 // transaction holds. The status test is one no index can answer, so that the runs are
@@ -280,11 +286,12 @@ const takeSQL = `
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
 	                          FOR UPDATE SKIP LOCKED))
-	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags`
+	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
-// each in runs_line_idx; the agents of announced workspaces; the next due time; the capped
-// agents' locks; and their room, counted after the locks were taken.
+// each in runs_line_idx; the agents of announced workspaces; the next due time (a scheduled
+// run's, or a throttled agent's end of throttle, whichever comes first); the capped agents'
+// locks; and their room, counted after the locks were taken.
 const (
 	searchSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
 			WHERE NOT a.paused AND a.id <> ALL ($1)
@@ -292,8 +299,11 @@ const (
 			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`
 	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL
 		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
-	nextDueSQL = `SELECT min(run_at) FROM runs
-			WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)`
+	nextDueSQL = `SELECT least(
+			(SELECT min(run_at) FROM runs
+			 WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)),
+			(SELECT min(throttled_until) FROM agents
+			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)))`
 	lockCappedSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
 			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`
 	roomSQL = `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
@@ -503,7 +513,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		var a claimedRun
 		var secret, previous sql.NullString
 		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
-			&p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
+			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
 			rows.Close()
 			return false, err
 		}
@@ -571,12 +581,13 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			var timeout sql.NullInt64
 			var traceID, flags sql.NullString
 			var c claimedRun
-			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout, &traceID, &flags); err != nil {
+			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout, &traceID, &flags,
+				&c.Pushbacks); err != nil {
 				rows.Close()
 				return false, err
 			}
 			a := agentOf[agentID]
-			c.AgentName, c.AgentKind, c.AgentConfig, c.Secrets = a.AgentName, a.AgentKind, a.AgentConfig, a.Secrets
+			c.AgentName, c.AgentKind, c.AgentConfig, c.Secrets, c.Retry = a.AgentName, a.AgentKind, a.AgentConfig, a.Secrets, a.Retry
 			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
 			if c.AgentKind == "webhook" { // the only kind that posts events
@@ -889,7 +900,9 @@ type claimedRun struct {
 	Timeout     time.Duration // 0: none
 	EventsURL   string        // where the agent posts progress events, with EventsToken
 	EventsToken string
-	Secrets     []string // a webhook agent's signing secrets, newest first
+	Secrets     []string    // a webhook agent's signing secrets, newest first
+	Retry       retryPolicy // the agent's backoff after a failed attempt
+	Pushbacks   int         // times the run was pushed back before this attempt
 	traceContext
 }
 
@@ -949,55 +962,89 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 // outcome is how one attempt ended, as its execution proposes it.
 type outcome struct {
 	attemptRef
-	End     attemptEnd      // endSucceeded, endFailed, endCanceled or endRequeued
+	End     attemptEnd      // endSucceeded, endFailed, endCanceled, endRequeued or endPushedBack
 	Output  json.RawMessage // for endSucceeded
 	Message string          // for endFailed
+	// Delay is how long after the write the run is due again: for endFailed its backoff, if
+	// attempts remain; for endPushedBack the webhook's Retry-After.
+	Delay time.Duration
+	// Throttle, when Throttled, is the webhook's Retry-After: its agent starts no attempt
+	// before the write's time plus Throttle (a pushback past the limit fails the attempt and
+	// still throttles: the provider's limit holds all the same).
+	Throttled bool
+	Throttle  time.Duration
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
 // returns how each attempt ended. A run missing from the answer was no longer this worker's
-// attempt, and nothing was written for it. A failed attempt goes back to queued after a
+// attempt, and nothing was written for it. A failed attempt goes back to queued after its
 // backoff while attempts remain (retried); a cancel requested meanwhile wins over the
-// outcome; a requeued attempt is refunded.
+// outcome; a requeued attempt is refunded, and so is a pushed-back one, due again after
+// its delay. A throttle is written to the agent in the same statement, keeping the later
+// time; the agents are locked after the runs, in id order (a locking clause applies after
+// the sort), so that two writers that throttle the same agents do not deadlock.
 func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
 	ids, attempts, ends := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
 	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
+	delays, throttles := make(pq.Float64Array, len(outs)), make(pq.Float64Array, len(outs))
 	for i, o := range outs {
 		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
 		outputs[i] = "null"
 		if o.Output != nil {
 			outputs[i] = string(o.Output)
 		}
+		delays[i], throttles[i] = ms(o.Delay), -1
+		if o.Throttled {
+			throttles[i] = ms(o.Throttle)
+		}
 	}
 	rows, err := s.queryPrepared(ctx, `
+		WITH fin AS (
 		UPDATE runs r SET
 			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
 			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
-			              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
 			error = CASE WHEN o.proposed = 'requeued' THEN r.error
 			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled by request'
+			             WHEN o.proposed = 'pushed_back' THEN r.error
 			             WHEN o.proposed = 'failed' THEN o.message END,
 			errors = CASE WHEN o.proposed = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
-			attempt = CASE WHEN o.proposed = 'requeued' THEN r.attempt - 1 ELSE r.attempt END,
-			run_at = CASE WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts
-			                 THEN now() + least(interval '500 ms' * power(2, r.attempt - 1), interval '30 s')
+			attempt = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' AND NOT r.cancel_requested)
+			               THEN r.attempt - 1 ELSE r.attempt END,
+			pushbacks = CASE WHEN o.proposed = 'pushed_back' AND NOT r.cancel_requested THEN r.pushbacks + 1
+			                 ELSE r.pushbacks END,
+			run_at = CASE WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
+			                   AND NOT r.cancel_requested
+			                 THEN now() + o.delay_ms * interval '1 millisecond'
 			                 ELSE r.run_at END, -- a requeued run keeps its place; a final one shows when it was due
-			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'failed' AND NOT r.cancel_requested
-			                      AND r.attempt < r.max_attempts) THEN NULL ELSE r.started_at END,
+			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
+			                      AND r.attempt < r.max_attempts) AND NOT r.cancel_requested THEN NULL ELSE r.started_at END,
 			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
-			                   WHEN o.proposed = 'failed' AND NOT r.cancel_requested AND r.attempt < r.max_attempts THEN NULL
+			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
+			                        AND NOT r.cancel_requested THEN NULL
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[]) AS o(id, attempt, proposed, output, message)
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[])
+		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms)
 		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
-		RETURNING r.id, CASE WHEN o.proposed = 'requeued' THEN 'requeued'
-		                     WHEN r.status = 'queued' THEN 'retried' ELSE r.status END`,
+		RETURNING r.id, r.agent_id, o.throttle_ms,
+		          CASE WHEN o.proposed IN ('requeued', 'pushed_back') AND r.status = 'queued' THEN o.proposed
+		               WHEN r.status = 'queued' THEN 'retried' ELSE r.status END AS ended),
+		throttle AS MATERIALIZED (
+		SELECT x.id, t.ms FROM agents x
+		JOIN (SELECT agent_id, max(throttle_ms) AS ms FROM fin WHERE throttle_ms >= 0 GROUP BY agent_id) t
+		  ON t.agent_id = x.id
+		ORDER BY x.id FOR NO KEY UPDATE OF x),
+		throttled AS (
+		UPDATE agents a SET throttled_until = greatest(a.throttled_until, now() + t.ms * interval '1 millisecond')
+		FROM throttle t WHERE a.id = t.id)
+		SELECT id, ended FROM fin`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
-		pq.StringArray(outputs), pq.StringArray(messages))
+		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles)
 	if err != nil {
 		return nil, err
 	}
@@ -1013,6 +1060,18 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 	}
 	return recorded, rows.Err()
 }
+
+// backoff draws the delay before a failed attempt's retry: uniformly from 0 to
+// min(MaxMS, BaseMS × 2^(attempt−1)) ms ("full jitter", so that runs failed together
+// spread out). It is drawn in Go, not in the outcome write, because the claim has read the
+// agent's policy already: the write then needs no join to agents for every outcome.
+func (p retryPolicy) backoff(attempt int) time.Duration {
+	bound := min(float64(p.MaxMS), float64(p.BaseMS)*math.Exp2(float64(attempt-1)))
+	return time.Duration(rand.Float64() * bound * float64(time.Millisecond))
+}
+
+// ms is d in milliseconds, with its fraction.
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // nowZ is now() as RFC 3339 in UTC ending in Z, the form every time in the API takes, for
 // times written into JSON (errors[].at).

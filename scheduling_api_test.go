@@ -303,6 +303,8 @@ type agentJSON struct {
 	Config         json.RawMessage `json:"config"`
 	MaxConcurrency *int            `json:"max_concurrency"`
 	Paused         *bool           `json:"paused"`
+	Retry          *retryPolicy    `json:"retry"`
+	ThrottledUntil *time.Time      `json:"throttled_until"`
 	CreatedAt      string          `json:"created_at"`
 }
 
@@ -315,7 +317,8 @@ func mustAgent(t testing.TB, a *app, method, path, token string, body any, want 
 		t.Fatalf("%s %s %v: got status %d; want %d; body %s", method, path, body, status, want, data)
 	}
 	raw := decodeObject(t, data)
-	for _, key := range []string{"id", "workspace_id", "name", "kind", "config", "max_concurrency", "paused", "created_at"} {
+	for _, key := range []string{"id", "workspace_id", "name", "kind", "config", "max_concurrency", "paused", "retry",
+		"throttled_until", "created_at"} {
 		if _, ok := raw[key]; !ok {
 			t.Errorf("%s %s: got agent %s without %q; want every agent key", method, path, data, key)
 		}
@@ -825,5 +828,91 @@ func TestSchedulingListByAgent(t *testing.T) {
 	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?agent=echo&cursor="+*page.NextCursor, ws.APIKey, nil, 200, &page)
 	if got := runIDs(page.Runs); len(got) != 1 || got[0] != ofEcho[len(ofEcho)-1] {
 		t.Errorf("?agent=echo after a b/c's fourth run: got %v; want only echo's oldest %s", got, ofEcho[len(ofEcho)-1])
+	}
+}
+
+// TestSchedulingRetryPolicy: an agent's retry policy at creation and PATCH (defaults,
+// edges, replaced whole), shown in its JSON with throttled_until null, and 422s that name
+// the problem for values out of range, max_ms below base_ms, unknown keys and non-objects.
+func TestSchedulingRetryPolicy(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), nil))
+	ws := a.createWorkspace(t)
+	agents := "/v1/workspaces/" + ws.ID + "/agents"
+
+	for _, c := range []struct {
+		body string
+		want retryPolicy
+	}{
+		{`{"name":"r0","kind":"echo"}`, retryPolicy{500, 30000}},
+		{`{"name":"r1","kind":"echo","retry":null}`, retryPolicy{500, 30000}},
+		{`{"name":"r2","kind":"echo","retry":{}}`, retryPolicy{500, 30000}},
+		{`{"name":"r3","kind":"echo","retry":{"base_ms":1,"max_ms":1}}`, retryPolicy{1, 1}},
+		{`{"name":"r4","kind":"echo","retry":{"base_ms":3600000,"max_ms":86400000}}`, retryPolicy{3600000, 86400000}},
+		{`{"name":"r5","kind":"echo","retry":{"base_ms":20}}`, retryPolicy{20, 30000}},
+		{`{"name":"r6","kind":"echo","retry":{"max_ms":500}}`, retryPolicy{500, 500}},
+	} {
+		ag := mustAgent(t, a, "POST", agents, ws.APIKey, c.body, 201)
+		got := mustAgent(t, a, "GET", agents+"/"+ag.Name, ws.APIKey, nil, 200)
+		for name, g := range map[string]agentJSON{"POST": ag, "GET": got} {
+			if g.Retry == nil || *g.Retry != c.want || g.ThrottledUntil != nil {
+				t.Errorf("%s after create %s: got retry %+v, throttled_until %v; want %+v, null", name, c.body, g.Retry, g.ThrottledUntil, c.want)
+			}
+		}
+	}
+
+	path := agents + "/r0"
+	for _, c := range []struct {
+		body string
+		want retryPolicy
+	}{
+		{`{"retry":{"base_ms":100,"max_ms":800}}`, retryPolicy{100, 800}},
+		{`{"paused":true}`, retryPolicy{100, 800}},
+		{`{}`, retryPolicy{100, 800}},
+		{`{"retry":{"max_ms":900}}`, retryPolicy{500, 900}}, // replaced whole: base_ms takes its default
+		{`{"retry":null}`, retryPolicy{500, 30000}},
+	} {
+		ag := mustAgent(t, a, "PATCH", path, ws.APIKey, c.body, 200)
+		got := mustAgent(t, a, "GET", path, ws.APIKey, nil, 200)
+		for name, g := range map[string]agentJSON{"PATCH": ag, "GET": got} {
+			if g.Retry == nil || *g.Retry != c.want {
+				t.Errorf("%s after PATCH %s: got retry %+v; want %+v", name, c.body, g.Retry, c.want)
+			}
+		}
+	}
+
+	for _, c := range []struct{ body, says string }{
+		{`{"retry":{"base_ms":0}}`, "retry.base_ms must be from 1 to 3600000"},
+		{`{"retry":{"base_ms":3600001,"max_ms":86400000}}`, "retry.base_ms must be from 1 to 3600000"},
+		{`{"retry":{"base_ms":-5}}`, "retry.base_ms must be from 1 to 3600000"},
+		{`{"retry":{"base_ms":1000,"max_ms":999}}`, "retry.max_ms must be from base_ms (1000) to 86400000"},
+		{`{"retry":{"base_ms":60000}}`, "retry.max_ms must be from base_ms (60000) to 86400000"},
+		{`{"retry":{"max_ms":86400001}}`, "retry.max_ms must be from base_ms (500) to 86400000"},
+		{`{"retry":{"base_ms":1.5}}`, "retry.base_ms must be an integer"},
+		{`{"retry":{"max_ms":"1000"}}`, "retry.max_ms must be an integer"},
+		{`{"retry":{"base_ms":100,"jitter":true}}`, `retry: unknown key "jitter"`},
+		{`{"retry":{"BASE_MS":100}}`, `retry: unknown key "BASE_MS"`},
+		{`{"retry":500}`, "retry must be an object"},
+		{`{"retry":[1,2]}`, "retry must be an object"},
+	} {
+		for _, req := range []struct{ method, path, body string }{
+			{"POST", agents, `{"name":"bad","kind":"echo",` + c.body[1:]},
+			{"PATCH", path, c.body},
+		} {
+			status, hdr, data := a.do(t, req.method, req.path, ws.APIKey, nil, req.body)
+			checkAPIError(t, req.method+" "+req.body, status, hdr, data, 422, "invalid")
+			var e struct{ Error struct{ Message string } }
+			json.Unmarshal(data, &e)
+			if !strings.Contains(e.Error.Message, c.says) {
+				t.Errorf("%s %s: got message %q; want one saying %q", req.method, req.body, e.Error.Message, c.says)
+			}
+		}
+	}
+	if got := mustAgent(t, a, "GET", path, ws.APIKey, nil, 200); *got.Retry != defaultRetry {
+		t.Errorf("after refused PATCHes: got retry %+v; want it unchanged, %+v", *got.Retry, defaultRetry)
+	}
+	status, _, _ := a.do(t, "GET", agents+"/bad", ws.APIKey, nil, nil)
+	if status != 404 {
+		t.Errorf("GET the agent whose creation was refused: got %d; want 404", status)
 	}
 }

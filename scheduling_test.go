@@ -14,6 +14,8 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -103,9 +105,10 @@ func scBatch(t testing.TB, a *app, ws testWorkspace, agents []string, n int) []r
 
 // scCall is what a webhook request says about itself.
 type scCall struct {
-	RunID   string `json:"run_id"`
-	Agent   string `json:"agent"`
-	Attempt int    `json:"attempt"`
+	RunID   string          `json:"run_id"`
+	Agent   string          `json:"agent"`
+	Attempt int             `json:"attempt"`
+	Input   json.RawMessage `json:"input"`
 }
 
 // scHook is a webhook agents' server on 127.0.0.1 that counts, per agent name, the
@@ -577,8 +580,8 @@ func TestSchedDueRunWakesWorker(t *testing.T) {
 	if late < 0 || late > scDueBound {
 		t.Errorf("retry after its backoff, poll 60 s: started %v after its run_at; want from 0 to %v (SPEC: within 100 ms)", late, scDueBound)
 	}
-	if backoff := due.Sub(failedAt); backoff < 400*time.Millisecond {
-		t.Errorf("retried run: got run_at %v after the failed attempt; want the backoff (0.5 s) to have set it", backoff)
+	if backoff := due.Sub(failedAt); backoff < 0 || backoff > 500*time.Millisecond {
+		t.Errorf("retried run: got run_at %v after the failed attempt; want the backoff (0 … 0.5 s, full jitter) to have set it", backoff)
 	}
 	if run.Attempt != 2 {
 		t.Errorf("retried run: got attempt %d; want 2", run.Attempt)
@@ -867,5 +870,301 @@ func TestSchedLineupAgentChanged(t *testing.T) {
 				t.Errorf("lineup after the changed agent was read: got %d agents in line; want none", len(q.heads))
 			}
 		})
+	}
+}
+
+// scCalls records a hook's requests per run: when each came and the attempt it carried.
+type scCalls struct {
+	mu  sync.Mutex
+	got map[string][]scCallAt
+}
+
+// scCallAt is one request a hook got.
+type scCallAt struct {
+	at      time.Time
+	attempt int
+}
+
+// add records a request of run id and returns how many that run has made, this one included.
+func (c *scCalls) add(id string, attempt int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.got == nil {
+		c.got = map[string][]scCallAt{}
+	}
+	c.got[id] = append(c.got[id], scCallAt{time.Now(), attempt})
+	return len(c.got[id])
+}
+
+// of returns the requests of run id.
+func (c *scCalls) of(id string) []scCallAt {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.got[id])
+}
+
+// scAgent reads an agent through the API.
+func scAgent(t testing.TB, a *app, ws testWorkspace, name string) agentJSON {
+	t.Helper()
+	return mustAgent(t, a, "GET", "/v1/workspaces/"+ws.ID+"/agents/"+name, ws.APIKey, nil, 200)
+}
+
+// TestSchedPushback: across two processes, a webhook's 429 with Retry-After: 2 does not
+// spend the attempt: the run is queued again and succeeds at attempt 1 once the time has
+// passed; the agent shows throttled_until meanwhile and starts no attempt before it, in
+// either process, while another agent's runs flow, and its runs start once it has passed
+// (poll 60 s: the workers wake then); then throttled_until is null again.
+// A 503 whose Retry-After is an HTTP date throttles until that date; a 503 without a
+// Retry-After, or with one that is neither seconds nor a date, is an ordinary failed attempt.
+func TestSchedPushback(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	var calls, byAgent scCalls
+	var mu sync.Mutex
+	var date time.Time // the Retry-After date the dated agent was sent
+	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, c scCall) {
+		n := calls.add(c.RunID, c.Attempt)
+		switch {
+		case c.Agent == "limited" && byAgent.add(c.Agent, c.Attempt) == 1:
+			w.Header().Set("Retry-After", "2")
+			http.Error(w, "slow down", http.StatusTooManyRequests)
+		case c.Agent == "dated" && n == 1:
+			mu.Lock()
+			date = time.Now().Add(2 * time.Second).Truncate(time.Second)
+			w.Header().Set("Retry-After", date.UTC().Format(http.TimeFormat))
+			mu.Unlock()
+			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		case c.Agent == "plain":
+			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		case c.Agent == "patient":
+			w.Header().Set("Retry-After", "7200")
+			http.Error(w, "come back tomorrow", http.StatusTooManyRequests)
+		case c.Agent == "vague":
+			w.Header().Set("Retry-After", "soon")
+			http.Error(w, "slow down", http.StatusTooManyRequests)
+		default:
+			w.Header().Set("Content-Type", "application/json")
+			w.Write([]byte(`{"ok":true}`))
+		}
+	})
+	// A long poll: the throttled agent's runs start when their time comes, not at a tick.
+	slow := map[string]string{"RUN_WORKER_POLL_MS": "60000"}
+	procs := []*proc{startProc(t, scEnv(t, dsn, slow)), startProc(t, scEnv(t, dsn, slow))}
+	a, b := procs[0].app(), procs[1].app()
+	ws := a.createWorkspace(t)
+	for _, name := range []string{"limited", "dated", "plain", "vague", "patient"} {
+		a.createAgent(t, ws, name, "webhook", map[string]any{"url": hook.URL})
+	}
+	a.waitListening(t, true)
+	b.waitListening(t, true)
+
+	first := a.createRun(t, ws, "limited", 1)
+	var until time.Time
+	eventually(t, 30*time.Second, "the limited agent shows throttled_until", func() bool {
+		if ag := scAgent(t, b, ws, "limited"); ag.ThrottledUntil != nil {
+			until = *ag.ThrottledUntil
+		}
+		return !until.IsZero()
+	})
+	pushedAt := calls.of(first.ID)[0].at
+	if d := until.Sub(pushedAt); d < 2*time.Second || d > 2*time.Second+scDueBound {
+		t.Errorf("throttled_until: got %v after the 429; want Retry-After's 2 s", d)
+	}
+	// Another run of the throttled agent, and runs of another agent, queued meanwhile.
+	second := b.createRun(t, ws, "limited", 2)
+	var echoes []runRecord
+	for i := range 6 {
+		echoes = append(echoes, []*app{a, b}[i%2].createRun(t, ws, "echo", i))
+	}
+	for _, e := range echoes {
+		e = a.waitRunStatus(t, ws, e.ID, "succeeded", 30*time.Second)
+		if !e.StartedAt.Before(until) {
+			t.Errorf("echo run while limited is throttled until %v: started %v; want before (other agents flow)", until, e.StartedAt)
+		}
+	}
+	for _, r := range []runRecord{first, second} {
+		r = a.waitRunStatus(t, ws, r.ID, "succeeded", 30*time.Second)
+		late := r.StartedAt.Sub(until)
+		t.Logf("run %s of the throttled agent started %d ms after throttled_until", r.ID, late.Milliseconds())
+		if late < 0 || late > scDueBound {
+			t.Errorf("run %s of the throttled agent: started %v after throttled_until; want from 0 to %v (an idle worker wakes then)",
+				r.ID, late, scDueBound)
+		}
+		if r.Attempt != 1 || string(r.Errors) != "[]" || r.Error != nil {
+			t.Errorf("run %s of the throttled agent: got attempt %d, errors %s, error %v; want attempt 1, no error (a pushback spends none)",
+				r.ID, r.Attempt, r.Errors, r.Error)
+		}
+	}
+	got := calls.of(first.ID)
+	if len(got) != 2 || got[0].attempt != 1 || got[1].attempt != 1 || got[1].at.Before(until) {
+		t.Errorf("requests of the pushed-back run: got %+v; want 2, both attempt 1, the second not before %v", got, until)
+	}
+	if n := scCount(t, db, `SELECT pushbacks FROM runs WHERE id = $1`, first.ID); n != 1 {
+		t.Errorf("pushbacks of the pushed-back run: got %d; want 1", n)
+	}
+	if n := a.metric(t, "agentapp_pushbacks_total") + b.metric(t, "agentapp_pushbacks_total"); n != 1 {
+		t.Errorf("agentapp_pushbacks_total over both processes: got %v; want 1", n)
+	}
+	if ag := scAgent(t, a, ws, "limited"); ag.ThrottledUntil != nil {
+		t.Errorf("throttled_until once it has passed: got %v; want null", ag.ThrottledUntil)
+	}
+
+	// Retry-After as an HTTP date.
+	dated := a.createRun(t, ws, "dated", 3)
+	var dateUntil time.Time
+	eventually(t, 30*time.Second, "the dated agent shows throttled_until", func() bool {
+		if ag := scAgent(t, a, ws, "dated"); ag.ThrottledUntil != nil {
+			dateUntil = *ag.ThrottledUntil
+		}
+		return !dateUntil.IsZero()
+	})
+	mu.Lock()
+	sent := date
+	mu.Unlock()
+	if d := dateUntil.Sub(sent); d < 0 || d > scDueBound {
+		t.Errorf("throttled_until after Retry-After: %s: got %v, %v after it; want the date (plus the time to write it)",
+			sent.UTC().Format(http.TimeFormat), dateUntil, d)
+	}
+	run := a.waitRunStatus(t, ws, dated.ID, "succeeded", 30*time.Second)
+	if run.Attempt != 1 || run.StartedAt.Before(dateUntil) {
+		t.Errorf("run pushed back to a date: got attempt %d, started %v; want 1, not before %v", run.Attempt, run.StartedAt, dateUntil)
+	}
+
+	// Retry-After: 7200 holds the agent for an hour, the most honoured.
+	patient := b.createRun(t, ws, "patient", 4)
+	var hourUntil time.Time
+	eventually(t, 30*time.Second, "the patient agent shows throttled_until", func() bool {
+		if ag := scAgent(t, a, ws, "patient"); ag.ThrottledUntil != nil {
+			hourUntil = *ag.ThrottledUntil
+		}
+		return !hourUntil.IsZero()
+	})
+	if d := hourUntil.Sub(calls.of(patient.ID)[0].at); d < time.Hour || d > time.Hour+scDueBound {
+		t.Errorf("throttled_until after Retry-After: 7200: got %v after the 429; want an hour, the most honoured", d)
+	}
+	if r := a.getRun(t, ws, patient.ID); r.Status != statusQueued || r.Attempt != 0 || r.RunAt.Sub(hourUntil).Abs() > time.Millisecond {
+		t.Errorf("run pushed back for an hour: got %s, attempt %d, run_at %v; want queued, attempt 0 (refunded), due at %v",
+			r.Status, r.Attempt, r.RunAt, hourUntil)
+	}
+
+	// No Retry-After, or one that says neither seconds nor a date: an ordinary failed attempt.
+	for _, name := range []string{"plain", "vague"} {
+		r := scCreate(t, a, ws, name, map[string]any{"max_attempts": 2})
+		r = a.waitRunStatus(t, ws, r.ID, "failed", 30*time.Second)
+		var errs []runError
+		json.Unmarshal(r.Errors, &errs)
+		if r.Attempt != 2 || len(errs) != 2 || r.Error == nil || !strings.Contains(*r.Error, "HTTP") {
+			t.Errorf("%s agent's run: got attempt %d, errors %s; want 2 failed attempts saying the status", name, r.Attempt, r.Errors)
+		}
+		if ag := scAgent(t, a, ws, name); ag.ThrottledUntil != nil {
+			t.Errorf("%s agent: got throttled_until %v; want null", name, ag.ThrottledUntil)
+		}
+	}
+}
+
+// TestSchedPushbackLimit: a run pushed back 20 times has its 21st pushback counted as a
+// failed attempt (the counter is set in the database to 19 rather than waited for); the
+// agent is throttled all the same, and its next run, queued meanwhile, starts when the
+// throttle ends (poll 60 s: the worker wakes then, though no run falls due then).
+func TestSchedPushbackLimit(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	var calls scCalls
+	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, c scCall) {
+		calls.add(c.RunID, c.Attempt)
+		if string(c.Input) == `"ok"` {
+			w.Header().Set("Content-Type", "application/json")
+			w.Write([]byte(`{}`))
+			return
+		}
+		w.Header().Set("Retry-After", "2")
+		http.Error(w, "slow down", http.StatusTooManyRequests)
+	})
+	a := startProc(t, scEnv(t, dsn, map[string]string{"RUN_WORKER_POLL_MS": "60000"})).app()
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "stubborn", "webhook", map[string]any{"url": hook.URL})
+	r := scCreate(t, a, ws, "stubborn", map[string]any{"max_attempts": 1, "delay_ms": 2000})
+	sqlExec(t, db)(`UPDATE runs SET pushbacks = 19 WHERE id = $1 AND status = 'queued'`, r.ID)
+
+	r = a.waitRunStatus(t, ws, r.ID, "failed", 30*time.Second)
+	got := calls.of(r.ID)
+	if len(got) != 2 || got[0].attempt != 1 || got[1].attempt != 1 {
+		t.Errorf("requests: got %+v; want 2 at attempt 1 (the 20th pushback refunded, the 21st spent)", got)
+	}
+	var errs []runError
+	json.Unmarshal(r.Errors, &errs)
+	if r.Attempt != 1 || len(errs) != 1 || r.Error == nil || !strings.Contains(*r.Error, "pushed back 20 times") ||
+		!strings.Contains(*r.Error, "HTTP 429") {
+		t.Errorf("run after its 21st pushback: got attempt %d, error %v, errors %s; want attempt 1 failed saying it was pushed back 20 times",
+			r.Attempt, errorText(r), r.Errors)
+	}
+	if n := scCount(t, db, `SELECT pushbacks FROM runs WHERE id = $1`, r.ID); n != 20 {
+		t.Errorf("pushbacks: got %d; want 20", n)
+	}
+	ag := scAgent(t, a, ws, "stubborn")
+	if ag.ThrottledUntil == nil || ag.ThrottledUntil.Sub(got[1].at) < 2*time.Second {
+		t.Fatalf("agent after the 21st pushback: got throttled_until %v; want 2 s after %v", ag.ThrottledUntil, got[1].at)
+	}
+	next := a.createRun(t, ws, "stubborn", "ok")
+	next = a.waitRunStatus(t, ws, next.ID, "succeeded", 30*time.Second)
+	late := next.StartedAt.Sub(*ag.ThrottledUntil)
+	t.Logf("the next run started %d ms after throttled_until", late.Milliseconds())
+	if late < 0 || late > scDueBound {
+		t.Errorf("the next run: started %v after throttled_until; want from 0 to %v (an idle worker wakes then)", late, scDueBound)
+	}
+}
+
+// TestSchedBackoffJitter: 100 runs of an agent with retry {"base_ms": 100, "max_ms": 150}
+// fail 3 times each; the delay after each second failure (run_at − the failure's time,
+// written by one statement) lies within 0 … min(150, 100 × 2^1) ms, and the delays are
+// spread over that range, not one value.
+func TestSchedBackoffJitter(t *testing.T) {
+	t.Parallel()
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	hook := scNewHook(t, func(w http.ResponseWriter, r *http.Request, _ scCall) {
+		http.Error(w, "down", http.StatusInternalServerError)
+	})
+	a := startProc(t, scEnv(t, dsn, nil)).app()
+	ws := a.createWorkspace(t)
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, map[string]any{"name": "down", "kind": "webhook",
+		"config": map[string]any{"url": hook.URL}, "retry": map[string]any{"base_ms": 100, "max_ms": 150}}, 201, nil)
+	const n = 100
+	reqs := make([]map[string]any, n)
+	for i := range reqs {
+		reqs[i] = map[string]any{"agent": "down", "input": i, "max_attempts": 3}
+	}
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey, map[string]any{"runs": reqs}, 201, nil)
+	eventually(t, 60*time.Second, "every run failed 3 times", func() bool {
+		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'failed' AND attempt = 3`) == n
+	})
+	// A final run keeps the run_at its last backoff set: the delay after its second failure.
+	rows, err := db.Query(`SELECT extract(epoch FROM run_at - (errors->1->>'at')::timestamptz) * 1000 FROM runs`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var delays []float64
+	for rows.Next() {
+		var ms float64
+		if err := rows.Scan(&ms); err != nil {
+			t.Fatal(err)
+		}
+		delays = append(delays, ms)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(delays)
+	t.Logf("delays after the second failure, ms: min %.3f, median %.3f, max %.3f", delays[0], delays[n/2], delays[n-1])
+	if len(delays) != n || delays[0] < 0 || delays[n-1] > 150 {
+		t.Errorf("delays: got %d from %.3f to %.3f ms; want %d within 0 … 150 ms", len(delays), delays[0], delays[n-1], n)
+	}
+	// Uniform over 0 … 150: some below a third and some above two thirds (each side fails
+	// by chance with probability (2/3)^100).
+	if delays[0] > 50 || delays[n-1] < 100 {
+		t.Errorf("delays: got %.3f … %.3f ms; want them spread over 0 … 150 ms (full jitter), not one value", delays[0], delays[n-1])
 	}
 }

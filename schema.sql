@@ -27,6 +27,13 @@ CREATE TABLE IF NOT EXISTS agents (
         replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64'),
     previous_signing_secret text,                 -- the key before the last rotation, which signs too
     secret_rotated_at timestamptz,                -- … for 24 hours after this
+    -- A failed attempt's backoff: a delay drawn from 0 … min(retry_max_ms, retry_base_ms ×
+    -- 2^(attempt−1)) ms (full jitter).
+    retry_base_ms integer NOT NULL DEFAULT 500,
+    retry_max_ms  integer NOT NULL DEFAULT 30000,
+    throttled_until timestamptz,                  -- a webhook's Retry-After: no attempt starts before this
+    CONSTRAINT agents_retry_check CHECK (retry_base_ms BETWEEN 1 AND 3600000
+                                         AND retry_max_ms BETWEEN retry_base_ms AND 86400000),
     UNIQUE (workspace_id, name),
     CONSTRAINT agents_workspace_id_id_key UNIQUE (workspace_id, id) -- runs' key to their agent
 );
@@ -65,6 +72,7 @@ CREATE TABLE IF NOT EXISTS runs (
     -- shows the schedule's name while it exists, null after.
     schedule_id      uuid,
     scheduled_for    timestamptz,
+    pushbacks        integer NOT NULL DEFAULT 0,  -- answers with Retry-After that did not spend an attempt
     -- One key to the agent, in its workspace, instead of one to each: a key is checked
     -- for every row inserted, and these two checks were a quarter of a batch's time in
     -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
@@ -95,6 +103,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, id
 -- each index adds an entry at every claim and outcome, and a lease renewal, which changes
 -- no indexed column, can be written in place.
 CREATE INDEX IF NOT EXISTS runs_list_idx ON runs (status, workspace_id, agent_id, seq);
+
+-- The throttled agents, for the next time one may start an attempt again (an idle worker
+-- sleeps until then): an agent keeps its last throttled_until once it has passed.
+CREATE INDEX IF NOT EXISTS agents_throttled_idx ON agents (throttled_until) WHERE throttled_until IS NOT NULL;
 
 -- agentapp_run_at is a new run's due time: p_delay_ms after the database's now(), or
 -- p_run_at (timestamptz text, '' for none) if later, so that a delay does not depend on

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"path"
@@ -867,6 +868,7 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 		Config         json.RawMessage `json:"config"`
 		MaxConcurrency *int            `json:"max_concurrency"`
 		Paused         bool            `json:"paused"`
+		Retry          json.RawMessage `json:"retry"`
 	}
 	if err := decode(r, &req, false); err != nil {
 		s.fail(w, r, err)
@@ -880,12 +882,16 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		err = checkConcurrency(req.MaxConcurrency)
 	}
+	retry := defaultRetry
+	if err == nil && req.Retry != nil {
+		retry, err = parseRetry(req.Retry)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	a, err := s.store.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind,
-		Config: config, MaxConcurrency: req.MaxConcurrency, Paused: req.Paused})
+		Config: config, MaxConcurrency: req.MaxConcurrency, Paused: req.Paused, Retry: retry})
 	if errors.Is(err, errConflict) {
 		err = fmt.Errorf("%w: agent %q already exists", errConflict, req.Name)
 	}
@@ -922,6 +928,48 @@ func checkConcurrency(n *int) error {
 	return nil
 }
 
+// Bounds of an agent's retry policy (SPEC): the first backoff up to an hour, the longest up
+// to a day.
+const (
+	maxRetryBaseMS = 3600000
+	maxRetryMaxMS  = 86400000
+)
+
+// parseRetry validates an agent's retry object, given whole: an absent key takes its
+// default, null is every default. Keys match exactly, as config's do.
+func parseRetry(raw json.RawMessage) (retryPolicy, error) {
+	p := defaultRetry
+	if string(raw) == "null" {
+		return p, nil
+	}
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &keys); err != nil {
+		return p, invalid(`retry must be an object {"base_ms": 1…%d, "max_ms": base_ms…%d}, or null for the defaults`,
+			maxRetryBaseMS, maxRetryMaxMS)
+	}
+	for _, k := range slices.Sorted(maps.Keys(keys)) {
+		var field *int
+		switch k {
+		case "base_ms":
+			field = &p.BaseMS
+		case "max_ms":
+			field = &p.MaxMS
+		default:
+			return p, invalid("retry: unknown key %q (keys match exactly: base_ms, max_ms)", k)
+		}
+		if json.Unmarshal(keys[k], field) != nil {
+			return p, invalid("retry.%s must be an integer", k)
+		}
+	}
+	if p.BaseMS < 1 || p.BaseMS > maxRetryBaseMS {
+		return p, invalid("retry.base_ms must be from 1 to %d", maxRetryBaseMS)
+	}
+	if p.MaxMS < p.BaseMS || p.MaxMS > maxRetryMaxMS {
+		return p, invalid("retry.max_ms must be from base_ms (%d) to %d (default %d)", p.BaseMS, maxRetryMaxMS, defaultRetry.MaxMS)
+	}
+	return p, nil
+}
+
 // getAgent answers one agent of the workspace, by name.
 func (s *server) getAgent(w http.ResponseWriter, r *http.Request) {
 	a, err := s.store.getAgent(r.Context(), r.PathValue("ws"), r.PathValue("name"))
@@ -929,12 +977,14 @@ func (s *server) getAgent(w http.ResponseWriter, r *http.Request) {
 }
 
 // updateAgent changes any of an agent's config (replaced whole, validated for its kind),
-// max_concurrency (null: no cap) and paused, and answers the agent; {} changes nothing.
+// max_concurrency (null: no cap), paused and retry (replaced whole), and answers the agent;
+// {} changes nothing.
 func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Config         json.RawMessage `json:"config"`
 		MaxConcurrency json.RawMessage `json:"max_concurrency"` // absent and null differ
 		Paused         *bool           `json:"paused"`
+		Retry          json.RawMessage `json:"retry"`
 	}
 	if err := decode(r, &req, false); err != nil {
 		s.fail(w, r, err)
@@ -942,6 +992,14 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 	}
 	ws, name := r.PathValue("ws"), r.PathValue("name")
 	p := agentPatch{Paused: req.Paused}
+	if req.Retry != nil {
+		retry, err := parseRetry(req.Retry)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		p.Retry = &retry
+	}
 	if req.MaxConcurrency != nil {
 		p.SetConcurrency = true
 		if string(req.MaxConcurrency) != "null" {
@@ -957,7 +1015,7 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if req.Config != nil || !p.SetConcurrency && p.Paused == nil {
+	if req.Config != nil || !p.SetConcurrency && p.Paused == nil && p.Retry == nil {
 		// The config is validated for the agent's kind; an empty patch answers the agent.
 		a, err := s.store.getAgent(r.Context(), ws, name)
 		if err == nil && req.Config != nil {

@@ -204,38 +204,64 @@ type agent struct {
 	Config         json.RawMessage `json:"config"`
 	MaxConcurrency *int            `json:"max_concurrency"` // nil: no cap
 	Paused         bool            `json:"paused"`
+	Retry          retryPolicy     `json:"retry"`
+	ThrottledUntil *time.Time      `json:"throttled_until"` // nil: not throttled (read-only)
 	CreatedAt      time.Time       `json:"created_at"`
 	SigningSecret  string          `json:"signing_secret,omitempty"` // only in the answers that show it once
 }
 
-// agentColumns is what scanAgent reads from agents.
-const agentColumns = `id, workspace_id, name, kind, config, max_concurrency, paused, created_at`
+// retryPolicy is an agent's backoff after a failed attempt: a delay drawn from
+// 0 … min(MaxMS, BaseMS × 2^(attempt−1)) ms.
+type retryPolicy struct {
+	BaseMS int `json:"base_ms"`
+	MaxMS  int `json:"max_ms"`
+}
+
+// defaultRetry is the retry policy of an agent that sets none (SPEC).
+var defaultRetry = retryPolicy{BaseMS: 500, MaxMS: 30000}
+
+// agentColumns is what scanAgent reads from agents. A throttled_until that has passed is
+// shown as null: the column keeps it, so that no write is needed when it passes.
+const agentColumns = `id, workspace_id, name, kind, config, max_concurrency, paused, retry_base_ms, retry_max_ms,
+	CASE WHEN throttled_until > now() THEN throttled_until END, created_at`
 
 // scanAgent reads one row of agentColumns.
 func scanAgent(row interface{ Scan(...any) error }) (agent, error) {
 	var a agent
 	var limit sql.NullInt64
-	err := row.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &limit, &a.Paused, &a.CreatedAt)
+	var throttled sql.NullTime
+	err := row.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &limit, &a.Paused,
+		&a.Retry.BaseMS, &a.Retry.MaxMS, &throttled, &a.CreatedAt)
 	if limit.Valid {
 		n := int(limit.Int64)
 		a.MaxConcurrency = &n
+	}
+	if throttled.Valid {
+		t := throttled.Time.UTC()
+		a.ThrottledUntil = &t
 	}
 	a.CreatedAt = a.CreatedAt.UTC()
 	return a, err
 }
 
 // createAgent inserts an agent, a webhook agent with a new signing secret (in the agent
-// returned, the only time it is shown); a taken name is errConflict.
+// returned, the only time it is shown), with the default retry policy if it sets none; a
+// taken name is errConflict.
 func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
+	if a.Retry == (retryPolicy{}) {
+		a.Retry = defaultRetry // none set
+	}
 	var secret any // an echo agent signs nothing
 	if a.Kind == "webhook" {
 		secret = newSigningSecret()
 	}
 	a, err := scanAgent(s.db.QueryRowContext(ctx,
-		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused, signing_secret)
-		 VALUES ($1, $2, $3, $4, $5, $6, $7)
+		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused, signing_secret,
+		                     retry_base_ms, retry_max_ms)
+		 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 		 RETURNING `+agentColumns,
-		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused, secret))
+		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused, secret,
+		a.Retry.BaseMS, a.Retry.MaxMS))
 	if isUniqueViolation(err) {
 		return a, errConflict
 	}
@@ -307,26 +333,32 @@ type agentPatch struct {
 	SetConcurrency bool            // MaxConcurrency is the new cap (nil: none)
 	MaxConcurrency *int
 	Paused         *bool
+	Retry          *retryPolicy
 }
 
 // updateAgent applies p to the agent of ws with this name and returns it. The claim reads
 // the agents row, so a changed cap or pause holds from the next claim.
 func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) (agent, error) {
-	var config, paused any
+	var config, paused, base, most any
 	if p.Config != nil {
 		config = string(p.Config)
 	}
 	if p.Paused != nil {
 		paused = *p.Paused
 	}
+	if p.Retry != nil {
+		base, most = p.Retry.BaseMS, p.Retry.MaxMS
+	}
 	a, err := scanAgent(s.db.QueryRowContext(ctx, `
 		UPDATE agents SET
 			config = coalesce($3::jsonb, config),
 			max_concurrency = CASE WHEN $4 THEN $5::integer ELSE max_concurrency END,
-			paused = coalesce($6::boolean, paused)
+			paused = coalesce($6::boolean, paused),
+			retry_base_ms = coalesce($7::integer, retry_base_ms),
+			retry_max_ms = coalesce($8::integer, retry_max_ms)
 		WHERE workspace_id = $1 AND name = $2
 		RETURNING `+agentColumns,
-		ws, name, config, p.SetConcurrency, nullInt(p.MaxConcurrency), paused))
+		ws, name, config, p.SetConcurrency, nullInt(p.MaxConcurrency), paused, base, most))
 	if errors.Is(err, sql.ErrNoRows) {
 		return a, fmt.Errorf("%w: agent %q", errNotFound, name)
 	}

@@ -52,26 +52,28 @@ func workerConfigOf(c config) workerConfig {
 type attemptEnd string
 
 const (
-	endSucceeded attemptEnd = "succeeded" // the agent's output was recorded
-	endFailed    attemptEnd = "failed"    // the agent failed and no attempt remains
-	endRetried   attemptEnd = "retried"   // the agent failed; the run is queued again after a backoff
-	endCanceled  attemptEnd = "canceled"  // a cancel was requested: the run is canceled
-	endRequeued  attemptEnd = "requeued"  // the worker shut down: queued again, the attempt refunded
-	endLost      attemptEnd = "lost"      // another worker took the lease over: nothing was written
+	endSucceeded  attemptEnd = "succeeded"   // the agent's output was recorded
+	endFailed     attemptEnd = "failed"      // the agent failed and no attempt remains
+	endRetried    attemptEnd = "retried"     // the agent failed; the run is queued again after a backoff
+	endCanceled   attemptEnd = "canceled"    // a cancel was requested: the run is canceled
+	endRequeued   attemptEnd = "requeued"    // the worker shut down: queued again, the attempt refunded
+	endPushedBack attemptEnd = "pushed_back" // the webhook said Retry-After: queued again, the attempt refunded
+	endLost       attemptEnd = "lost"        // another worker took the lease over: nothing was written
 )
 
 // summary is what one cycle did: the runs it claimed, counted by how their attempts ended,
 // and the expired leases it recovered.
 type summary struct {
-	Claimed   int  `json:"claimed"`
-	Succeeded int  `json:"succeeded"`
-	Failed    int  `json:"failed"`
-	Retried   int  `json:"retried"`
-	Canceled  int  `json:"canceled"`
-	Recovered int  `json:"recovered"`
-	Requeued  int  `json:"requeued"`
-	Lost      int  `json:"lost"`
-	Skipped   bool `json:"skipped"` // another cycle was in progress in this process, or it is stopping
+	Claimed    int  `json:"claimed"`
+	Succeeded  int  `json:"succeeded"`
+	Failed     int  `json:"failed"`
+	Retried    int  `json:"retried"`
+	Canceled   int  `json:"canceled"`
+	Recovered  int  `json:"recovered"`
+	Requeued   int  `json:"requeued"`
+	PushedBack int  `json:"pushed_back"`
+	Lost       int  `json:"lost"`
+	Skipped    bool `json:"skipped"` // another cycle was in progress in this process, or it is stopping
 }
 
 // count adds one claimed run's end to the summary.
@@ -87,6 +89,8 @@ func (s *summary) count(e attemptEnd) {
 		s.Canceled++
 	case endRequeued:
 		s.Requeued++
+	case endPushedBack:
+		s.PushedBack++
 	case endLost:
 		s.Lost++
 	}
@@ -484,6 +488,7 @@ func (w *worker) execute(ctx context.Context, e *execution) {
 	w.metrics.runDuration.observe(time.Since(begin).Seconds())
 	out := outcome{attemptRef: e.ref, End: endSucceeded, Output: output}
 	cause := context.Cause(ctx)
+	var pushed *pushbackError
 	switch {
 	case err == nil:
 	case ctx.Err() != nil && errors.Is(cause, errCanceledByRequest):
@@ -494,8 +499,16 @@ func (w *worker) execute(ctx context.Context, e *execution) {
 		out.End = endLost
 	case ctx.Err() != nil && errors.Is(cause, errTimedOut):
 		out.End, out.Message = endFailed, fmt.Sprintf("timed out after %d ms", c.Timeout.Milliseconds())
+	case errors.As(err, &pushed) && c.Pushbacks < maxPushbacks:
+		out.End, out.Delay, out.Throttled, out.Throttle = endPushedBack, pushed.delay, true, pushed.delay
+	case pushed != nil:
+		out.End, out.Throttled, out.Throttle = endFailed, true, pushed.delay
+		out.Message = fmt.Sprintf("%v (pushed back %d times already: counted as a failed attempt)", err, c.Pushbacks)
 	default:
 		out.End, out.Message = endFailed, err.Error()
+	}
+	if out.End == endFailed {
+		out.Delay = c.Retry.backoff(c.Attempt)
 	}
 	e.cancel(nil)
 	if out.End == endLost {
@@ -564,6 +577,10 @@ func (w *worker) record(batch []pendingOutcome) {
 		case end == endRequeued:
 			w.metrics.requeued.add(1)
 			w.log.Info("run requeued at shutdown", "run", p.ID, "attempt", p.Attempt)
+		case end == endPushedBack:
+			w.metrics.pushbacks.add(1)
+			w.log.Info("run pushed back by its webhook; agent throttled", "run", p.ID, "attempt", p.Attempt,
+				"retry_after", outs[i].Throttle)
 		case end == endSucceeded:
 			w.log.Debug("run succeeded", "run", p.ID, "attempt", p.Attempt)
 		case end == endRetried:

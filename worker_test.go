@@ -423,7 +423,7 @@ func TestWorkerFencing(t *testing.T) {
 	}
 
 	refA := attemptRef{id, 1}
-	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued} {
+	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued, endPushedBack} {
 		got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: refA, End: kind, Output: json.RawMessage(`"from A"`), Message: "from A"}})
 		if err != nil {
 			t.Fatal(err)
@@ -584,12 +584,13 @@ func TestWorkerRetries(t *testing.T) {
 	if len(calls) != 3 {
 		t.Fatalf("down webhook: got %d calls; want 3", len(calls))
 	}
-	// Backoff 500 ms × 2^(attempt-1): lower bounds only, with slack for clock granularity.
-	if gap := calls[1].Sub(calls[0]); gap < 400*time.Millisecond {
-		t.Errorf("gap before attempt 2: got %v; want at least the 500ms backoff", gap)
+	// Backoff drawn from 0 … 500 ms × 2^(attempt-1) (full jitter): upper bounds only, with
+	// slack for the claim; TestSchedBackoffJitter reads the delays themselves.
+	if gap := calls[1].Sub(calls[0]); gap > 500*time.Millisecond+scDueBound {
+		t.Errorf("gap before attempt 2: got %v; want at most the 500ms backoff bound", gap)
 	}
-	if gap := calls[2].Sub(calls[1]); gap < 900*time.Millisecond {
-		t.Errorf("gap before attempt 3: got %v; want at least the 1s backoff", gap)
+	if gap := calls[2].Sub(calls[1]); gap > time.Second+scDueBound {
+		t.Errorf("gap before attempt 3: got %v; want at most the 1s backoff bound", gap)
 	}
 }
 
