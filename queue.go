@@ -426,15 +426,11 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	want := limit - len(res.claimed)
 	// The workspaces with agents in line, least recently served first.
 	agentsOf := map[string][]string{}
-	var capped []string
 	for id, h := range q.heads {
 		if h.idle || (ws != "" && h.workspace != ws) {
 			continue
 		}
 		agentsOf[h.workspace] = append(agentsOf[h.workspace], id)
-		if h.capped {
-			capped = append(capped, id)
-		}
 	}
 	if len(agentsOf) == 0 {
 		return false, nil
@@ -452,6 +448,15 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	}
 	share := (want + len(order) - 1) / len(order)
 
+	// The capped agents of those workspaces only: the others are not read this round.
+	var capped []string
+	for _, w := range order {
+		for _, id := range agentsOf[w] {
+			if q.heads[id].capped {
+				capped = append(capped, id)
+			}
+		}
+	}
 	room := map[string]int{} // capped agents whose lock this claim holds: how many more may run
 	if len(capped) > 0 {
 		res.capped = true
