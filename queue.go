@@ -138,8 +138,15 @@ func (q *lineup) searchDue() bool {
 	q.mu.Lock()
 	rescan := q.rescan
 	q.mu.Unlock()
-	now := time.Now()
-	return rescan || now.Sub(q.reset) >= rescanEvery || now.Sub(q.found) >= searchEvery
+	_, search := q.plan(time.Now(), rescan)
+	return search
+}
+
+// plan says what a find at now does: read every line from its start again (reset), and
+// look for agents with queued runs (search).
+func (q *lineup) plan(now time.Time, rescan bool) (reset, search bool) {
+	reset = rescan || now.Sub(q.reset) >= rescanEvery
+	return reset, reset || now.Sub(q.found) >= searchEvery
 }
 
 // capped reports whether an agent in line (of workspace ws, "" for any) has a cap.
@@ -159,7 +166,7 @@ func (q *lineup) find(ctx context.Context, db queryer) error {
 	announced, rescan := q.announced, q.rescan
 	q.announced, q.rescan = map[string]linePos{}, false
 	q.mu.Unlock()
-	reset := rescan || now.Sub(q.reset) >= rescanEvery
+	reset, search := q.plan(now, rescan)
 	if reset {
 		for _, h := range q.heads {
 			h.at = lineStart
@@ -174,7 +181,7 @@ func (q *lineup) find(ctx context.Context, db queryer) error {
 		}
 		q.due = time.Time{}
 	}
-	if reset || now.Sub(q.found) >= searchEvery {
+	if search {
 		// The agents never seen (after a reset: not in line, or idle) that have queued runs,
 		// due or not.
 		known := make([]string, 0, len(q.heads))
@@ -647,26 +654,29 @@ type queryer struct {
 }
 
 func (t queryer) query(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
-	st, err := t.s.prepared(ctx, query)
+	st, err := t.stmt(ctx, query)
 	if err != nil {
 		return nil, err
-	}
-	if t.tx != nil {
-		st = t.tx.StmtContext(ctx, st)
 	}
 	return st.QueryContext(ctx, args...)
 }
 
 // queryRow runs a statement that answers one row, as query does; an error comes from Scan.
 func (t queryer) queryRow(ctx context.Context, query string, args ...any) interface{ Scan(...any) error } {
-	st, err := t.s.prepared(ctx, query)
+	st, err := t.stmt(ctx, query)
 	if err != nil {
 		return failedRow{err}
 	}
-	if t.tx != nil {
-		st = t.tx.StmtContext(ctx, st)
-	}
 	return st.QueryRowContext(ctx, args...)
+}
+
+// stmt is query prepared for the pool, in tx if set.
+func (t queryer) stmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	st, err := t.s.prepared(ctx, query)
+	if err != nil || t.tx == nil {
+		return st, err
+	}
+	return t.tx.StmtContext(ctx, st), nil
 }
 
 // failedRow is a row whose statement could not be sent.
