@@ -1168,3 +1168,46 @@ func TestSchedBackoffJitter(t *testing.T) {
 		t.Errorf("delays: got %.3f … %.3f ms; want them spread over 0 … 150 ms (full jitter), not one value", delays[0], delays[n-1])
 	}
 }
+
+// TestSchedLineupHeldRunReadAgain: a run another transaction holds locked (another
+// process's claim) is skipped; once that transaction rolls back, the next claim takes it,
+// though the claim before took runs after it in line.
+func TestSchedLineupHeldRunReadAgain(t *testing.T) {
+	t.Parallel()
+	db := openTestDB(t, testDB(t))
+	st := &store{db: db}
+	ctx := context.Background()
+	seedEchoWorkspaces(t, db, 1)
+	exec := sqlExec(t, db)
+	exec(`INSERT INTO runs (workspace_id, agent_id, input) SELECT workspace_id, id, to_jsonb(g)
+		FROM agents, generate_series(1, 4) g ORDER BY g`)
+	var held string
+	if err := db.QueryRow(`SELECT id FROM runs WHERE input = '1'`).Scan(&held); err != nil {
+		t.Fatal(err)
+	}
+	other, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Rollback()
+	if _, err := other.Exec(`SELECT 1 FROM runs WHERE id = $1 FOR UPDATE`, held); err != nil {
+		t.Fatal(err)
+	}
+	q := newLineup()
+	res, err := st.claim(ctx, q, "test", 2, "", time.Minute, false)
+	// The rounds of this claim read the held run again too (its holder may roll back), so
+	// they may take fewer than 2 of the runs after it; at least the next one.
+	if err != nil || len(res.claimed) == 0 {
+		t.Fatalf("claim of 2 while the first run is held: got %d runs, %v; want runs after it", len(res.claimed), err)
+	}
+	for _, c := range res.claimed {
+		if c.ID == held {
+			t.Fatalf("claim while the first run is held: got it claimed; want it skipped")
+		}
+	}
+	other.Rollback()
+	res, err = st.claim(ctx, q, "test", 1, "", time.Minute, false)
+	if err != nil || len(res.claimed) != 1 || res.claimed[0].ID != held {
+		t.Fatalf("claim of 1 after the holder rolled back: got %v, %v; want run %s", res.claimed, err, held)
+	}
+}
