@@ -624,7 +624,7 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped, keys int, rated
 		SELECT w.id, 'agent-' || i, 'echo', CASE WHEN i <= $2 THEN 5 END FROM workspaces w, generate_series(1, $1) i`,
 		agents, capped)
 	if rated {
-		seed(`UPDATE agents SET rate_limit = 1000000, rate_period_ms = 1000 WHERE id = (SELECT min(id) FROM agents)`)
+		seed(`UPDATE agents SET rate_limit = 1000000, rate_period_ms = 1000 WHERE id = (SELECT id FROM agents ORDER BY id LIMIT 1)`)
 	}
 	for from := 0; from < n; from += chunk {
 		seed(`INSERT INTO runs (workspace_id, agent_id, input, concurrency_key)

@@ -195,7 +195,8 @@ func limNewHook(t testing.TB, respond func(w http.ResponseWriter, r *http.Reques
 // runs carry concurrency keys: "chat" (key_concurrency 1) and "pair" (2). No key ever has
 // more runs in flight than its agent's key_concurrency, and the limit is reached; each of
 // chat's keys has its runs start in their order; and the "slow" key (each run 1.5 s)
-// holds up nobody: every other key's runs finish before its last one does.
+// holds up nobody: every other key's runs finish before its last one does. /metrics counts
+// the runs a key holds meanwhile.
 func TestLimitsKeysAcrossProcesses(t *testing.T) {
 	t.Parallel()
 	dsn := testDB(t)
@@ -238,9 +239,14 @@ func TestLimitsKeysAcrossProcesses(t *testing.T) {
 	}
 	var created struct{ Runs []runRecord }
 	procs[1].app().mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/batch", ws.APIKey, map[string]any{"runs": reqs}, 201, &created)
+	held := 0.0
 	eventually(t, 120*time.Second, fmt.Sprintf("all %d runs succeeded", len(reqs)), func() bool {
+		held = max(held, a.metric(t, `agentapp_runs_held{reason="key"}`))
 		return scCount(t, db, `SELECT count(*) FROM runs WHERE status = 'succeeded'`) == len(reqs)
 	})
+	if held < 1 {
+		t.Errorf(`agentapp_runs_held{reason="key"}: got at most %v during the drain; want the slow key's waiting runs counted`, held)
+	}
 
 	hook.mu.Lock()
 	defer hook.mu.Unlock()

@@ -171,6 +171,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	announce := newAnnouncer(st.db, log, w.id, w.claimable)
 	announceCtx, stopAnnounce := context.WithCancel(context.Background())
 	go announce.run(announceCtx)
+	w.st.keyFreed = announce.claimable
 	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
 	srv := newHTTPServer(s.handler(), log)
 
@@ -249,7 +250,13 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 		return json.NewEncoder(stdout).Encode(s)
 	}
 	n := newNotifier(cfg.DatabaseURL, st.db, w.id, log, w.runsAnnounced, w.cancelLocal, w.schedulesChanged)
+	announce := newAnnouncer(st.db, log, w.id, w.claimable)
+	announceCtx, stopAnnounce := context.WithCancel(context.Background())
+	go announce.run(announceCtx)
+	w.st.keyFreed = announce.claimable
 	err = w.run(ctx, true)
+	stopAnnounce()
+	<-announce.done
 	n.close()
 	return err
 }

@@ -272,25 +272,25 @@ const recoverSQL = `
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds. A run with a concurrency_key is passed
-// over while its key has key_concurrency runs running or due ahead of it in line (a range
-// of runs_key_idx): its key never holds up other runs. A throttled agent reads none: its
-// head goes idle until the next due time, which its throttled_until is among.
+// over while its key has key_concurrency runs running (a range of runs_key_idx): a key at
+// its limit never holds up other runs. Otherwise it comes with its key's room, how many
+// more of the key may start: claimRound takes the key's first runs in line up to it. A
+// throttled agent reads none: its head goes idle until the next due time, which its
+// throttled_until is among.
 const pickSQL = `
 	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL, a.name, a.kind, a.config,
 		a.signing_secret, CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
-		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key IS NOT NULL, c.cost, now()
+		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key, c.key_room, c.cost, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
-		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, r.cost FROM runs r
+		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, k.room AS key_room, r.cost FROM runs r
+		LEFT JOIN LATERAL (SELECT a.key_concurrency - count(*) AS room FROM (SELECT FROM runs k
+			WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key AND k.concurrency_key IS NOT NULL
+			  AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'running'
+			LIMIT a.key_concurrency) running) k ON r.concurrency_key IS NOT NULL
 		WHERE r.agent_id = h.agent_id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()
-		  AND (r.priority, r.run_at) >= (h.priority, h.run_at)
-		  AND (r.concurrency_key IS NULL OR (SELECT count(*) FROM (SELECT FROM runs k
-		       WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key
-		         AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting')
-		         AND (k.status = 'running' OR k.status = 'queued' AND k.run_at <= now()
-		              AND (k.priority, k.run_at, k.seq) < (r.priority, r.run_at, r.seq))
-		       LIMIT a.key_concurrency) ahead) < a.key_concurrency)
+		  AND (r.priority, r.run_at) >= (h.priority, h.run_at) AND (r.concurrency_key IS NULL OR k.room > 0)
 		ORDER BY r.priority, r.run_at, r.seq
 		LIMIT h.n) c
 	WHERE a.throttled_until IS NULL OR a.throttled_until <= now()`
@@ -520,29 +520,8 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	room := map[string]agentRoom{} // locked agents whose lock this claim holds
 	if len(limited) > 0 {
 		res.capped = true
-		// Two statements: the count must see every claim that committed before the lock.
-		// A lock this transaction holds already is taken again.
-		var locked pq.StringArray
-		if err := db.queryRow(ctx, lockAgentsSQL, pq.StringArray(limited), capLockSpace).Scan(&locked); err != nil {
-			return false, err
-		}
-		rows, err := db.query(ctx, roomSQL, locked, noLimit)
-		if err != nil {
-			return false, err
-		}
-		for rows.Next() {
-			var id string
-			var r agentRoom
-			var free sql.NullTime
-			if err := rows.Scan(&id, &r.runs, &r.units, &free); err != nil {
-				rows.Close()
-				return false, err
-			}
-			r.free = free.Time
-			room[id] = r
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
+		var err error
+		if room, err = lockAgents(ctx, db, q, limited); err != nil {
 			return false, err
 		}
 	}
@@ -587,15 +566,18 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	read := map[string][]pick{}        // by agent, in claim order
 	agentOf := map[string]claimedRun{} // the agents read, as they stand now
 	held := map[string]bool{}          // agents whose read stopped at a run they may not start yet
+	keyRoom := map[[2]string]int64{}   // agent and key → how many more of the key's runs this round may take
 	var dbNow time.Time
 	for rows.Next() {
 		var p pick
-		var paused, isCapped, keyed bool
+		var paused, isCapped bool
+		var key sql.NullString
+		var keyLeft sql.NullInt64
 		var cost int64
 		var a claimedRun
 		var secret, previous sql.NullString
 		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
-			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &keyed, &cost, &dbNow); err != nil {
+			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &key, &keyLeft, &cost, &dbNow); err != nil {
 			rows.Close()
 			return false, err
 		}
@@ -616,11 +598,24 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			more = true
 			continue
 		}
-		switch r, ok := room[p.agent]; {
-		case keyed && !ok:
-			// Its keys' limits are counted under its lock: the next round takes it.
-			h.keyed, held[p.agent], more = true, true, true
-			continue
+		r, ok := room[p.agent]
+		if key.Valid {
+			if !ok {
+				// Its keys' limits are counted under its lock: the next round takes it.
+				h.keyed, held[p.agent], more = true, true, true
+				continue
+			}
+			// The key's first runs in line, up to its room; the others stay in line.
+			k := [2]string{p.agent, key.String}
+			if _, seen := keyRoom[k]; !seen {
+				keyRoom[k] = keyLeft.Int64
+			}
+			if keyRoom[k] <= 0 {
+				continue
+			}
+			keyRoom[k]--
+		}
+		switch {
 		case ok && cost > r.units:
 			// Over its rate: this run and those behind it wait for the window to move on.
 			res.rateFree = earliest(res.rateFree, r.free)
@@ -728,6 +723,44 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 	}
 	return more, nil
+}
+
+// lockAgents takes the locks of the given agents that no other claim holds and returns
+// their room. Two statements: the count must see every claim that committed before the
+// lock. A lock this transaction holds already is taken again. An agent locked for its keys
+// alone has no room to count (the pick tests its keys).
+func lockAgents(ctx context.Context, db queryer, q *lineup, ids []string) (map[string]agentRoom, error) {
+	var locked, counted pq.StringArray
+	if err := db.queryRow(ctx, lockAgentsSQL, pq.StringArray(ids), capLockSpace).Scan(&locked); err != nil {
+		return nil, err
+	}
+	room := map[string]agentRoom{}
+	for _, id := range locked {
+		if q.heads[id].capped {
+			counted = append(counted, id)
+		} else {
+			room[id] = agentRoom{runs: noLimit, units: noLimit}
+		}
+	}
+	if len(counted) == 0 {
+		return room, nil
+	}
+	rows, err := db.query(ctx, roomSQL, counted, noLimit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		var r agentRoom
+		var free sql.NullTime
+		if err := rows.Scan(&id, &r.runs, &r.units, &free); err != nil {
+			return nil, err
+		}
+		r.free = free.Time
+		room[id] = r
+	}
+	return room, rows.Err()
 }
 
 // queryer runs the claim's statements, prepared (claim prepares them all first: claimSQL),
@@ -1232,7 +1265,11 @@ type outcome struct {
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
-// returns how each attempt ended. A run missing from the answer was no longer this worker's
+// returns how each attempt ended. A keyed run that stops running frees its key: the key's
+// next queued run, which the claims passed over while the key was at its limit, is
+// announced at its place (keyFreed), after the commit and coalesced with other
+// announcements rather than notified from the outcome's transaction, whose commit a
+// NOTIFY would serialise with every other notifying one. A run missing from the answer was no longer this worker's
 // attempt, and nothing was written for it. A failed attempt goes back to queued after its
 // backoff while attempts remain (retried); a cancel requested meanwhile wins over the
 // outcome; a requeued attempt is refunded, and so is a pushed-back one, due again after
@@ -1287,7 +1324,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[])
 		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms)
 		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
-		RETURNING r.id, r.agent_id, o.throttle_ms,
+		RETURNING r.id, r.agent_id, r.workspace_id, r.concurrency_key, o.throttle_ms,
 		          CASE WHEN o.proposed IN ('requeued', 'pushed_back') AND r.status = 'queued' THEN o.proposed
 		               WHEN r.status = 'queued' THEN 'retried' ELSE r.status END AS ended),
 		throttle AS MATERIALIZED (
@@ -1298,7 +1335,11 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		throttled AS (
 		UPDATE agents a SET throttled_until = greatest(a.throttled_until, now() + t.ms * interval '1 millisecond')
 		FROM throttle t WHERE a.id = t.id)
-		SELECT id, ended FROM fin`,
+		SELECT f.id, f.ended, f.workspace_id, k.priority, k.run_at FROM fin f
+		LEFT JOIN LATERAL (SELECT k.priority, k.run_at FROM runs k
+			WHERE k.agent_id = f.agent_id AND k.concurrency_key = f.concurrency_key
+			  AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'queued'
+			ORDER BY k.priority, k.run_at, k.seq LIMIT 1) k ON f.concurrency_key IS NOT NULL`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
 		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles)
 	if err != nil {
@@ -1306,15 +1347,31 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 	}
 	defer rows.Close()
 	recorded := make(map[string]attemptEnd, len(outs))
+	freed := map[string]linePos{} // workspace → the earliest next run of a key freed there
 	for rows.Next() {
-		var id string
+		var id, ws string
 		var end attemptEnd
-		if err := rows.Scan(&id, &end); err != nil {
+		var priority sql.NullInt64
+		var runAt sql.NullTime
+		if err := rows.Scan(&id, &end, &ws, &priority, &runAt); err != nil {
 			return nil, err
 		}
 		recorded[id] = end
+		if at := (linePos{int(priority.Int64), runAt.Time}); priority.Valid {
+			if old, ok := freed[ws]; !ok || at.before(old) {
+				freed[ws] = at
+			}
+		}
 	}
-	return recorded, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if s.keyFreed != nil {
+		for ws, at := range freed {
+			s.keyFreed(ws, at)
+		}
+	}
+	return recorded, nil
 }
 
 // backoff draws the delay before a failed attempt's retry: uniformly from 0 to

@@ -117,10 +117,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, id
 -- no indexed column, can be written in place.
 CREATE INDEX IF NOT EXISTS runs_list_idx ON runs (status, workspace_id, agent_id, seq);
 
--- A key's runs of an agent: those running (held against key_concurrency) and those queued
--- in line order, for the claim's test of a keyed run (queue.go) and a create's conflict.
--- Only keyed runs that are not final have an entry.
-CREATE INDEX IF NOT EXISTS runs_key_idx ON runs (agent_id, concurrency_key, priority, run_at, seq)
+-- A key's runs of an agent by status: those running (held against key_concurrency) and
+-- those queued in line order, each a range, for the claim's test of a keyed run (queue.go)
+-- and a create's conflict. Only keyed runs that are not final have an entry.
+CREATE INDEX IF NOT EXISTS runs_key_idx ON runs (agent_id, concurrency_key, status, priority, run_at, seq)
     WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running', 'waiting');
 
 -- The attempts of rate-limited agents that started (one row per agent and claim, with the
@@ -300,14 +300,13 @@ DECLARE
     v_payload text;
     v_status  boolean := EXISTS (SELECT 1 FROM status_listeners);
 BEGIN
-    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w
-                                    WHERE w.status = 'queued' OR w.cancel_requested OR w.concurrency_key IS NOT NULL) THEN
-        RETURN NULL; -- no status wanted, nothing claimable, no cancel, no key: the common claim and outcome write
+    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w WHERE w.status = 'queued' OR w.cancel_requested) THEN
+        RETURN NULL; -- no status wanted, nothing claimable, no cancel: the common claim and outcome write
     END IF;
     -- One join of the old rows to the new ones serves all three channels.
     FOR v_channel, v_payload IN
         WITH d AS (
-            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at, w.agent_id, w.concurrency_key,
+            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at,
                    w.status = 'running' AND w.cancel_requested AND NOT o.cancel_requested AS cancel
             FROM old_runs o JOIN new_runs w ON w.id = o.id
             WHERE w.status <> o.status OR (w.cancel_requested AND NOT o.cancel_requested))
@@ -323,17 +322,7 @@ BEGIN
             SELECT e.entry, (row_number() OVER () - 1) / 120 AS chunk FROM (
                 SELECT DISTINCT ON (d.workspace_id) d.workspace_id::text || '/' || d.priority || '/'
                        || trunc(extract(epoch FROM d.run_at) * 1000000)::bigint AS entry
-                FROM (SELECT d.workspace_id, d.priority, d.run_at FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
-                      UNION ALL
-                      -- A keyed run that stopped running frees its key: the key's first queued
-                      -- run, passed over by the claims while the key was at its limit.
-                      SELECT d.workspace_id, k.priority, k.run_at FROM d CROSS JOIN LATERAL (
-                          SELECT k.priority, k.run_at FROM runs k
-                          WHERE k.agent_id = d.agent_id AND k.concurrency_key = d.concurrency_key
-                            AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting')
-                            AND k.status = 'queued'
-                          ORDER BY k.priority, k.run_at, k.seq LIMIT 1) k
-                      WHERE d.was = 'running' AND d.status <> 'running' AND d.concurrency_key IS NOT NULL) d
+                FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
                 ORDER BY d.workspace_id, d.priority, d.run_at) e) c
         GROUP BY c.chunk
         UNION ALL
