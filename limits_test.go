@@ -488,3 +488,52 @@ func TestLimitsKeyConflict(t *testing.T) {
 	again := create(b, "once", "k", limInput{"k", 0}, nil)
 	a.waitRunStatus(t, ws, again.ID, "succeeded", 30*time.Second)
 }
+
+// TestLimitsScheduleFields: a schedule's concurrency_key and cost are shown, given to the
+// runs it makes, changed or removed by PATCH, and a cost over the agent's rate limit is
+// 422 at creation and at PATCH, as a run's create says.
+func TestLimitsScheduleFields(t *testing.T) {
+	t.Parallel()
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true", "LOG_LEVEL": "info"}))
+	ws := a.createWorkspace(t)
+	mustAgent(t, a, "POST", "/v1/workspaces/"+ws.ID+"/agents", ws.APIKey, map[string]any{"name": "rated", "kind": "echo",
+		"rate_limit": map[string]any{"limit": 5, "period_ms": 1000}}, 201)
+	base := "/v1/workspaces/" + ws.ID + "/schedules"
+	type fields struct {
+		Key  *string `json:"concurrency_key"`
+		Cost int     `json:"cost"`
+	}
+	var sc fields
+	a.mustDo(t, "POST", base, ws.APIKey, map[string]any{"name": "tick", "cron": "@every 1s", "agent": "rated",
+		"concurrency_key": "tick-key", "cost": 3}, 201, &sc)
+	if sc.Key == nil || *sc.Key != "tick-key" || sc.Cost != 3 {
+		t.Errorf("created schedule: got concurrency_key %v, cost %d; want tick-key, 3", sc.Key, sc.Cost)
+	}
+	var runs struct{ Runs []runRecord }
+	eventually(t, 10*time.Second, "a run of the schedule", func() bool {
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?schedule=tick", ws.APIKey, nil, 200, &runs)
+		return len(runs.Runs) >= 1
+	})
+	if r := runs.Runs[0]; r.ConcurrencyKey == nil || *r.ConcurrencyKey != "tick-key" || r.Cost != 3 {
+		t.Errorf("scheduled run: got concurrency_key %v, cost %d; want tick-key, 3", r.ConcurrencyKey, r.Cost)
+	}
+	a.mustDo(t, "PATCH", base+"/tick", ws.APIKey, map[string]any{"concurrency_key": nil, "cost": 5}, 200, &sc)
+	if sc.Key != nil || sc.Cost != 5 {
+		t.Errorf("after PATCH {concurrency_key: null, cost: 5}: got %v, %d; want null, 5", sc.Key, sc.Cost)
+	}
+	for _, c := range []struct {
+		method, path string
+		body         map[string]any
+	}{
+		{"POST", base, map[string]any{"name": "dear", "cron": "@hourly", "agent": "rated", "cost": 6}},
+		{"PATCH", base + "/tick", map[string]any{"cost": 6}},
+	} {
+		status, hdr, data := a.do(t, c.method, c.path, ws.APIKey, nil, c.body)
+		checkAPIError(t, fmt.Sprintf("%s %v", c.method, c.body), status, hdr, data, 422, "invalid")
+		if !strings.Contains(string(data), `cost 6 is over agent \"rated\"'s rate_limit.limit (5)`) {
+			t.Errorf("%s %v: got %s; want a message saying the cost is over the limit", c.method, c.body, data)
+		}
+	}
+	status, hdr, data := a.do(t, "PATCH", base+"/tick", ws.APIKey, nil, map[string]any{"concurrency_key": ""})
+	checkAPIError(t, "PATCH an empty concurrency_key", status, hdr, data, 422, "invalid")
+}

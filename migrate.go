@@ -129,6 +129,11 @@ ALTER TABLE runs
     ADD COLUMN concurrency_key text CHECK (length(concurrency_key) BETWEEN 1 AND 200),
     ADD COLUMN cost integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000),
     ADD COLUMN cancel_error text`,
+		// After schema.sql: a database older than schedules gets the table from it, with these.
+		after: `
+ALTER TABLE schedules
+    ADD COLUMN IF NOT EXISTS concurrency_key text CHECK (length(concurrency_key) BETWEEN 1 AND 200),
+    ADD COLUMN IF NOT EXISTS cost integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000)`,
 	},
 }
 

@@ -27,6 +27,8 @@ type schedule struct {
 	Priority    int             `json:"priority"`
 	TimeoutMS   *int            `json:"timeout_ms"`
 	MaxAttempts int             `json:"max_attempts"`
+	Key         *string         `json:"concurrency_key"` // its runs' concurrency_key; nil: none
+	Cost        int             `json:"cost"`            // its runs' cost
 	Paused      bool            `json:"paused"`
 	NextAt      *time.Time      `json:"next_at"` // null while paused, or when it never falls due again
 	LastAt      *time.Time      `json:"last_at"`
@@ -36,7 +38,7 @@ type schedule struct {
 // scheduleColumns is what scanSchedule reads from schedules.
 const scheduleColumns = `id, workspace_id, name, cron, timezone,
 	(SELECT a.name FROM agents a WHERE a.id = schedules.agent_id), input, priority, timeout_ms, max_attempts,
-	paused, next_at, last_at, created_at`
+	paused, next_at, last_at, created_at, concurrency_key, cost`
 
 // scanSchedule reads one row of scheduleColumns.
 func scanSchedule(row interface{ Scan(...any) error }) (schedule, error) {
@@ -44,7 +46,7 @@ func scanSchedule(row interface{ Scan(...any) error }) (schedule, error) {
 	var timeout sql.NullInt64
 	var next, last sql.NullTime
 	err := row.Scan(&sc.ID, &sc.WorkspaceID, &sc.Name, &sc.Cron, &sc.Timezone, &sc.Agent, &sc.Input, &sc.Priority,
-		&timeout, &sc.MaxAttempts, &sc.Paused, &next, &last, &sc.CreatedAt)
+		&timeout, &sc.MaxAttempts, &sc.Paused, &next, &last, &sc.CreatedAt, &sc.Key, &sc.Cost)
 	if timeout.Valid {
 		ms := int(timeout.Int64)
 		sc.TimeoutMS = &ms
@@ -75,11 +77,11 @@ func nullTime(t *time.Time) any {
 func (s *store) createSchedule(ctx context.Context, sc schedule) (schedule, error) {
 	out, err := scanSchedule(s.db.QueryRowContext(ctx, `
 		INSERT INTO schedules (workspace_id, name, cron, timezone, agent_id, input, priority, timeout_ms,
-		                       max_attempts, paused, next_at)
-		SELECT $1, $2, $3, $4, a.id, $6, $7, $8, $9, $10, $11 FROM agents a WHERE a.workspace_id = $1 AND a.name = $5
+		                       max_attempts, paused, next_at, concurrency_key, cost)
+		SELECT $1, $2, $3, $4, a.id, $6, $7, $8, $9, $10, $11, $12, $13 FROM agents a WHERE a.workspace_id = $1 AND a.name = $5
 		RETURNING `+scheduleColumns,
 		sc.WorkspaceID, sc.Name, sc.Cron, sc.Timezone, sc.Agent, string(sc.Input), sc.Priority, nullInt(sc.TimeoutMS),
-		sc.MaxAttempts, sc.Paused, nullTime(sc.NextAt)))
+		sc.MaxAttempts, sc.Paused, nullTime(sc.NextAt), nullString(sc.Key), max(sc.Cost, 1)))
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return out, unknownAgentError{name: sc.Agent}
@@ -125,11 +127,11 @@ func (s *store) updateSchedule(ctx context.Context, ws, name string, sc schedule
 		UPDATE schedules SET name = $3, cron = $4, timezone = $5,
 			agent_id = coalesce((SELECT a.id FROM agents a WHERE a.workspace_id = $1 AND a.name = $6), agent_id),
 			input = $7, priority = $8, timeout_ms = $9, max_attempts = $10, paused = $11,
-			next_at = CASE WHEN $12 THEN $13::timestamptz ELSE next_at END
+			next_at = CASE WHEN $12 THEN $13::timestamptz ELSE next_at END, concurrency_key = $14, cost = $15
 		WHERE workspace_id = $1 AND name = $2
 		RETURNING `+scheduleColumns,
 		ws, name, sc.Name, sc.Cron, sc.Timezone, sc.Agent, string(sc.Input), sc.Priority, nullInt(sc.TimeoutMS),
-		sc.MaxAttempts, sc.Paused, retime, nullTime(sc.NextAt)))
+		sc.MaxAttempts, sc.Paused, retime, nullTime(sc.NextAt), nullString(sc.Key), max(sc.Cost, 1)))
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return out, fmt.Errorf("%w: schedule %q", errNotFound, name)
@@ -162,6 +164,8 @@ type scheduleRequest struct {
 	Priority    *int            `json:"priority"`
 	TimeoutMS   json.RawMessage `json:"timeout_ms"` // absent and null differ
 	MaxAttempts *int            `json:"max_attempts"`
+	Key         json.RawMessage `json:"concurrency_key"` // absent and null differ
+	Cost        *int            `json:"cost"`
 	Paused      *bool           `json:"paused"`
 }
 
@@ -200,7 +204,14 @@ func (q scheduleRequest) apply(base schedule, now time.Time) (schedule, bool, er
 		return sc, false, err
 	}
 	// The run fields are checked as a run's create checks them.
-	run := runRequest{Agent: sc.Agent, Input: sc.Input, Priority: q.Priority, MaxAttempts: q.MaxAttempts}
+	run := runRequest{Agent: sc.Agent, Input: sc.Input, Priority: q.Priority, MaxAttempts: q.MaxAttempts, Cost: q.Cost}
+	if len(q.Key) > 0 && string(q.Key) != "null" {
+		var key string
+		if json.Unmarshal(q.Key, &key) != nil {
+			return sc, false, invalid("concurrency_key must be a string of 1 to %d characters, or null for none", maxKeyLength)
+		}
+		run.Key = &key
+	}
 	if q.Input != nil {
 		run.Input = q.Input
 	}
@@ -225,6 +236,13 @@ func (q scheduleRequest) apply(base schedule, now time.Time) (schedule, bool, er
 	if len(q.TimeoutMS) > 0 {
 		sc.TimeoutMS = run.TimeoutMS
 	}
+	if len(q.Key) > 0 {
+		sc.Key = run.Key
+	}
+	if q.Cost != nil {
+		sc.Cost = n.Cost
+	}
+	sc.Cost = max(sc.Cost, 1)
 	retime := sc.Cron != base.Cron || sc.Timezone != base.Timezone || sc.Paused != base.Paused
 	if retime {
 		sc.NextAt = nil
@@ -254,7 +272,25 @@ func loadZone(name string) (*time.Location, error) {
 
 // newScheduleDefaults is what a create starts from.
 func newScheduleDefaults(ws string) schedule {
-	return schedule{WorkspaceID: ws, Timezone: "UTC", Input: json.RawMessage("null"), MaxAttempts: 3}
+	return schedule{WorkspaceID: ws, Timezone: "UTC", Input: json.RawMessage("null"), MaxAttempts: 3, Cost: 1}
+}
+
+// checkScheduleCost refuses a schedule whose runs would cost more than its agent's rate
+// limit, as a run's create does (an unknown agent is left to the write to say).
+func (s *server) checkScheduleCost(ctx context.Context, sc schedule) error {
+	if sc.Cost <= 1 {
+		return nil
+	}
+	a, err := s.store.getAgent(ctx, sc.WorkspaceID, sc.Agent)
+	switch {
+	case errors.Is(err, errNotFound):
+		return nil
+	case err != nil:
+		return err
+	case a.RateLimit != nil && sc.Cost > a.RateLimit.Limit:
+		return invalid("cost %d is over agent %q's rate_limit.limit (%d): its runs could never start", sc.Cost, a.Name, a.RateLimit.Limit)
+	}
+	return nil
 }
 
 // createSchedule creates a schedule (201); a taken name is 409, an unknown agent 422.
@@ -269,6 +305,9 @@ func (s *server) createSchedule(w http.ResponseWriter, r *http.Request) {
 	}
 	// A new schedule's due times start now: retime is always set (base has no cron).
 	sc, _, err := req.apply(newScheduleDefaults(r.PathValue("ws")), time.Now())
+	if err == nil {
+		err = s.checkScheduleCost(r.Context(), sc)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -311,6 +350,9 @@ func (s *server) patchSchedule(ctx context.Context, ws, name string, req schedul
 		return base, err
 	}
 	sc, retime, err := req.apply(base, time.Now())
+	if err == nil {
+		err = s.checkScheduleCost(ctx, sc)
+	}
 	if err != nil {
 		return sc, err
 	}
@@ -446,20 +488,21 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 	}
 	defer tx.Rollback()
 	rows, err := tx.QueryContext(ctx, `SELECT id, cron, timezone, next_at, now(), workspace_id, agent_id, input,
-		priority, coalesce(timeout_ms, 0), max_attempts FROM schedules
+		priority, coalesce(timeout_ms, 0), max_attempts, coalesce(concurrency_key, ''), cost FROM schedules
 		WHERE NOT paused AND next_at <= now() AND ($2 = '' OR workspace_id = NULLIF($2, '')::uuid)
 		ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED`, scheduleBatch, sd.workspace)
 	if err != nil {
 		return 0, err
 	}
 	// The runs' fields travel as arrays: the insert reads no schedule again.
-	var ids, runIDs, dues, nexts, broken, wss, agents, inputs []string
-	var priorities, timeouts, maxAttempts []int64
+	var ids, runIDs, dues, nexts, broken, wss, agents, inputs, keys []string
+	var priorities, timeouts, maxAttempts, costs []int64
 	for rows.Next() {
-		var id, cron, zone, ws, agent, input string
+		var id, cron, zone, ws, agent, input, key string
 		var nextAt, now time.Time
-		var priority, timeout, attempts int64
-		if err := rows.Scan(&id, &cron, &zone, &nextAt, &now, &ws, &agent, &input, &priority, &timeout, &attempts); err != nil {
+		var priority, timeout, attempts, cost int64
+		if err := rows.Scan(&id, &cron, &zone, &nextAt, &now, &ws, &agent, &input, &priority, &timeout, &attempts,
+			&key, &cost); err != nil {
 			rows.Close()
 			return 0, err
 		}
@@ -482,6 +525,7 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 		dues, nexts = append(dues, due.Format(time.RFC3339Nano)), append(nexts, next)
 		wss, agents, inputs = append(wss, ws), append(agents, agent), append(inputs, input)
 		priorities, timeouts, maxAttempts = append(priorities, priority), append(timeouts, timeout), append(maxAttempts, attempts)
+		keys, costs = append(keys, key), append(costs, cost)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -499,20 +543,21 @@ func (sd *scheduler) fire(ctx context.Context) (int, error) {
 	rows, err = tx.QueryContext(ctx, `
 		WITH due AS (
 			SELECT u.*, u.due_text::timestamptz AS due FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
-				$5::uuid[], $6::uuid[], $7::text[], $8::smallint[], $9::integer[], $10::integer[])
-				AS u (id, run_id, due_text, next, workspace_id, agent_id, input, priority, timeout_ms, max_attempts)
+				$5::uuid[], $6::uuid[], $7::text[], $8::smallint[], $9::integer[], $10::integer[], $11::text[], $12::integer[])
+				AS u (id, run_id, due_text, next, workspace_id, agent_id, input, priority, timeout_ms, max_attempts, key, cost)
 		), moved AS (
 			UPDATE schedules s SET next_at = NULLIF(d.next, '')::timestamptz, last_at = d.due FROM due d WHERE s.id = d.id
 		)
-		INSERT INTO runs (id, workspace_id, agent_id, input, priority, timeout_ms, max_attempts, schedule_id, scheduled_for)
+		INSERT INTO runs (id, workspace_id, agent_id, input, priority, timeout_ms, max_attempts, schedule_id, scheduled_for,
+		                  concurrency_key, cost)
 		SELECT d.run_id, d.workspace_id, d.agent_id, d.input::jsonb, d.priority, NULLIF(d.timeout_ms, 0), d.max_attempts,
-			d.id, d.due
+			d.id, d.due, NULLIF(d.key, ''), d.cost
 		FROM due d
 		ON CONFLICT (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL DO NOTHING
 		RETURNING workspace_id, priority, run_at, extract(epoch FROM created_at - scheduled_for)::float8`,
 		pq.StringArray(ids), pq.StringArray(runIDs), pq.StringArray(dues), pq.StringArray(nexts), pq.StringArray(wss),
 		pq.StringArray(agents), pq.StringArray(inputs), pq.Int64Array(priorities), pq.Int64Array(timeouts),
-		pq.Int64Array(maxAttempts))
+		pq.Int64Array(maxAttempts), pq.StringArray(keys), pq.Int64Array(costs))
 	if err != nil {
 		return 0, err
 	}

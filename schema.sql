@@ -420,6 +420,8 @@ CREATE TABLE IF NOT EXISTS schedules (
     priority     smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
     timeout_ms   integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
     max_attempts integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 25),
+    concurrency_key text CHECK (length(concurrency_key) BETWEEN 1 AND 200), -- its runs' key (they queue behind it)
+    cost         integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000), -- its runs' cost
     paused       boolean NOT NULL DEFAULT false,  -- true: it makes no runs
     next_at      timestamptz,                     -- null: it never falls due again
     last_at      timestamptz,                     -- the last due time that made a run

@@ -333,6 +333,14 @@ func (r *rateLimit) period() any {
 	return int64(r.PeriodMS)
 }
 
+// nullString is p as a query argument: NULL when p is nil.
+func nullString(p *string) any {
+	if p == nil {
+		return nil
+	}
+	return *p
+}
+
 // nullInt is p as a query argument: NULL when p is nil.
 func nullInt(p *int) any {
 	if p == nil {
