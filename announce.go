@@ -149,5 +149,5 @@ func parsePlace(entry string) (ws string, at linePos) {
 	if err1 != nil || err2 != nil {
 		return ws, lineStart
 	}
-	return ws, linePos{priority, time.UnixMicro(micros)}
+	return ws, linePos{priority: priority, runAt: time.UnixMicro(micros)}
 }

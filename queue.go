@@ -74,10 +74,12 @@ const claimRounds = 3
 // agent's hash).
 const capLockSpace = 734629
 
-// linePos is a place in an agent's line: its runs are in (priority, run_at, seq) order.
+// linePos is a place in an agent's line: its runs are in (priority, run_at, seq) order. seq
+// 0 is before every run at that priority and run_at.
 type linePos struct {
 	priority int
 	runAt    time.Time
+	seq      int64
 }
 
 var (
@@ -87,7 +89,7 @@ var (
 
 // before reports whether p comes before o in line.
 func (p linePos) before(o linePos) bool {
-	return p.priority < o.priority || p.priority == o.priority && p.runAt.Before(o.runAt)
+	return cmp.Or(cmp.Compare(p.priority, o.priority), p.runAt.Compare(o.runAt), cmp.Compare(p.seq, o.seq)) < 0
 }
 
 // head is one agent's place in line, as this process last saw it.
@@ -97,6 +99,26 @@ type head struct {
 	keyed     bool    // runs with a concurrency_key were read from its line
 	idle      bool    // its line had no due run: not read until it is announced or found again
 	at        linePos // the agent's due runs are read from here on
+	// An unlocked agent's runs read but not taken yet, in line order, all before at, which
+	// later claims take before they read its line again: a claim that serves many
+	// workspaces takes a share of one or two runs from each, and a workspace's share is the
+	// first of its agents' runs, so that each of them was read and most left. more says
+	// that the last read filled its limit (more may be due from at on); agent is the agent
+	// as that read found it. Announcements in its workspace, a scheduled run falling due
+	// and a rescan drop them (forget).
+	ahead []pick
+	more  bool
+	agent claimedRun
+}
+
+// forget drops the runs read ahead: the line is read again from the first of them.
+func (h *head) forget() {
+	if len(h.ahead) > 0 {
+		if at := h.ahead[0].place(); at.before(h.at) {
+			h.at = at
+		}
+		h.ahead = nil
+	}
 }
 
 // locked reports whether the agent's runs are taken only under its lock (capLockSpace):
@@ -175,17 +197,23 @@ func (q *lineup) find(ctx context.Context, db queryer) error {
 	reset, search := q.plan(now, rescan)
 	if reset {
 		for _, h := range q.heads {
-			h.at = lineStart
+			h.at, h.ahead = lineStart, nil
 		}
 		q.reset = now
 	}
 	if !q.due.IsZero() && !now.Before(q.due) {
 		// A scheduled run fell due: its agent is in line, if idle (announced when the run was
-		// created), or found at the next search.
+		// created), or found at the next search; it may come before the runs read ahead.
 		for _, h := range q.heads {
 			h.idle = false
+			h.forget()
 		}
 		q.due = time.Time{}
+	}
+	for _, h := range q.heads {
+		if _, ok := announced[h.workspace]; ok {
+			h.forget() // new runs may come first, or the agent changed (paused, capped, its config)
+		}
 	}
 	if search {
 		// The agents never seen (after a reset: not in line, or idle) that have queued runs,
@@ -272,32 +300,42 @@ const recoverSQL = `
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds. A run with a concurrency_key is passed
-// over while its key has key_concurrency runs running (a range of runs_key_idx): a key at
-// its limit never holds up other runs. Otherwise it comes with its key's room, how many
-// more of the key may start: claimRound takes the key's first runs in line up to it. A
-// throttled agent reads none: its head goes idle until the next due time, which its
-// throttled_until is among.
+// over while its key has key_concurrency runs running or due ahead of it in line (two
+// ranges of runs_key_idx): a key at its limit never holds up other runs, and a run never
+// starts before an earlier one of its key, wherever this process's place in line is (a
+// line read from after the earlier run, in a process that the announcement of the key's
+// freeing had not reached yet, started runs of a key out of order). It comes with its
+// key's room: claimRound takes the key's runs up to it. A throttled agent reads none: its
+// head goes idle until the next due time, which its throttled_until is among.
 const pickSQL = `
 	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL, a.name, a.kind, a.config,
 		a.signing_secret, CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
 		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key, c.key_room, c.cost, now()
-	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
+	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $6::bigint[], $4::int[]) AS h (agent_id, priority, run_at, seq, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
 		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, k.room AS key_room, r.cost FROM runs r
-		LEFT JOIN LATERAL (SELECT a.key_concurrency - count(*) AS room FROM (SELECT FROM runs k
-			WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key AND k.concurrency_key IS NOT NULL
-			  AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'running'
-			LIMIT a.key_concurrency) running) k ON r.concurrency_key IS NOT NULL
+		LEFT JOIN LATERAL (SELECT a.key_concurrency
+			- (SELECT count(*) FROM (SELECT FROM runs k
+				WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key AND k.concurrency_key IS NOT NULL
+				  AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'running'
+				LIMIT a.key_concurrency) running)
+			- (SELECT count(*) FROM (SELECT FROM runs k
+				WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key AND k.concurrency_key IS NOT NULL
+				  AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'queued' AND k.run_at <= now()
+				  AND (k.priority, k.run_at, k.seq) < (r.priority, r.run_at, r.seq)
+				LIMIT a.key_concurrency) ahead) AS room) k ON r.concurrency_key IS NOT NULL
 		WHERE r.agent_id = h.agent_id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()
-		  AND (r.priority, r.run_at) >= (h.priority, h.run_at) AND (r.concurrency_key IS NULL OR k.room > 0)
+		  AND (r.priority, r.run_at, r.seq) >= (h.priority, h.run_at, h.seq) AND (r.concurrency_key IS NULL OR k.room > 0)
 		ORDER BY r.priority, r.run_at, r.seq
 		LIMIT h.n) c
 	WHERE a.throttled_until IS NULL OR a.throttled_until <= now()`
 
 // takeSQL claims the picked runs that are still queued, skipping those another
 // transaction holds, and records the cost of those of rate-limited agents ($4) as started
-// now. The status test is one no index can answer, so that the runs are
+// now. Every limit holds here, whatever the claim read before: a paused or throttled
+// agent's run is not taken, nor a run of an agent with a cap, a rate or a key unless this
+// claim holds the agent's lock ($5). The status test is one no index can answer, so that the runs are
 // found by id: as a plain equality the generic plan read the queued range of
 // runs_list_idx, and as (status = 'queued') IS TRUE the whole of runs_line_idx, whose
 // predicate that is; under a pinned horizon each holds an entry for every run queued since.
@@ -308,7 +346,10 @@ const takeSQL = `
 	UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
-	                          FOR UPDATE SKIP LOCKED))
+	                            AND NOT EXISTS (SELECT FROM agents g WHERE g.id = x.agent_id
+	                                AND (g.paused OR g.throttled_until > now() OR x.agent_id <> ALL ($5) AND
+	                                     (g.max_concurrency IS NOT NULL OR g.rate_limit IS NOT NULL OR x.concurrency_key IS NOT NULL)))
+	                          FOR UPDATE OF x SKIP LOCKED))
 	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks,
 	          r.cost),
 	started AS (
@@ -479,6 +520,9 @@ func (p pick) before(o pick) int {
 	return cmp.Or(cmp.Compare(p.priority, o.priority), p.runAt.Compare(o.runAt), cmp.Compare(p.seq, o.seq))
 }
 
+// place is p's place in its agent's line.
+func (p pick) place() linePos { return linePos{p.priority, p.runAt, p.seq} }
+
 // claimRound is one round of a claim: it adds what it claimed to res and says whether
 // another round may find more.
 func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID string, limit int, ws string, lease time.Duration, res *claimResult) (more bool, err error) {
@@ -529,12 +573,24 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	// Read each agent's line, up to the share (a locked agent: up to its room; one whose
 	// rate has no unit left is not read, and due again when the window moves on).
 	var agents []string
-	var prios, ns pq.Int64Array
+	var prios, seqs, ns pq.Int64Array
 	var ats []string
-	var rated pq.StringArray // agents whose starts count against a rate
+	var rated pq.StringArray    // agents whose starts count against a rate
+	read := map[string][]pick{} // by agent, in claim order: the runs read ahead, then those read now
+	asked := map[string]int{}   // the agents read now: how many runs were asked for
 	for _, w := range order {
 		for _, id := range agentsOf[w] {
 			h, n := q.heads[id], share
+			if len(h.ahead) > 0 {
+				if h.locked() {
+					h.forget() // read under its lock from now on
+				} else {
+					read[id] = slices.Clone(h.ahead)
+					if n -= len(h.ahead); n <= 0 || !h.more {
+						continue // enough read ahead, or nothing more was due behind them
+					}
+				}
+			}
 			if h.locked() {
 				r, ok := room[id]
 				if !ok {
@@ -553,83 +609,90 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 				continue
 			}
 			agents, prios, ns = append(agents, id), append(prios, int64(h.at.priority)), append(ns, int64(n))
-			ats = append(ats, h.at.runAt.Format(time.RFC3339Nano))
+			asked[id] = n
+			ats, seqs = append(ats, h.at.runAt.Format(time.RFC3339Nano)), append(seqs, h.at.seq)
 		}
 	}
-	if len(agents) == 0 {
+	if len(agents) == 0 && len(read) == 0 {
 		return false, nil
 	}
-	rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns, secretOverlap.Milliseconds())
-	if err != nil {
-		return false, err
-	}
-	read := map[string][]pick{}        // by agent, in claim order
-	agentOf := map[string]claimedRun{} // the agents read, as they stand now
-	held := map[string]bool{}          // agents whose read stopped at a run they may not start yet
-	keyRoom := map[[2]string]int64{}   // agent and key → how many more of the key's runs this round may take
-	var dbNow time.Time
-	for rows.Next() {
-		var p pick
-		var paused, isCapped bool
-		var key sql.NullString
-		var keyLeft sql.NullInt64
-		var cost int64
-		var a claimedRun
-		var secret, previous sql.NullString
-		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
-			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &key, &keyLeft, &cost, &dbNow); err != nil {
-			rows.Close()
+	fresh := map[string]int{}        // the agents read now: how many runs were read
+	held := map[string]bool{}        // agents whose read stopped at a run they may not start yet
+	keyRoom := map[[2]string]int64{} // agent and key → how many more of the key's runs this round may take
+	dbNow := time.Now()
+	if len(agents) > 0 {
+		rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns, secretOverlap.Milliseconds(), seqs)
+		if err != nil {
 			return false, err
 		}
-		for _, s := range []sql.NullString{secret, previous} {
-			if s.Valid {
-				a.Secrets = append(a.Secrets, s.String)
+		for _, id := range agents {
+			fresh[id] = 0
+		}
+		for rows.Next() {
+			var p pick
+			var paused, isCapped bool
+			var key sql.NullString
+			var keyLeft sql.NullInt64
+			var cost int64
+			var a claimedRun
+			var secret, previous sql.NullString
+			if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
+				&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &key, &keyLeft, &cost, &dbNow); err != nil {
+				rows.Close()
+				return false, err
 			}
-		}
-		agentOf[p.agent] = a
-		h := q.heads[p.agent]
-		if h == nil || held[p.agent] {
-			continue // left the line at an earlier row of this round, or stopped there
-		}
-		if paused || isCapped != h.capped {
-			// Changed since it was found: found again at the next search.
-			delete(q.heads, p.agent)
-			q.announce(nil)
-			more = true
-			continue
-		}
-		r, ok := room[p.agent]
-		if key.Valid {
-			if !ok {
-				// Its keys' limits are counted under its lock: the next round takes it.
-				h.keyed, held[p.agent], more = true, true, true
+			for _, s := range []sql.NullString{secret, previous} {
+				if s.Valid {
+					a.Secrets = append(a.Secrets, s.String)
+				}
+			}
+			h := q.heads[p.agent]
+			if h == nil || held[p.agent] {
+				continue // left the line at an earlier row of this round, or stopped there
+			}
+			h.agent = a
+			fresh[p.agent]++
+			if paused || isCapped != h.capped {
+				// Changed since it was found: found again at the next search.
+				delete(q.heads, p.agent)
+				delete(read, p.agent)
+				q.announce(nil)
+				more = true
 				continue
 			}
-			// The key's first runs in line, up to its room; the others stay in line.
-			k := [2]string{p.agent, key.String}
-			if _, seen := keyRoom[k]; !seen {
-				keyRoom[k] = keyLeft.Int64
+			r, ok := room[p.agent]
+			if key.Valid {
+				if !ok {
+					// Its keys' limits are counted under its lock: the next round takes it.
+					h.keyed, held[p.agent], more = true, true, true
+					continue
+				}
+				// The key's first runs in line, up to its room; the others stay in line.
+				k := [2]string{p.agent, key.String}
+				if _, seen := keyRoom[k]; !seen {
+					keyRoom[k] = keyLeft.Int64
+				}
+				if keyRoom[k] <= 0 {
+					continue
+				}
+				keyRoom[k]--
 			}
-			if keyRoom[k] <= 0 {
+			switch {
+			case ok && cost > r.units:
+				// Over its rate: this run and those behind it wait for the window to move on.
+				res.rateFree = earliest(res.rateFree, r.free)
+				held[p.agent] = true
 				continue
+			case ok:
+				r.units -= cost
+				room[p.agent] = r
 			}
-			keyRoom[k]--
+			read[p.agent] = append(read[p.agent], p)
 		}
-		switch {
-		case ok && cost > r.units:
-			// Over its rate: this run and those behind it wait for the window to move on.
-			res.rateFree = earliest(res.rateFree, r.free)
-			held[p.agent] = true
-			continue
-		case ok:
-			r.units -= cost
-			room[p.agent] = r
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return false, err
 		}
-		read[p.agent] = append(read[p.agent], p)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return false, err
 	}
 
 	// Each workspace's share, merged over its agents; then turns across workspaces.
@@ -651,10 +714,11 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 	}
 	var chosen []string
+	isChosen := map[string]bool{}
 	for _, turn := range turns {
 		for _, p := range turn {
 			if len(chosen) < want {
-				chosen = append(chosen, p.id)
+				chosen, isChosen[p.id] = append(chosen, p.id), true
 			} else {
 				more = true
 			}
@@ -662,7 +726,11 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	}
 	claimed := map[string]bool{}
 	if len(chosen) > 0 {
-		rows, err = db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen), rated)
+		locked := pq.StringArray{} // not nil: NULL would pass every run
+		for id := range room {
+			locked = append(locked, id)
+		}
+		rows, err := db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen), rated, locked)
 		if err != nil {
 			return false, err
 		}
@@ -677,7 +745,10 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 				rows.Close()
 				return false, err
 			}
-			a := agentOf[agentID]
+			var a claimedRun
+			if h := q.heads[agentID]; h != nil {
+				a = h.agent
+			}
 			c.AgentName, c.AgentKind, c.AgentConfig, c.Secrets, c.Retry = a.AgentName, a.AgentKind, a.AgentConfig, a.Secrets, a.Retry
 			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
@@ -694,32 +765,54 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 	}
 	// Each agent's line now starts at its first run not claimed (one not chosen, or one
-	// another claim held), or after its last one; an agent whose line had no due run is
-	// idle until it is announced or found again. A run held by another claim is not looked
-	// for again in this claim: that claim has it, unless it rolls back.
-	for i, id := range agents {
-		h := q.heads[id]
-		if h == nil {
-			continue
-		}
-		got := read[id]
-		if len(got) == 0 {
-			h.idle = !held[id]
-			continue
-		}
-		next := got[len(got)-1]
-		for _, p := range got {
-			if !claimed[p.id] {
-				next = p
-				break
+	// another claim held), or after its last one; an unlocked agent keeps the runs it read
+	// and did not take as its runs read ahead, and its line starts after the last one read,
+	// unless a run chosen was not claimed (another claim held or took it, or its agent
+	// changed): then from there. An agent whose line had no due run is idle until it is
+	// announced or found again. A run held by another claim is not looked for again in
+	// this claim: that claim has it, unless it rolls back.
+	late := dbNow.Add(-lateCommit)
+	for _, w := range order {
+		for _, id := range agentsOf[w] {
+			h, got := q.heads[id], read[id]
+			n, wasRead := fresh[id]
+			if h == nil || !wasRead && len(got) == 0 {
+				continue
 			}
-		}
-		h.at = linePos{next.priority, next.runAt}
-		if late := dbNow.Add(-lateCommit); h.at.runAt.After(late) {
-			h.at.runAt = late
-		}
-		if int64(len(got)) == ns[i] && !held[id] {
-			more = true // it may have more due
+			if len(got) == 0 {
+				h.idle = !held[id]
+				continue
+			}
+			if wasRead {
+				h.more = n == asked[id] && !held[id]
+				more = more || h.more
+			}
+			var left []pick
+			missed := false // a run chosen was not claimed
+			for _, p := range got {
+				if !claimed[p.id] {
+					left = append(left, p)
+					missed = missed || isChosen[p.id]
+				}
+			}
+			last := got[len(got)-1]
+			switch {
+			case h.locked() || missed || last.runAt.After(late):
+				// From the first run not taken; runs committed late may yet join before the last.
+				h.ahead = nil
+				h.at = linePos{last.priority, last.runAt, last.seq + 1}
+				if len(left) > 0 {
+					h.at = left[0].place()
+				}
+				if h.at.runAt.After(late) {
+					h.at = linePos{priority: h.at.priority, runAt: late}
+				}
+			default:
+				h.ahead = left
+				if n > 0 {
+					h.at = linePos{last.priority, last.runAt, last.seq + 1} // after the last one read now
+				}
+			}
 		}
 	}
 	return more, nil
@@ -1357,7 +1450,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			return nil, err
 		}
 		recorded[id] = end
-		if at := (linePos{int(priority.Int64), runAt.Time}); priority.Valid {
+		if at := (linePos{priority: int(priority.Int64), runAt: runAt.Time}); priority.Valid {
 			if old, ok := freed[ws]; !ok || at.before(old) {
 				freed[ws] = at
 			}

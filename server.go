@@ -1307,7 +1307,7 @@ func (s *server) createRun(w http.ResponseWriter, r *http.Request) {
 		err = errKeyReused
 	}
 	if created {
-		s.announce.claimable(run.WorkspaceID, linePos{run.Priority, run.RunAt})
+		s.announce.claimable(run.WorkspaceID, linePos{priority: run.Priority, runAt: run.RunAt})
 	}
 	switch {
 	case err != nil:
@@ -1383,9 +1383,9 @@ func (s *server) createRuns(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if len(runs) > 0 {
-		first := linePos{runs[0].Priority, runs[0].RunAt}
+		first := linePos{priority: runs[0].Priority, runAt: runs[0].RunAt}
 		for _, run := range runs[1:] {
-			if at := (linePos{run.Priority, run.RunAt}); at.before(first) {
+			if at := (linePos{priority: run.Priority, runAt: run.RunAt}); at.before(first) {
 				first = at
 			}
 		}
