@@ -49,6 +49,12 @@ import (
 //     The line is then read from there. A run another claim held (skipped, locked) is read
 //     again by the next claim: that claim may yet roll back.
 //
+//  5. keeps, for an agent that is not locked, the runs it read and did not take (head.ahead):
+//     the next claims take from them before they read its line again. A claim that serves
+//     100 workspaces a share of one run each would otherwise read every agent of each, and
+//     take one run of ten read. The take holds every limit itself (a paused or throttled
+//     agent, a lock not held), so runs read ahead are never taken past a change.
+//
 // A line is read from its start again only when the announcements may have missed a run:
 // this process's claim failed, its listening connection was lost, or every rescanEvery.
 

@@ -1139,6 +1139,11 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 // (its kind), not a malformed request. No request body is read.
 func (s *server) rotateSecret(w http.ResponseWriter, r *http.Request) {
 	a, err := s.store.rotateSecret(r.Context(), r.PathValue("ws"), r.PathValue("name"))
+	if err == nil {
+		// The claims keep the agent as they last read it with its runs read ahead: they
+		// read it again, with its new secret, once told.
+		s.announce.claimable(a.WorkspaceID, keepPlace)
+	}
 	s.answer(w, r, http.StatusOK, a, err)
 }
 
