@@ -396,6 +396,7 @@ type runStatus string
 const (
 	statusQueued    runStatus = "queued"
 	statusRunning   runStatus = "running"
+	statusWaiting   runStatus = "waiting" // between steps: holds no slot and no lease
 	statusSucceeded runStatus = "succeeded"
 	statusFailed    runStatus = "failed"
 	statusCanceled  runStatus = "canceled"
@@ -570,7 +571,7 @@ func cursorID(after string) string {
 const newestFirst = math.MaxInt64
 
 // allStatuses are the statuses a run may have.
-var allStatuses = []runStatus{statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled}
+var allStatuses = []runStatus{statusQueued, statusRunning, statusWaiting, statusSucceeded, statusFailed, statusCanceled}
 
 // statusList is the statuses of a list filter as an array argument: status, or every
 // status when it is "".

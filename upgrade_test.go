@@ -518,7 +518,7 @@ func TestMigrationsRecorded(t *testing.T) {
 		}
 	}
 
-	newer := len(migrations) + 1
+	newer := migrations[len(migrations)-1].version + 1
 	if _, err := db.Exec(`INSERT INTO schema_migrations (version, name) VALUES ($1, 'a later release')`, newer); err != nil {
 		t.Fatal(err)
 	}
