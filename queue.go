@@ -107,6 +107,7 @@ type lineup struct {
 	found  time.Time            // the last search for agents never seen
 	reset  time.Time            // the last time every line was read from its start
 	due    time.Time            // the next scheduled run falls due: search again then
+	wake   time.Time            // the next waiting run's timer falls due: wake it then
 
 	mu        sync.Mutex         // guards the announcements below
 	announced map[string]linePos // workspaces with runs queued since the last claim: the earliest place
@@ -263,6 +264,19 @@ const recoverSQL = `
 	RETURNING r.status)
 	SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status <> 'queued') FROM recovered`
 
+// wakeSQL puts the waiting runs whose sleep or signal timeout fell due back in line, due
+// now, with what met the wait, and answers where each joined its line (the claim
+// announces them, as the trigger on runs does to the other processes). The waiting runs
+// are found in runs_wake_idx, whose predicate the test says: those without a timer are
+// never read.
+const wakeSQL = `
+	UPDATE runs r SET status = 'queued', run_at = now(), updated_at = now(), wake_at = NULL, waiting_for = NULL,
+		resume = CASE WHEN r.waiting_for ? 'sleep_ms' THEN '{"slept":true}'::jsonb ELSE '{"timeout":true}'::jsonb END
+	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.status = 'waiting' AND x.wake_at IS NOT NULL
+	                        AND x.wake_at <= now() ORDER BY x.wake_at LIMIT 1000 FOR UPDATE SKIP LOCKED))
+	  AND r.status = 'waiting'
+	RETURNING r.workspace_id, r.priority, r.run_at`
+
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds. A throttled agent reads none: its
@@ -293,7 +307,8 @@ const takeSQL = `
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
 	                          FOR UPDATE SKIP LOCKED))
-	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks`
+	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks,
+		r.step, r.state, r.resume`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
 // each in runs_line_idx; the agents of announced workspaces; the next due time (a scheduled
@@ -306,11 +321,13 @@ const (
 			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`
 	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL
 		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
-	nextDueSQL = `SELECT least(
+	nextDueSQL = `SELECT least(d.at, d.wake), d.wake FROM (SELECT least(
 			(SELECT min(run_at) FROM runs
 			 WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)),
 			(SELECT min(throttled_until) FROM agents
-			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)))`
+			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))) AS at,
+			(SELECT min(wake_at) FROM runs WHERE status = 'waiting' AND wake_at IS NOT NULL
+			 AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)) AS wake) d`
 	lockCappedSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
 			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`
 	roomSQL = `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
@@ -324,7 +341,7 @@ const (
 // waiting on another process's claim for locks of their own, three processes started
 // together waited for each other until the claim's 30 s timeout (compare.sh's 3-process
 // drain, 322 runs/s in 2 of 3 reps).
-var claimSQL = []string{recoverSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockCappedSQL, roomSQL}
+var claimSQL = []string{recoverSQL, wakeSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockCappedSQL, roomSQL}
 
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
@@ -374,6 +391,35 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 			q.announce(nil)
 		}
 	}
+	// Wakes ride along with the recovery, and run whenever a timer this process knows of
+	// fell due (the idle worker sleeps until then: nextDueSQL).
+	if recoverLeases || !q.wake.IsZero() && !time.Now().Before(q.wake) {
+		q.wake = time.Time{}
+		rows, err := db.query(ctx, wakeSQL)
+		if err != nil {
+			return res, err
+		}
+		woken := map[string]linePos{}
+		for rows.Next() {
+			var ws string
+			var at linePos
+			if err := rows.Scan(&ws, &at.priority, &at.runAt); err != nil {
+				rows.Close()
+				return res, err
+			}
+			if old, ok := woken[ws]; !ok || at.before(old) {
+				woken[ws] = at
+			}
+			res.woken++
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return res, err
+		}
+		if len(woken) > 0 {
+			q.announce(woken)
+		}
+	}
 	if limit <= 0 {
 		return res, nil
 	}
@@ -399,13 +445,14 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 		}
 	}
 	if len(res.claimed) < limit && !res.more {
-		var next sql.NullTime
-		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next); err != nil {
+		var next, wake sql.NullTime
+		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next, &wake); err != nil {
 			return res, err
 		}
 		if next.Valid {
 			res.nextDue, q.due = next.Time, next.Time
 		}
+		q.wake = wake.Time // zero when no run waits on a timer
 	}
 	if db.tx != nil {
 		err := db.tx.Commit()
@@ -594,7 +641,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			var traceID, flags sql.NullString
 			var c claimedRun
 			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout, &traceID, &flags,
-				&c.Pushbacks); err != nil {
+				&c.Pushbacks, &c.Step, (*[]byte)(&c.State), (*[]byte)(&c.Resume)); err != nil {
 				rows.Close()
 				return false, err
 			}
@@ -805,7 +852,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 			return nil, fmt.Errorf("batch insert: row %d is run %s, out of the request's order", i, r.ID)
 		}
 		n := ns[len(runs)]
-		r.WorkspaceID, r.Agent, r.Status, r.Errors = ws, n.Agent, statusQueued, json.RawMessage("[]")
+		r.WorkspaceID, r.Agent, r.Status, r.Errors, r.Step = ws, n.Agent, statusQueued, json.RawMessage("[]"), 1
 		r.MaxAttempts, r.Priority, r.TraceID = n.MaxAttempts, n.Priority, tc.TraceID
 		if n.TimeoutMS != 0 {
 			ms := n.TimeoutMS
@@ -817,26 +864,42 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 	return runs, rows.Err()
 }
 
-// cancelRun cancels a queued run at once, or asks for a running run to be canceled where
-// it executes (the trigger notifies every process). A final run is errConflict.
-func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
-	res, err := s.db.ExecContext(ctx, `
-		UPDATE runs SET
+// cancelTreeSQL cancels the runs of tree (a CTE: the ids of the runs asked for, CTE asked,
+// and of their descendants, found through runs_parent_idx) that are not final: queued and
+// waiting ones at once, running ones by asking where they execute (the trigger notifies
+// every process). The runs asked for are "canceled by request", their descendants with
+// their parent.
+const cancelTreeSQL = `
+		UPDATE runs r SET
 			cancel_requested = true,
-			status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
-			error = CASE WHEN status = 'queued' THEN 'canceled by request' ELSE error END,
-			finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-			updated_at = now()
-		WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running')`, id, ws)
-	if err != nil {
-		return runRecord{}, err
-	}
-	n, err := res.RowsAffected()
+			status = CASE WHEN r.status IN ('queued', 'waiting') THEN 'canceled' ELSE r.status END,
+			error = CASE WHEN r.status NOT IN ('queued', 'waiting') THEN r.error
+			             WHEN r.id IN (SELECT id FROM asked) THEN 'canceled by request'
+			             ELSE 'canceled with its parent run ' || r.parent_id END,
+			finished_at = CASE WHEN r.status IN ('queued', 'waiting') THEN now() ELSE r.finished_at END,
+			waiting_for = NULL, wake_at = NULL, updated_at = now()
+		WHERE r.id IN (SELECT id FROM tree) AND r.status IN ('queued', 'running', 'waiting')
+		RETURNING r.id, r.status`
+
+// cancelRun cancels a queued or waiting run at once, or asks for a running run to be
+// canceled where it executes, and with it every run of its tree that is not final (SPEC:
+// the cancel cascades down to the children's children). A final run is errConflict.
+func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
+	var found bool
+	err := s.db.QueryRowContext(ctx, `
+		WITH RECURSIVE asked AS (
+			SELECT id FROM runs WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running', 'waiting')),
+		tree AS (
+			SELECT id FROM asked
+			UNION ALL
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (`+cancelTreeSQL+`)
+		SELECT EXISTS (SELECT 1 FROM upd WHERE id = $1)`, id, ws).Scan(&found)
 	if err != nil {
 		return runRecord{}, err
 	}
 	r, err := s.getRun(ctx, ws, id)
-	if err == nil && n == 0 {
+	if err == nil && !found {
 		err = errConflict
 	}
 	return r, err
@@ -881,19 +944,17 @@ func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, st
 	}
 	var known bool
 	var ids pq.StringArray
+	// The matching runs, and their trees (a run's cancel cascades to its children).
 	err = s.db.QueryRowContext(ctx, `
-		WITH ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
-		upd AS (
-			UPDATE runs r SET
-				cancel_requested = true,
-				status = CASE WHEN r.status = 'queued' THEN 'canceled' ELSE r.status END,
-				error = CASE WHEN r.status = 'queued' THEN 'canceled by request' ELSE r.error END,
-				finished_at = CASE WHEN r.status = 'queued' THEN now() ELSE r.finished_at END,
-				updated_at = now()
-			WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
-			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))
-			RETURNING r.id, r.status
-		)
+		WITH RECURSIVE ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
+		asked AS (
+			SELECT r.id FROM runs r WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
+			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))),
+		tree AS (
+			SELECT id FROM asked
+			UNION
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (`+cancelTreeSQL+`)
 		SELECT $2::text IS NULL OR EXISTS (SELECT 1 FROM ag), count(*),
 		       coalesce(array_agg(upd.id) FILTER (WHERE upd.status = 'running'), '{}')
 		FROM upd`, ws, name, list).Scan(&known, &n, &ids)
@@ -915,9 +976,12 @@ type claimedRun struct {
 	Timeout     time.Duration // 0: none
 	EventsURL   string        // where the agent posts progress events, with EventsToken
 	EventsToken string
-	Secrets     []string    // a webhook agent's signing secrets, newest first
-	Retry       retryPolicy // the agent's backoff after a failed attempt
-	Pushbacks   int         // times the run was pushed back before this attempt
+	Secrets     []string        // a webhook agent's signing secrets, newest first
+	Retry       retryPolicy     // the agent's backoff after a failed attempt
+	Pushbacks   int             // times the run was pushed back before this attempt
+	Step        int             // the step this attempt executes (1, 2, …)
+	State       json.RawMessage // what the previous step returned; nil at step 1
+	Resume      json.RawMessage // what met the previous step's wait; nil at step 1
 	traceContext
 }
 
@@ -925,6 +989,7 @@ type claimedRun struct {
 type claimResult struct {
 	claimed  []claimedRun
 	requeued int       // expired leases put back to queued
+	woken    int       // waiting runs whose timer fell due, queued again
 	failed   int       // expired leases that ended the run (no attempt left, or canceled)
 	capped   bool      // capped agents had due runs: a freed slot may make one claimable
 	more     bool      // fewer than the limit were claimed, yet more may be claimable
@@ -935,6 +1000,7 @@ type claimResult struct {
 type attemptRef struct {
 	ID      string
 	Attempt int
+	Step    int // attempts count per step: the fence is (run, step, attempt)
 }
 
 // isRunning is the renew and finish statements' test of a run's status: written so that no
@@ -948,16 +1014,16 @@ const isRunning = `(r.status = 'running') IS TRUE`
 // still held, and for each whether a cancel was requested; an attempt missing from the
 // answer was lost (recovered by another worker, or final).
 func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, lease time.Duration) (map[attemptRef]bool, error) {
-	ids, attempts := make([]string, len(refs)), make([]int64, len(refs))
+	ids, attempts, steps := make([]string, len(refs)), make([]int64, len(refs)), make([]int64, len(refs))
 	for i, r := range refs {
-		ids[i], attempts[i] = r.ID, int64(r.Attempt)
+		ids[i], attempts[i], steps[i] = r.ID, int64(r.Attempt), int64(r.Step)
 	}
 	rows, err := s.queryPrepared(ctx, `
 		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
-		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
-		RETURNING r.id, r.attempt, r.cancel_requested`,
-		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts))
+		FROM unnest($3::uuid[], $4::int[], $5::int[]) AS o(id, attempt, step)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.step = o.step AND r.worker_id = $1 AND `+isRunning+`
+		RETURNING r.id, r.attempt, r.step, r.cancel_requested`,
+		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts), pq.Int64Array(steps))
 	if err != nil {
 		return nil, err
 	}
@@ -966,7 +1032,7 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 	for rows.Next() {
 		var ref attemptRef
 		var cancel bool
-		if err := rows.Scan(&ref.ID, &ref.Attempt, &cancel); err != nil {
+		if err := rows.Scan(&ref.ID, &ref.Attempt, &ref.Step, &cancel); err != nil {
 			return nil, err
 		}
 		held[ref] = cancel
@@ -988,6 +1054,7 @@ type outcome struct {
 	// still throttles: the provider's limit holds all the same).
 	Throttled bool
 	Throttle  time.Duration
+	Wait      *waitRequest // for endWaiting: the state and what the run waits for
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
@@ -999,9 +1066,18 @@ type outcome struct {
 // time; the agents are locked after the runs, in id order (a locking clause applies after
 // the sort), so that two writers that throttle the same agents do not deadlock.
 func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
+	return s.finishWith(ctx, s.queryPrepared, workerID, outs)
+}
+
+// finishWith is finish, its statement sent by query (a transaction's: waitForRuns). An
+// outcome that waits (endWaiting) ends the step: the run waits with the step's state, at
+// the next step's attempt 0, unless a cancel was requested meanwhile.
+func (s *store) finishWith(ctx context.Context, query func(context.Context, string, ...any) (*sql.Rows, error),
+	workerID string, outs []outcome) (map[string]attemptEnd, error) {
 	ids, attempts, ends := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
 	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
 	delays, throttles := make(pq.Float64Array, len(outs)), make(pq.Float64Array, len(outs))
+	steps, states, waits, wakes := make([]int64, len(outs)), make([]string, len(outs)), make([]string, len(outs)), make(pq.Float64Array, len(outs))
 	for i, o := range outs {
 		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
 		outputs[i] = "null"
@@ -1012,12 +1088,20 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		if o.Throttled {
 			throttles[i] = ms(o.Throttle)
 		}
+		steps[i], states[i], waits[i], wakes[i] = int64(o.Step), "null", "null", -1
+		if w := o.Wait; w != nil {
+			states[i], waits[i] = string(w.State), string(w.Wait)
+			if w.After > 0 {
+				wakes[i] = ms(w.After)
+			}
+		}
 	}
-	rows, err := s.queryPrepared(ctx, `
+	rows, err := query(ctx, `
 		WITH fin AS (
 		UPDATE runs r SET
 			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
+			              WHEN o.proposed = 'waiting' THEN 'waiting'
 			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
 			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
@@ -1029,7 +1113,14 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
 			attempt = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' AND NOT r.cancel_requested)
-			               THEN r.attempt - 1 ELSE r.attempt END,
+			               THEN r.attempt - 1
+			               WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN 0 ELSE r.attempt END,
+			step = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN r.step + 1 ELSE r.step END,
+			state = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN o.state ELSE r.state END,
+			waiting_for = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN o.wait END,
+			wake_at = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested AND o.wake_ms >= 0
+			               THEN now() + o.wake_ms * interval '1 millisecond' END,
+			resume = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL ELSE r.resume END,
 			pushbacks = CASE WHEN o.proposed = 'pushed_back' AND NOT r.cancel_requested THEN r.pushbacks + 1
 			                 ELSE r.pushbacks END,
 			run_at = CASE WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
@@ -1039,13 +1130,15 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
 			                      AND r.attempt < r.max_attempts) AND NOT r.cancel_requested THEN NULL ELSE r.started_at END,
 			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
+			                   WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL
 			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
 			                        AND NOT r.cancel_requested THEN NULL
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[])
-		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[],
+		            $9::int[], $10::jsonb[], $11::jsonb[], $12::float8[])
+		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms, step, state, wait, wake_ms)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.step = o.step AND r.worker_id = $1 AND `+isRunning+`
 		RETURNING r.id, r.agent_id, o.throttle_ms,
 		          CASE WHEN o.proposed IN ('requeued', 'pushed_back') AND r.status = 'queued' THEN o.proposed
 		               WHEN r.status = 'queued' THEN 'retried' ELSE r.status END AS ended),
@@ -1059,7 +1152,8 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		FROM throttle t WHERE a.id = t.id)
 		SELECT id, ended FROM fin`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
-		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles)
+		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles,
+		pq.Int64Array(steps), pq.StringArray(states), pq.StringArray(waits), wakes)
 	if err != nil {
 		return nil, err
 	}
@@ -1121,4 +1215,83 @@ func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (
 		return 0, err
 	}
 	return int(n), tx.Commit()
+}
+
+// waitForRuns writes an outcome that waits for child runs (endWaiting with a runs wait):
+// the wait, fenced as finish's, and the children, in one transaction, so that a parent
+// never waits without its children nor children exist for a wait that was not written. A
+// child names an agent of the parent's workspace; one that does not is an
+// unknownAgentError and nothing is written. The children carry the parent's trace and the
+// parent's new step (parent_step): the fan-in trigger (schema.sql) waits for those only.
+func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (map[string]attemptEnd, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	ends, err := s.finishWith(ctx, tx.QueryContext, workerID, []outcome{o})
+	if err != nil {
+		return nil, err
+	}
+	if ends[o.ID] != endWaiting { // lost, or canceled meanwhile: no children
+		return ends, tx.Commit()
+	}
+	ns := o.Wait.Children
+	runIDs, names, inputs := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns))
+	maxes, priorities, timeouts := make([]int64, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
+	for i, n := range ns {
+		runIDs[i], names[i], inputs[i] = newRunID(), n.Agent, string(n.Input)
+		maxes[i], priorities[i], timeouts[i] = int64(n.MaxAttempts), int64(n.Priority), int64(n.TimeoutMS)
+	}
+	var inserted int
+	var missing sql.NullString
+	err = tx.QueryRowContext(ctx, `
+		WITH w AS (
+			SELECT c.*, (SELECT a.id FROM agents a WHERE a.workspace_id = p.workspace_id AND a.name = c.agent) AS agent_id,
+			       p.workspace_id, p.trace_id, p.trace_flags, p.step
+			FROM runs p, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::smallint[], $7::int[])
+			     WITH ORDINALITY AS c(id, agent, input, max_attempts, priority, timeout_ms, ord)
+			WHERE p.id = $1),
+		ins AS (
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, timeout_ms, trace_id, trace_flags,
+			                  parent_id, parent_step)
+			SELECT w.id, w.workspace_id, w.agent_id, w.input, w.max_attempts, w.priority, NULLIF(w.timeout_ms, 0),
+			       w.trace_id, w.trace_flags, $1, w.step
+			FROM w WHERE w.agent_id IS NOT NULL ORDER BY w.ord
+			RETURNING 1)
+		SELECT (SELECT count(*) FROM ins), (SELECT w.agent FROM w WHERE w.agent_id IS NULL ORDER BY w.ord LIMIT 1)`,
+		o.ID, pq.StringArray(runIDs), pq.StringArray(names), pq.StringArray(inputs), pq.Int64Array(maxes),
+		pq.Int64Array(priorities), pq.Int64Array(timeouts)).Scan(&inserted, &missing)
+	if err != nil {
+		return nil, err
+	}
+	if missing.Valid {
+		return nil, unknownAgentError{missing.String}
+	}
+	if inserted != len(ns) {
+		return nil, fmt.Errorf("child runs: inserted %d of %d", inserted, len(ns))
+	}
+	return ends, tx.Commit()
+}
+
+// signalRun meets the wait of a run waiting for the signal name: queued again, due now,
+// resumed with the signal and its data. A run not waiting for that name is errConflict,
+// answered with the run as it stands (a signal sent before the run waits is not kept).
+func (s *store) signalRun(ctx context.Context, ws, id, name string, data json.RawMessage) (runRecord, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, `
+		WITH upd AS (
+			UPDATE runs SET status = 'queued', run_at = now(), updated_at = now(), wake_at = NULL, waiting_for = NULL,
+				resume = jsonb_build_object('signal', jsonb_build_object('name', $3::text, 'data', $4::jsonb))
+			WHERE id = $1 AND workspace_id = $2 AND status = 'waiting' AND waiting_for ->> 'signal' = $3
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM upd r JOIN agents a ON a.id = r.agent_id`, id, ws, name, string(data)))
+	if !errors.Is(err, sql.ErrNoRows) {
+		return r, err
+	}
+	r, err = s.getRun(ctx, ws, id)
+	if err == nil {
+		err = fmt.Errorf("%w: run is %s, not waiting for signal %q", errConflict, r.Status, name)
+	}
+	return r, err
 }
