@@ -1223,18 +1223,20 @@ func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (
 // child names an agent of the parent's workspace; one that does not is an
 // unknownAgentError and nothing is written. The children carry the parent's trace and the
 // parent's new step (parent_step): the fan-in trigger (schema.sql) waits for those only.
-func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (map[string]attemptEnd, error) {
+// made is the children's workspace and earliest place in line, for the caller to announce
+// once committed (nil when none were made).
+func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (ends map[string]attemptEnd, made map[string]linePos, err error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer tx.Rollback()
-	ends, err := s.finishWith(ctx, tx.QueryContext, workerID, []outcome{o})
+	ends, err = s.finishWith(ctx, tx.QueryContext, workerID, []outcome{o})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if ends[o.ID] != endWaiting { // lost, or canceled meanwhile: no children
-		return ends, tx.Commit()
+		return ends, nil, tx.Commit()
 	}
 	ns := o.Wait.Children
 	runIDs, names, inputs := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns))
@@ -1244,7 +1246,8 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (ma
 		maxes[i], priorities[i], timeouts[i] = int64(n.MaxAttempts), int64(n.Priority), int64(n.TimeoutMS)
 	}
 	var inserted int
-	var missing sql.NullString
+	var missing, ws sql.NullString
+	var at linePos
 	err = tx.QueryRowContext(ctx, `
 		WITH w AS (
 			SELECT c.*, (SELECT a.id FROM agents a WHERE a.workspace_id = p.workspace_id AND a.name = c.agent) AS agent_id,
@@ -1258,20 +1261,23 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (ma
 			SELECT w.id, w.workspace_id, w.agent_id, w.input, w.max_attempts, w.priority, NULLIF(w.timeout_ms, 0),
 			       w.trace_id, w.trace_flags, $1, w.step
 			FROM w WHERE w.agent_id IS NOT NULL ORDER BY w.ord
-			RETURNING 1)
-		SELECT (SELECT count(*) FROM ins), (SELECT w.agent FROM w WHERE w.agent_id IS NULL ORDER BY w.ord LIMIT 1)`,
+			RETURNING workspace_id, priority, run_at),
+		first AS (SELECT workspace_id, priority, run_at FROM ins ORDER BY priority, run_at LIMIT 1)
+		SELECT (SELECT count(*) FROM ins), (SELECT w.agent FROM w WHERE w.agent_id IS NULL ORDER BY w.ord LIMIT 1),
+		       (SELECT workspace_id FROM first), coalesce((SELECT priority FROM first), 0),
+		       coalesce((SELECT run_at FROM first), now())`,
 		o.ID, pq.StringArray(runIDs), pq.StringArray(names), pq.StringArray(inputs), pq.Int64Array(maxes),
-		pq.Int64Array(priorities), pq.Int64Array(timeouts)).Scan(&inserted, &missing)
+		pq.Int64Array(priorities), pq.Int64Array(timeouts)).Scan(&inserted, &missing, &ws, &at.priority, &at.runAt)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if missing.Valid {
-		return nil, unknownAgentError{missing.String}
+		return nil, nil, unknownAgentError{missing.String}
 	}
 	if inserted != len(ns) {
-		return nil, fmt.Errorf("child runs: inserted %d of %d", inserted, len(ns))
+		return nil, nil, fmt.Errorf("child runs: inserted %d of %d", inserted, len(ns))
 	}
-	return ends, tx.Commit()
+	return ends, map[string]linePos{ws.String: at}, tx.Commit()
 }
 
 // signalRun meets the wait of a run waiting for the signal name: queued again, due now,

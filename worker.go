@@ -565,9 +565,14 @@ func (w *worker) record(batch []pendingOutcome) {
 	var plain []int // the others: outs[i] for i in plain
 	for i := range outs {
 		if o := &outs[i]; o.End == endWaiting && o.Wait.Kind == waitRuns {
-			one, err := w.retrying(1, func(ctx context.Context) (map[string]attemptEnd, error) {
-				return w.st.waitForRuns(ctx, w.id, *o)
+			var made map[string]linePos
+			one, err := w.retrying(1, func(ctx context.Context) (ends map[string]attemptEnd, err error) {
+				ends, made, err = w.st.waitForRuns(ctx, w.id, *o)
+				return ends, err
 			})
+			if err == nil && made != nil {
+				w.announceChildren(made)
+			}
 			var unknown unknownAgentError
 			msg, refused := dataException(err)
 			if errors.As(err, &unknown) || refused {
@@ -641,6 +646,19 @@ func (w *worker) record(batch []pendingOutcome) {
 		// A cycle reads the next due time again, which now counts these runs' timers: an
 		// idle loop sleeps until the first of them, not until its next tick.
 		w.wakeUp()
+	}
+}
+
+// announceChildren wakes this process's worker for the child runs a wait made, and the
+// others with the notification the API's announcer sends for new runs (announce.go): the
+// children were inserted by the outcome write, which no trigger announces.
+func (w *worker) announceChildren(spaces map[string]linePos) {
+	w.claimable(spaces)
+	ctx, cancel := context.WithTimeout(context.Background(), announceTimeout)
+	defer cancel()
+	if _, err := w.st.db.ExecContext(ctx, `SELECT pg_notify('agentapp_runs', $1)`, announcement(w.id, spaces)); err != nil {
+		// The other workers find the runs at their next search.
+		w.log.Debug("announcing child runs failed", "err", err)
 	}
 }
 

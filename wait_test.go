@@ -1,0 +1,464 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Runs that wait (SPEC "Runs that wait"): through HTTP, with agentapp processes and webhook
+// agents served by httptest.
+
+// stepCall is one webhook delivery as a waiting agent received it.
+type stepCall struct {
+	WebhookID string          `json:"-"`
+	At        time.Time       `json:"-"`
+	RunID     string          `json:"run_id"`
+	Attempt   int             `json:"attempt"`
+	Step      int             `json:"step"`
+	State     json.RawMessage `json:"state"`
+	Resume    json.RawMessage `json:"resume"`
+	Input     json.RawMessage `json:"input"`
+}
+
+// stepAgent is a webhook agent whose answer depends on the step: answer(call) gives the
+// status and body. Every delivery is recorded.
+type stepAgent struct {
+	mu     sync.Mutex
+	calls  []stepCall
+	answer func(c stepCall) (int, string)
+}
+
+func (s *stepAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	var c stepCall
+	if err := json.Unmarshal(body, &c); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	c.WebhookID, c.At = r.Header.Get("webhook-id"), time.Now()
+	s.mu.Lock()
+	s.calls = append(s.calls, c)
+	s.mu.Unlock()
+	status, out := s.answer(c)
+	w.WriteHeader(status)
+	io.WriteString(w, out)
+}
+
+// of returns the deliveries of run id, in order.
+func (s *stepAgent) of(id string) []stepCall {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []stepCall
+	for _, c := range s.calls {
+		if c.RunID == id {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// jsonEq reports whether two JSON texts are the same value.
+func jsonEq(a, b []byte) bool {
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal(b, &y) != nil {
+		return false
+	}
+	return fmt.Sprint(x) == fmt.Sprint(y)
+}
+
+// TestWaitThreeStepAgent: an agent fans out to three children and waits for them, waits
+// for an approval signal, then finishes. Between its steps the process is SIGKILLed and
+// another takes over: the state arrives intact at every step, each (run, step, attempt)
+// is delivered once, and the run shows what it waits for, in its JSON, stats and /metrics.
+func TestWaitThreeStepAgent(t *testing.T) {
+	t.Parallel()
+	leaf := &stepAgent{answer: func(c stepCall) (int, string) {
+		var n int
+		json.Unmarshal(c.Input, &n)
+		return 200, fmt.Sprintf(`{"doubled":%d}`, 2*n)
+	}}
+	planner := &stepAgent{answer: func(c stepCall) (int, string) {
+		switch c.Step {
+		case 1:
+			return 202, `{"state":{"plan":["a","b","c"],"deep":{"k":[1,2,3]}},
+				"wait":{"runs":[{"agent":"leaf","input":1},{"agent":"leaf","input":2,"priority":3},{"agent":"leaf","input":3,"max_attempts":1}]}}`
+		case 2:
+			return 202, `{"state":{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"},"wait":{"signal":"approve"}}`
+		default:
+			return 200, `{"finished":true}`
+		}
+	}}
+	mux := http.NewServeMux()
+	mux.Handle("/leaf", leaf)
+	mux.Handle("/planner", planner)
+	srv := newWebhookServer(t, mux)
+
+	dsn := testDB(t)
+	env := testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"})
+	p := startProc(t, env)
+	a := p.app()
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "leaf", "webhook", map[string]any{"url": srv.URL + "/leaf"})
+	a.createAgent(t, ws, "planner", "webhook", map[string]any{"url": srv.URL + "/planner"})
+	run := a.createRun(t, ws, "planner", map[string]any{"task": "x"})
+	if run.Step != 1 || run.State != nil && string(run.State) != "null" || run.WaitingFor != nil && string(run.WaitingFor) != "null" {
+		t.Errorf("a new run: got step %d state %s waiting_for %s; want step 1, null, null", run.Step, run.State, run.WaitingFor)
+	}
+
+	// Step 1 waits for its children, which run and end; the parent is queued once more
+	// and its step 2 waits for the signal.
+	got := a.waitRunStatus(t, ws, run.ID, "waiting", 30*time.Second)
+	if got.Step < 2 {
+		t.Fatalf("after step 1: got step %d; want 2 or more", got.Step)
+	}
+	eventually(t, 30*time.Second, "the planner's step 2 waits for the signal", func() bool {
+		got = a.getRun(t, ws, run.ID)
+		return got.Status == statusWaiting && got.Step == 3
+	})
+	if !jsonEq(got.WaitingFor, []byte(`{"signal":"approve"}`)) || !jsonEq(got.State, []byte(`{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"}`)) {
+		t.Errorf("waiting for the signal: got waiting_for %s state %s; want the signal and step 2's state", got.WaitingFor, got.State)
+	}
+	var children struct {
+		Runs []runRecord `json:"runs"`
+	}
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?parent="+run.ID, ws.APIKey, nil, 200, &children)
+	if len(children.Runs) != 3 {
+		t.Fatalf("?parent=: got %d runs; want the 3 children", len(children.Runs))
+	}
+	for _, c := range children.Runs {
+		if c.ParentID == nil || *c.ParentID != run.ID || c.Status != statusSucceeded || c.TraceID != run.TraceID {
+			t.Errorf("child %s: got parent %v status %s trace %s; want parent %s, succeeded, the parent's trace %s", c.ID, c.ParentID, c.Status, c.TraceID, run.ID, run.TraceID)
+		}
+	}
+	if st := a.stats(t, ws); st.Waiting != 1 || st.Succeeded != 3 {
+		t.Errorf("stats while the planner waits: got %+v; want waiting 1, succeeded 3", st)
+	}
+	if n := a.metric(t, `agentapp_runs{status="waiting"}`); n != 1 {
+		t.Errorf(`/metrics agentapp_runs{status="waiting"}: got %v; want 1`, n)
+	}
+
+	// The process dies while the run waits; another one receives the signal.
+	p.signal(t, syscall.SIGKILL)
+	p.wait(t, 10*time.Second)
+	env["LISTEN_ADDR"] = freeAddr(t)
+	a = startProc(t, env).app()
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey,
+		map[string]any{"name": "approve", "data": map[string]any{"by": "ops", "note": "ok"}}, 200, &got)
+	if got.Status != statusQueued {
+		t.Errorf("signal: got the run %s; want it queued again", got.Status)
+	}
+	done := a.waitRunStatus(t, ws, run.ID, "succeeded", 30*time.Second)
+	if !jsonEq(done.Output, []byte(`{"finished":true}`)) || done.Step != 3 || done.WaitingFor != nil && string(done.WaitingFor) != "null" {
+		t.Errorf("the finished run: got output %s step %d waiting_for %s; want the output of step 3, no wait", done.Output, done.Step, done.WaitingFor)
+	}
+
+	calls := planner.of(run.ID)
+	if len(calls) != 3 {
+		t.Fatalf("deliveries to the planner: got %d; want 3 (one per step)", len(calls))
+	}
+	seen := map[string]bool{}
+	for i, c := range calls {
+		if c.Step != i+1 || c.Attempt != 1 {
+			t.Errorf("delivery %d: got step %d attempt %d; want step %d attempt 1", i+1, c.Step, c.Attempt, i+1)
+		}
+		if want := fmt.Sprintf("%s_%d_%d", run.ID, c.Step, c.Attempt); c.WebhookID != want || seen[c.WebhookID] {
+			t.Errorf("delivery %d: got webhook-id %q; want %q, once", i+1, c.WebhookID, want)
+		}
+		seen[c.WebhookID] = true
+	}
+	if !jsonEq(calls[0].State, []byte(`null`)) || !jsonEq(calls[0].Resume, []byte(`null`)) {
+		t.Errorf("step 1: got state %s resume %s; want null, null", calls[0].State, calls[0].Resume)
+	}
+	if !jsonEq(calls[1].State, []byte(`{"plan":["a","b","c"],"deep":{"k":[1,2,3]}}`)) {
+		t.Errorf("step 2: got state %s; want step 1's state", calls[1].State)
+	}
+	var resume struct {
+		Runs []struct {
+			ID, Agent, Status string
+			Output            json.RawMessage
+			Error             *string
+		} `json:"runs"`
+	}
+	if err := json.Unmarshal(calls[1].Resume, &resume); err != nil || len(resume.Runs) != 3 {
+		t.Fatalf("step 2's resume: got %s; want the 3 children", calls[1].Resume)
+	}
+	for i, c := range resume.Runs {
+		if c.Agent != "leaf" || c.Status != "succeeded" || !jsonEq(c.Output, []byte(fmt.Sprintf(`{"doubled":%d}`, 2*(i+1)))) || c.Error != nil {
+			t.Errorf("step 2's resume.runs[%d]: got %+v; want the child asked %d-th, succeeded with doubled %d", i, c, i+1, 2*(i+1))
+		}
+	}
+	if !jsonEq(calls[2].Resume, []byte(`{"signal":{"name":"approve","data":{"by":"ops","note":"ok"}}}`)) ||
+		!jsonEq(calls[2].State, []byte(`{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"}`)) {
+		t.Errorf("step 3: got state %s resume %s; want step 2's state and the signal with its data", calls[2].State, calls[2].Resume)
+	}
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey, map[string]any{"name": "approve"}, 409, nil)
+}
+
+// TestWaitTimersPrompt: a sleep, and a signal's timeout, fall due within 100 ms even when
+// the poll interval is long (the idle worker sleeps until the earliest wake_at), and the
+// next step is told which met the wait.
+func TestWaitTimersPrompt(t *testing.T) {
+	t.Parallel()
+	agent := &stepAgent{answer: func(c stepCall) (int, string) {
+		var in struct{ Wait string }
+		json.Unmarshal(c.Input, &in)
+		if c.Step == 1 {
+			return 202, fmt.Sprintf(`{"state":%d,"wait":%s}`, c.Step, in.Wait)
+		}
+		return 200, `"done"`
+	}}
+	srv := newWebhookServer(t, agent)
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_POLL_MS": "10000"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "timers", "webhook", map[string]any{"url": srv.URL})
+	for _, tc := range []struct{ wait, resume string }{
+		{`{"sleep_ms":700}`, `{"slept":true}`},
+		{`{"signal":"never","timeout_ms":700}`, `{"timeout":true}`},
+	} {
+		run := a.createRun(t, ws, "timers", map[string]any{"wait": tc.wait})
+		a.waitRunStatus(t, ws, run.ID, "waiting", 20*time.Second)
+		var wakeAt time.Time
+		if err := db.QueryRow(`SELECT wake_at FROM runs WHERE id = $1`, run.ID).Scan(&wakeAt); err != nil {
+			t.Fatalf("wake_at of the waiting run: %v", err)
+		}
+		done := a.waitRunStatus(t, ws, run.ID, "succeeded", 20*time.Second)
+		if late := done.StartedAt.Sub(wakeAt); late < 0 || late > 100*time.Millisecond {
+			t.Errorf("wait %s: step 2 started %v after wake_at; want within 100 ms", tc.wait, late)
+		}
+		calls := agent.of(run.ID)
+		if len(calls) != 2 || !jsonEq(calls[1].Resume, []byte(tc.resume)) || !jsonEq(calls[1].State, []byte("1")) {
+			t.Errorf("wait %s: got deliveries %+v; want 2, the second with state 1 and resume %s", tc.wait, calls, tc.resume)
+		}
+	}
+}
+
+// TestWaitBadAnswers: a 202 whose body is not exactly a wait fails the attempt, saying why;
+// a child naming an unknown agent fails it too, with no child made.
+func TestWaitBadAnswers(t *testing.T) {
+	t.Parallel()
+	agent := &stepAgent{answer: func(c stepCall) (int, string) {
+		var body string
+		json.Unmarshal(c.Input, &body)
+		return 202, body
+	}}
+	srv := newWebhookServer(t, agent)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "bad", "webhook", map[string]any{"url": srv.URL})
+	for _, tc := range []struct{ body, why string }{
+		{`{"state":1}`, `"wait" is required`},
+		{`{"wait":{"sleep_ms":5}}`, `"state" is required`},
+		{`{"state":1,"wait":{"sleep_ms":5},"more":1}`, `unknown field "more"`},
+		{`{"state":1,"state":2,"wait":{"sleep_ms":5}}`, `"state" given twice`},
+		{`{"state":1,"wait":{"sleep_ms":0}}`, `wait.sleep_ms must be from 1 to 31536000000`},
+		{`{"state":1,"wait":{"sleep_ms":5,"signal":"a"}}`, `exactly one of`},
+		{`{"state":1,"wait":{}}`, `exactly one of`},
+		{`{"state":1,"wait":{"signal":"Approve"}}`, `wait.signal must be 1 to 64 characters`},
+		{`{"state":1,"wait":{"timeout_ms":5}}`, `timeout_ms goes only with wait.signal`},
+		{`{"state":1,"wait":{"runs":[]}}`, `wait.runs must hold 1 to 100 runs`},
+		{`{"state":1,"wait":{"runs":[{"agent":"echo","delay_ms":1}]}}`, `wait.runs[0].run_at and delay_ms are not a child run's fields`},
+		{`{"state":1,"wait":{"runs":[{"agent":"echo","priority":10}]}}`, `wait.runs[0].priority must be from 0 to 9`},
+		{`{"state":1,"wait":{"runs":[{"agent":"echo"},{"agent":"nobody"}]}}`, `unknown agent "nobody"`},
+		{`not json`, `webhook response is not JSON`},
+	} {
+		var run runRecord
+		a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "bad", "input": tc.body, "max_attempts": 1}, 201, &run)
+		run = a.waitRunStatus(t, ws, run.ID, "failed", 20*time.Second)
+		if run.Error == nil || !strings.Contains(*run.Error, tc.why) {
+			t.Errorf("202 %s: got error %v; want it to say %q", tc.body, run.Error, tc.why)
+		}
+		var children struct {
+			Runs []runRecord `json:"runs"`
+		}
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?parent="+run.ID, ws.APIKey, nil, 200, &children)
+		if len(children.Runs) != 0 {
+			t.Errorf("202 %s: got %d children; want none", tc.body, len(children.Runs))
+		}
+	}
+}
+
+// TestWaitStepLimit: a run at step 1000 that asks for another step fails, saying so.
+func TestWaitStepLimit(t *testing.T) {
+	t.Parallel()
+	srv := newWebhookServer(t, &stepAgent{answer: func(stepCall) (int, string) { return 202, `{"state":1,"wait":{"sleep_ms":1}}` }})
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	a := startApp(t, testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "forever", "webhook", map[string]any{"url": srv.URL})
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "forever", "max_attempts": 1, "delay_ms": 500}, 201, &run)
+	// Its 999 earlier steps, as far as the run can tell.
+	sqlExec(t, db)(`UPDATE runs SET step = 1000 WHERE id = $1`, run.ID)
+	run = a.waitRunStatus(t, ws, run.ID, "failed", 20*time.Second)
+	if run.Error == nil || !strings.Contains(*run.Error, "step limit") || run.Step != 1000 {
+		t.Errorf("a 202 at step 1000: got step %d error %v; want failed at step 1000 saying step limit", run.Step, run.Error)
+	}
+}
+
+// TestWaitRetryResumes: a run that failed at step 2 and is retried is delivered step 2
+// again, with its state and resume.
+func TestWaitRetryResumes(t *testing.T) {
+	t.Parallel()
+	var fail sync.Once
+	agent := &stepAgent{}
+	agent.answer = func(c stepCall) (int, string) {
+		if c.Step == 1 {
+			return 202, `{"state":{"kept":[1,"two"]},"wait":{"sleep_ms":1}}`
+		}
+		failed := false
+		fail.Do(func() { failed = true })
+		if failed {
+			return 500, `"down"`
+		}
+		return 200, `"ok"`
+	}
+	srv := newWebhookServer(t, agent)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "flaky", "webhook", map[string]any{"url": srv.URL})
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "flaky", "max_attempts": 1}, 201, &run)
+	failed := a.waitRunStatus(t, ws, run.ID, "failed", 20*time.Second)
+	if failed.Step != 2 || failed.Attempt != 1 {
+		t.Errorf("failed at step 2: got step %d attempt %d; want step 2 attempt 1", failed.Step, failed.Attempt)
+	}
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/retry", ws.APIKey, nil, 200, nil)
+	a.waitRunStatus(t, ws, run.ID, "succeeded", 20*time.Second)
+	calls := agent.of(run.ID)
+	if len(calls) != 3 {
+		t.Fatalf("deliveries: got %d; want 3 (step 1, step 2 failed, step 2 retried)", len(calls))
+	}
+	if c := calls[2]; c.Step != 2 || c.Attempt != 2 || !jsonEq(c.State, []byte(`{"kept":[1,"two"]}`)) || !jsonEq(c.Resume, []byte(`{"slept":true}`)) ||
+		c.WebhookID != run.ID+"_2_2" {
+		t.Errorf("the retried delivery: got step %d attempt %d state %s resume %s id %s; want step 2 attempt 2 with the state, the resume and id %s_2_2",
+			c.Step, c.Attempt, c.State, c.Resume, c.WebhookID, run.ID)
+	}
+}
+
+// TestWaitCancelCascade: cancel of a waiting run cancels it at once, and every run of its
+// tree that is not final with it: a running child where it executes, a grandchild that
+// waits, its own child.
+func TestWaitCancelCascade(t *testing.T) {
+	t.Parallel()
+	tree := &stepAgent{}
+	tree.answer = func(c stepCall) (int, string) {
+		var in string
+		json.Unmarshal(c.Input, &in)
+		switch in {
+		case "root":
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"tree","input":"middle"},{"agent":"tree","input":"hang"}]}}`
+		case "middle":
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"tree","input":"leaf"}]}}`
+		case "leaf":
+			return 202, `{"state":null,"wait":{"signal":"go"}}`
+		}
+		time.Sleep(30 * time.Second) // "hang": canceled while it runs
+		return 200, `null`
+	}
+	srv := newWebhookServer(t, tree)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "tree", "webhook", map[string]any{"url": srv.URL, "timeout_ms": 60000})
+	root := a.createRun(t, ws, "tree", "root")
+	var all []runRecord
+	eventually(t, 20*time.Second, "the tree of four runs is made, the leaf waiting and the hanging child running", func() bool {
+		var page struct {
+			Runs []runRecord `json:"runs"`
+		}
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?agent=tree", ws.APIKey, nil, 200, &page)
+		all = page.Runs
+		waiting, running := 0, 0
+		for _, r := range all {
+			switch r.Status {
+			case statusWaiting:
+				waiting++
+			case statusRunning:
+				running++
+			}
+		}
+		return len(all) == 4 && waiting == 3 && running == 1
+	})
+	var canceled runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+root.ID+"/cancel", ws.APIKey, nil, 200, &canceled)
+	if canceled.Status != statusCanceled || canceled.WaitingFor != nil && string(canceled.WaitingFor) != "null" {
+		t.Errorf("cancel of the waiting root: got %s waiting_for %s; want canceled at once, no wait", canceled.Status, canceled.WaitingFor)
+	}
+	for _, r := range all {
+		got := a.waitRunStatus(t, ws, r.ID, "canceled", 20*time.Second)
+		if r.ID != root.ID && (got.Error == nil || !strings.Contains(*got.Error, "canceled")) {
+			t.Errorf("descendant %s: got error %v; want it canceled", r.ID, got.Error)
+		}
+	}
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+root.ID+"/cancel", ws.APIKey, nil, 409, nil)
+}
+
+// TestWaitFanInOnce: when the last two children of a parent end at the same moment in two
+// transactions, the parent is resumed, once, with both children final in its resume;
+// repeated, so that the two writes overlap in every order.
+func TestWaitFanInOnce(t *testing.T) {
+	t.Parallel()
+	db := openTestDB(t, testDB(t))
+	st := &store{db: db}
+	ctx := context.Background()
+	ws := seedWorkspace(t, st)
+	exec := sqlExec(t, db)
+	for i := range 40 {
+		var parent string
+		if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, status, step, waiting_for)
+			SELECT workspace_id, id, 'waiting', 2, '{"runs":[{"agent":"echo"},{"agent":"echo"}]}' FROM agents WHERE workspace_id = $1
+			RETURNING id`, ws.ID).Scan(&parent); err != nil {
+			t.Fatal(err)
+		}
+		// Two children, running in two workers, each at its attempt 1.
+		var kids []string
+		for _, w := range []string{"worker-1", "worker-2"} {
+			var id string
+			if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, status, attempt, worker_id, lease_expires_at,
+				parent_id, parent_step) SELECT workspace_id, id, 'running', 1, $2, now() + interval '1 minute', $3, 2
+				FROM agents WHERE workspace_id = $1 RETURNING id`, ws.ID, w, parent).Scan(&id); err != nil {
+				t.Fatal(err)
+			}
+			kids = append(kids, id)
+		}
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for k, w := range []string{"worker-1", "worker-2"} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				out := outcome{attemptRef: attemptRef{kids[k], 1, 1}, End: endSucceeded, Output: json.RawMessage(fmt.Sprint(k))}
+				if k == 1 {
+					out.End, out.Message = endCanceled, "" // a child may end in any final status
+				}
+				if got, err := st.finish(ctx, w, []outcome{out}); err != nil || len(got) != 1 {
+					t.Errorf("round %d: %s's finish: got %v, %v; want written", i, w, got, err)
+				}
+			}()
+		}
+		close(start)
+		wg.Wait()
+		var status string
+		var resume []byte
+		if err := db.QueryRow(`SELECT status, resume FROM runs WHERE id = $1`, parent).Scan(&status, &resume); err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf(`{"runs":[{"id":%q,"agent":"echo","status":"succeeded","output":0,"error":null},`+
+			`{"id":%q,"agent":"echo","status":"canceled","output":null,"error":"canceled by request"}]}`, kids[0], kids[1])
+		if status != "queued" || !jsonEq(resume, []byte(want)) {
+			t.Fatalf("round %d: the parent after its last two children ended together: got %s, resume %s; want queued once, resume %s", i, status, resume, want)
+		}
+		exec(`DELETE FROM runs WHERE id = $1`, parent)
+	}
+}
