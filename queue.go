@@ -1190,7 +1190,8 @@ const nowZ = `to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 const pruneLock = 7346298106
 
 // prune deletes up to limit final runs (with their events, by cascade) finished longer ago
-// than retention, and returns how many. While another process holds the prune lock it
+// than retention, each with its whole tree of child runs, and returns how many (the
+// children deleted with them not counted). While another process holds the prune lock it
 // deletes nothing and returns 0.
 func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (int, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -1202,11 +1203,21 @@ func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (
 	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, pruneLock).Scan(&mine); err != nil || !mine {
 		return 0, err
 	}
+	// A tree goes whole (SPEC): a root whose every descendant is final and old too, its
+	// children by the parent key's cascade. A child is never deleted alone, so a parent's
+	// resume always finds its children.
 	res, err := tx.ExecContext(ctx, `
 		DELETE FROM runs WHERE id IN (
-			SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'canceled')
-			  AND finished_at < now() - $1 * interval '1 millisecond'
-			ORDER BY finished_at LIMIT $2)`, retention.Milliseconds(), limit)
+			SELECT r.id FROM runs r WHERE r.status IN ('succeeded', 'failed', 'canceled')
+			  AND r.finished_at < now() - $1 * interval '1 millisecond' AND r.parent_id IS NULL
+			  AND NOT EXISTS (
+				WITH RECURSIVE tree AS (
+					SELECT c.id, c.status, c.finished_at FROM runs c WHERE c.parent_id = r.id
+					UNION ALL
+					SELECT c.id, c.status, c.finished_at FROM runs c JOIN tree t ON c.parent_id = t.id)
+				SELECT 1 FROM tree WHERE tree.status NOT IN ('succeeded', 'failed', 'canceled')
+				  OR tree.finished_at >= now() - $1 * interval '1 millisecond')
+			ORDER BY r.finished_at LIMIT $2)`, retention.Milliseconds(), limit)
 	if err != nil {
 		return 0, err
 	}

@@ -462,3 +462,46 @@ func TestWaitFanInOnce(t *testing.T) {
 		exec(`DELETE FROM runs WHERE id = $1`, parent)
 	}
 }
+
+// TestWaitPruneWholeTrees: retention deletes a run only with its whole tree, once every run
+// in it is final and older than the retention: not a tree with a recent or open
+// descendant, and never a child alone.
+func TestWaitPruneWholeTrees(t *testing.T) {
+	t.Parallel()
+	db := openTestDB(t, testDB(t))
+	st := &store{db: db}
+	ws := seedWorkspace(t, st)
+	// insert adds a run of the echo agent: old and final unless status says otherwise.
+	insert := func(parent any, status string, age string) string {
+		t.Helper()
+		var id string
+		if err := db.QueryRow(`INSERT INTO runs (workspace_id, agent_id, status, finished_at, parent_id, parent_step)
+			SELECT workspace_id, id, $2, CASE WHEN $2 IN ('succeeded', 'failed', 'canceled') THEN now() - $3::interval END,
+			       $4::uuid, CASE WHEN $4::uuid IS NOT NULL THEN 2 END
+			FROM agents WHERE workspace_id = $1 RETURNING id`, ws.ID, status, age, parent).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	old := insert(nil, "succeeded", "3 days") // a whole old tree of three generations
+	oldChild := insert(old, "succeeded", "3 days")
+	oldGrandchild := insert(oldChild, "failed", "3 days")
+	recent := insert(nil, "succeeded", "3 days") // a grandchild finished an hour ago
+	recentChild := insert(recent, "succeeded", "3 days")
+	insert(recentChild, "succeeded", "1 hour")
+	open := insert(nil, "waiting", "0") // a waiting parent with an old final child
+	openChild := insert(open, "succeeded", "3 days")
+	n, err := st.prune(context.Background(), 24*time.Hour, 100)
+	if err != nil || n != 1 {
+		t.Fatalf("prune: got %d, %v; want 1 tree deleted", n, err)
+	}
+	for id, want := range map[string]bool{old: false, oldChild: false, oldGrandchild: false, recent: true, recentChild: true, open: true, openChild: true} {
+		var there bool
+		if err := db.QueryRow(`SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)`, id).Scan(&there); err != nil {
+			t.Fatal(err)
+		}
+		if there != want {
+			t.Errorf("run %s after prune: got present %v; want %v", id, there, want)
+		}
+	}
+}
