@@ -983,6 +983,18 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 404, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, nobody)
 	c.browse(t, b, 303, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
 	c.browse(t, b, 409, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	// A waiting run's page offers its signal; the form sends it once.
+	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "waits"}, ws.ID)
+	var approve runRecord
+	json.Unmarshal(body, &approve)
+	c.do(t, a, 200, "POST /v1/worker/process", "", admin, nil, map[string]any{"limit": 100})
+	c.browse(t, b, 200, "GET /ui/runs/{id}", "", nil, approve.ID)
+	c.browse(t, b, 403, "POST /ui/runs/{id}/signal", "", url.Values{"name": {"approve"}}, approve.ID)
+	c.browse(t, b, 422, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}, "data": {"{not json"}}, approve.ID)
+	c.browse(t, b, 422, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"No"}}, approve.ID)
+	c.browse(t, b, 303, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}, "data": {`{"ok":true}`}}, approve.ID)
+	c.browse(t, b, 409, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}}, approve.ID)
+	c.browse(t, b, 404, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}}, nobody)
 	c.browse(t, b, 303, "POST /ui/runs/cancel-queued", "", url.Values{"csrf": {csrf}})
 	var echo agent
 	_, body = c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, "echo")

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"syscall"
@@ -503,5 +504,56 @@ func TestWaitPruneWholeTrees(t *testing.T) {
 		if there != want {
 			t.Errorf("run %s after prune: got present %v; want %v", id, there, want)
 		}
+	}
+}
+
+// TestWaitConsoleApprove: a waiting run's console page says what it waits for and, for a
+// signal, offers a form (with the session's CSRF token) that sends it with JSON data: the
+// operator's approve button. The runs list says it too.
+func TestWaitConsoleApprove(t *testing.T) {
+	t.Parallel()
+	agent := &stepAgent{answer: func(c stepCall) (int, string) {
+		if c.Step == 1 {
+			return 202, `{"state":{"draft":"send the refund"},"wait":{"signal":"approve"}}`
+		}
+		return 200, `"sent"`
+	}}
+	srv := newWebhookServer(t, agent)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "refund", "webhook", map[string]any{"url": srv.URL})
+	run := a.createRun(t, ws, "refund", nil)
+	a.waitRunStatus(t, ws, run.ID, "waiting", 20*time.Second)
+
+	b := newBrowser(a)
+	b.signIn(t, ws.APIKey)
+	p := b.mustGet(t, "/ui/runs/"+run.ID)
+	for _, want := range []string{"Waiting for", "&#34;signal&#34;: &#34;approve&#34;", `action="/ui/runs/` + run.ID + `/signal"`,
+		`name="name" value="approve"`, "Send signal approve", "send the refund", "step 2"} {
+		if !strings.Contains(p.body, want) {
+			t.Errorf("the waiting run's page: got no %q; want it in:\n%s", want, p.body)
+		}
+	}
+	if list := b.mustGet(t, "/ui/runs?status=waiting"); !strings.Contains(list.body, "waits for signal approve") {
+		t.Errorf("runs ?status=waiting: got no %q; want it in:\n%s", "waits for signal approve", list.body)
+	}
+	if ov := b.mustGet(t, "/ui/"); !strings.Contains(ov.body, `<dt>waiting</dt><dd>1</dd>`) {
+		t.Errorf("the overview: got no waiting figure of 1; want it in:\n%s", ov.body)
+	}
+	csrf := p.csrf(t)
+	if got := b.post(t, "/ui/runs/"+run.ID+"/signal", "", url.Values{"name": {"approve"}}); got.status != http.StatusForbidden {
+		t.Errorf("the signal form without its CSRF token: got %d; want 403", got.status)
+	}
+	got := b.post(t, "/ui/runs/"+run.ID+"/signal", csrf, url.Values{"name": {"approve"}, "data": {`{"approved_by": "ops"}`}})
+	if got.status != http.StatusSeeOther || !strings.HasPrefix(got.location, "/ui/runs/"+run.ID+"?flash=signaled") {
+		t.Fatalf("the signal form: got %d to %q; want 303 back to the run with the signaled flash", got.status, got.location)
+	}
+	a.waitRunStatus(t, ws, run.ID, "succeeded", 20*time.Second)
+	calls := agent.of(run.ID)
+	if len(calls) != 2 || !jsonEq(calls[1].Resume, []byte(`{"signal":{"name":"approve","data":{"approved_by":"ops"}}}`)) {
+		t.Errorf("after the console's signal: got deliveries %+v; want step 2 resumed with the form's data", calls)
+	}
+	if again := b.post(t, "/ui/runs/"+run.ID+"/signal", csrf, url.Values{"name": {"approve"}}); again.status != http.StatusConflict {
+		t.Errorf("the signal form on a run no longer waiting: got %d; want 409", again.status)
 	}
 }
