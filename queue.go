@@ -650,7 +650,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
 			if c.AgentKind == "webhook" { // the only kind that posts events
-				c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
+				c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Step, c.Attempt)
 			}
 			res.claimed = append(res.claimed, c)
 			q.served[c.WorkspaceID] = now

@@ -27,6 +27,8 @@ type stepCall struct {
 	State     json.RawMessage `json:"state"`
 	Resume    json.RawMessage `json:"resume"`
 	Input     json.RawMessage `json:"input"`
+	EventsURL string          `json:"events_url"`
+	Token     string          `json:"events_token"`
 }
 
 // stepAgent is a webhook agent whose answer depends on the step: answer(call) gives the
@@ -205,15 +207,30 @@ func TestWaitThreeStepAgent(t *testing.T) {
 
 // TestWaitTimersPrompt: a sleep, and a signal's timeout, fall due within 100 ms even when
 // the poll interval is long (the idle worker sleeps until the earliest wake_at), and the
-// next step is told which met the wait.
+// next step is told which met the wait. Step 2's attempt 1 posts progress events with its
+// own token; step 1's attempt 1's token is refused then (attempts count per step).
 func TestWaitTimersPrompt(t *testing.T) {
 	t.Parallel()
+	var mu sync.Mutex
+	tokens := map[string]string{} // run → step 1's events token
+	posted := map[string][2]int{} // run → statuses of step 2's posts: its own token, step 1's
 	agent := &stepAgent{answer: func(c stepCall) (int, string) {
 		var in struct{ Wait string }
 		json.Unmarshal(c.Input, &in)
 		if c.Step == 1 {
+			mu.Lock()
+			tokens[c.RunID] = c.Token
+			mu.Unlock()
 			return 202, fmt.Sprintf(`{"state":%d,"wait":%s}`, c.Step, in.Wait)
 		}
+		mu.Lock()
+		old := tokens[c.RunID]
+		mu.Unlock()
+		own, _, _, _ := send(testClient, "POST", c.EventsURL, c.Token, nil, map[string]any{"type": "step", "data": 2})
+		stale, _, _, _ := send(testClient, "POST", c.EventsURL, old, nil, map[string]any{"type": "step", "data": 1})
+		mu.Lock()
+		posted[c.RunID] = [2]int{own, stale}
+		mu.Unlock()
 		return 200, `"done"`
 	}}
 	srv := newWebhookServer(t, agent)
@@ -239,6 +256,12 @@ func TestWaitTimersPrompt(t *testing.T) {
 		calls := agent.of(run.ID)
 		if len(calls) != 2 || !jsonEq(calls[1].Resume, []byte(tc.resume)) || !jsonEq(calls[1].State, []byte("1")) {
 			t.Errorf("wait %s: got deliveries %+v; want 2, the second with state 1 and resume %s", tc.wait, calls, tc.resume)
+		}
+		mu.Lock()
+		got := posted[run.ID]
+		mu.Unlock()
+		if got != [2]int{http.StatusAccepted, http.StatusConflict} {
+			t.Errorf("events posted at step 2, attempt 1: got %d with its token, %d with step 1's; want 202, 409", got[0], got[1])
 		}
 	}
 }
