@@ -898,6 +898,21 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 	if err != nil {
 		return runRecord{}, err
 	}
+	if found {
+		// Its descendants again, in a statement that sees what committed meanwhile: a
+		// running run whose wait for child runs committed while the statement above waited
+		// for its row made children that statement's snapshot could not see.
+		if _, err := s.db.ExecContext(ctx, `
+			WITH RECURSIVE asked AS (SELECT NULL::uuid AS id WHERE false),
+			tree AS (
+				SELECT id FROM runs WHERE parent_id = $1
+				UNION ALL
+				SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+			upd AS (`+cancelTreeSQL+`)
+			SELECT count(*) FROM upd`, id); err != nil {
+			return runRecord{}, err
+		}
+	}
 	r, err := s.getRun(ctx, ws, id)
 	if err == nil && !found {
 		err = errConflict
