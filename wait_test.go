@@ -29,6 +29,7 @@ type stepCall struct {
 	Input     json.RawMessage `json:"input"`
 	EventsURL string          `json:"events_url"`
 	Token     string          `json:"events_token"`
+	ctx       context.Context // the request's: done when the caller hangs up
 }
 
 // stepAgent is a webhook agent whose answer depends on the step: answer(call) gives the
@@ -46,7 +47,7 @@ func (s *stepAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	c.WebhookID, c.At = r.Header.Get("webhook-id"), time.Now()
+	c.WebhookID, c.At, c.ctx = r.Header.Get("webhook-id"), time.Now(), r.Context()
 	s.mu.Lock()
 	s.calls = append(s.calls, c)
 	s.mu.Unlock()
@@ -78,11 +79,13 @@ func jsonEq(a, b []byte) bool {
 }
 
 // TestWaitThreeStepAgent: an agent fans out to three children and waits for them, waits
-// for an approval signal, then finishes. Between its steps the process is SIGKILLed and
-// another takes over: the state arrives intact at every step, each (run, step, attempt)
-// is delivered once, and the run shows what it waits for, in its JSON, stats and /metrics.
+// for an approval signal, then finishes. The process is SIGKILLed between its steps (while
+// it waits) and during one (its last step's first attempt): another takes over each time.
+// The state arrives intact at every step, each (run, step, attempt) is delivered once, and
+// the run shows what it waits for, in its JSON, stats and /metrics.
 func TestWaitThreeStepAgent(t *testing.T) {
 	t.Parallel()
+	hanging := make(chan struct{}, 1) // step 3's first attempt has arrived, and hangs
 	leaf := &stepAgent{answer: func(c stepCall) (int, string) {
 		var n int
 		json.Unmarshal(c.Input, &n)
@@ -96,6 +99,11 @@ func TestWaitThreeStepAgent(t *testing.T) {
 		case 2:
 			return 202, `{"state":{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"},"wait":{"signal":"approve"}}`
 		default:
+			if c.Attempt == 1 {
+				hanging <- struct{}{}
+				<-c.ctx.Done() // until its process is killed
+				return 500, `"gone"`
+			}
 			return 200, `{"finished":true}`
 		}
 	}}
@@ -105,7 +113,8 @@ func TestWaitThreeStepAgent(t *testing.T) {
 	srv := newWebhookServer(t, mux)
 
 	dsn := testDB(t)
-	env := testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true"})
+	// A short lease: the attempt of a killed process is recovered soon.
+	env := testEnv(t, dsn, map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_LEASE_MS": "2000"})
 	p := startProc(t, env)
 	a := p.app()
 	ws := a.createWorkspace(t)
@@ -152,25 +161,36 @@ func TestWaitThreeStepAgent(t *testing.T) {
 	p.signal(t, syscall.SIGKILL)
 	p.wait(t, 10*time.Second)
 	env["LISTEN_ADDR"] = freeAddr(t)
-	a = startProc(t, env).app()
+	p = startProc(t, env)
+	a = p.app()
 	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey,
 		map[string]any{"name": "approve", "data": map[string]any{"by": "ops", "note": "ok"}}, 200, &got)
 	if got.Status != statusQueued {
 		t.Errorf("signal: got the run %s; want it queued again", got.Status)
 	}
+	// The process dies during step 3; another recovers the lease and delivers attempt 2.
+	select {
+	case <-hanging:
+	case <-time.After(30 * time.Second):
+		t.Fatal("step 3: not delivered 30 s after the signal")
+	}
+	p.signal(t, syscall.SIGKILL)
+	p.wait(t, 10*time.Second)
+	env["LISTEN_ADDR"] = freeAddr(t)
+	a = startProc(t, env).app()
 	done := a.waitRunStatus(t, ws, run.ID, "succeeded", 30*time.Second)
 	if !jsonEq(done.Output, []byte(`{"finished":true}`)) || done.Step != 3 || done.WaitingFor != nil && string(done.WaitingFor) != "null" {
 		t.Errorf("the finished run: got output %s step %d waiting_for %s; want the output of step 3, no wait", done.Output, done.Step, done.WaitingFor)
 	}
 
 	calls := planner.of(run.ID)
-	if len(calls) != 3 {
-		t.Fatalf("deliveries to the planner: got %d; want 3 (one per step)", len(calls))
+	if len(calls) != 4 {
+		t.Fatalf("deliveries to the planner: got %d; want 4 (one per step, and step 3's attempt 2)", len(calls))
 	}
 	seen := map[string]bool{}
 	for i, c := range calls {
-		if c.Step != i+1 || c.Attempt != 1 {
-			t.Errorf("delivery %d: got step %d attempt %d; want step %d attempt 1", i+1, c.Step, c.Attempt, i+1)
+		if want := [][2]int{{1, 1}, {2, 1}, {3, 1}, {3, 2}}[i]; c.Step != want[0] || c.Attempt != want[1] {
+			t.Errorf("delivery %d: got step %d attempt %d; want step %d attempt %d", i+1, c.Step, c.Attempt, want[0], want[1])
 		}
 		if want := fmt.Sprintf("%s_%d_%d", run.ID, c.Step, c.Attempt); c.WebhookID != want || seen[c.WebhookID] {
 			t.Errorf("delivery %d: got webhook-id %q; want %q, once", i+1, c.WebhookID, want)
@@ -198,9 +218,14 @@ func TestWaitThreeStepAgent(t *testing.T) {
 			t.Errorf("step 2's resume.runs[%d]: got %+v; want the child asked %d-th, succeeded with doubled %d", i, c, i+1, 2*(i+1))
 		}
 	}
-	if !jsonEq(calls[2].Resume, []byte(`{"signal":{"name":"approve","data":{"by":"ops","note":"ok"}}}`)) ||
-		!jsonEq(calls[2].State, []byte(`{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"}`)) {
-		t.Errorf("step 3: got state %s resume %s; want step 2's state and the signal with its data", calls[2].State, calls[2].Resume)
+	for _, c := range calls[2:] {
+		if !jsonEq(c.Resume, []byte(`{"signal":{"name":"approve","data":{"by":"ops","note":"ok"}}}`)) ||
+			!jsonEq(c.State, []byte(`{"plan":["a","b","c"],"deep":{"k":[1,2,3]},"children":"done"}`)) {
+			t.Errorf("step 3 attempt %d: got state %s resume %s; want step 2's state and the signal with its data", c.Attempt, c.State, c.Resume)
+		}
+	}
+	if len(done.Errors) == 0 || !strings.Contains(string(done.Errors), "lease expired") {
+		t.Errorf("the finished run's errors: got %s; want step 3's attempt 1 recovered (lease expired)", done.Errors)
 	}
 	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey, map[string]any{"name": "approve"}, 409, nil)
 }
