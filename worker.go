@@ -576,9 +576,9 @@ func (w *worker) record(batch []pendingOutcome) {
 			var unknown unknownAgentError
 			msg, refused := dataException(err)
 			if errors.As(err, &unknown) || refused {
-				o.End, o.Wait, o.Message = endFailed, nil, "wait.runs: "+unknown.Error()
-				if refused {
-					o.Message = "wait refused by PostgreSQL: " + msg
+				o.End, o.Wait, o.Message = endFailed, nil, "wait refused by PostgreSQL: "+msg
+				if !refused {
+					o.Message = "wait.runs: " + unknown.Error()
 				}
 				o.Delay = batch[i].exec.run.Retry.backoff(o.Attempt)
 				plain = append(plain, i)
@@ -678,7 +678,6 @@ func (w *worker) finish(outs []outcome) (map[string]attemptEnd, error) {
 // outage; a refusal of the values (a data exception, a child run's unknown agent) is
 // returned at once.
 func (w *worker) retrying(n int, write func(context.Context) (map[string]attemptEnd, error)) (map[string]attemptEnd, error) {
-	outs := make([]struct{}, n) // for the log lines' counts
 	giveUp := time.Now().Add(w.cfg.Lease)
 	backoff := 100 * time.Millisecond
 	for {
@@ -691,10 +690,10 @@ func (w *worker) retrying(n int, write func(context.Context) (map[string]attempt
 		}
 		if time.Now().After(giveUp) {
 			w.log.Error("giving up writing run outcomes; their leases have expired and other workers will recover them",
-				"runs", len(outs), "err", err)
+				"runs", n, "err", err)
 			return nil, err
 		}
-		w.log.Warn("writing run outcomes failed; retrying", "runs", len(outs), "err", err, "retry_in", backoff)
+		w.log.Warn("writing run outcomes failed; retrying", "runs", n, "err", err, "retry_in", backoff)
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 5*time.Second)
 	}
