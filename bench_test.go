@@ -569,20 +569,43 @@ func BenchmarkFairClaim(b *testing.B) {
 			b.Fatalf("FAIR_N: got %q; want a positive number of runs", v)
 		}
 	}
-	fair := benchFairDrain(b, n, 100, 10, 3)
-	one := benchFairDrain(b, n, 1, 10, 0)
+	fair := benchFairDrain(b, n, 100, 10, 3, 0, false)
+	one := benchFairDrain(b, n, 1, 10, 0, 0, false)
 	b.ReportMetric(0, "ns/op")
 	b.ReportMetric(fair, "fair-runs/s")
 	b.ReportMetric(one, "one-ws-runs/s")
 	b.ReportMetric(fair/one, "fair/one-ws")
 }
 
+// BenchmarkLimits: the drain of LIMITS_N (default 100,000) queued echo runs over 100
+// workspaces of one agent each, by one process with the embedded worker at defaults:
+// first with every run carrying one of 1,000 concurrency keys (10 per agent, each at
+// key_concurrency 1) and one agent with a rate limit far above the drain's rate, then the
+// same runs without keys or rate. Reports both rates and the cost of the limits (1 -
+// limited/plain).
+func BenchmarkLimits(b *testing.B) {
+	n := 100_000
+	if v := os.Getenv("LIMITS_N"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			b.Fatalf("LIMITS_N: got %q; want a positive number of runs", v)
+		}
+	}
+	limited := benchFairDrain(b, n, 100, 1, 0, 1000, true)
+	plain := benchFairDrain(b, n, 100, 1, 0, 0, false)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(limited, "limited-runs/s")
+	b.ReportMetric(plain, "plain-runs/s")
+	b.ReportMetric(1-limited/plain, "cost")
+}
+
 // benchFairDrain seeds n queued echo runs, in a database of their own, over workspaces ×
 // agents (the first capped agents of each workspace at max_concurrency 5), dealt round
-// the agents in insertion order; then it times one process with the embedded worker at
-// defaults until no run is queued or running, checks that all n succeeded, and returns
-// runs per second.
-func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
+// the agents in insertion order, each with one of keys concurrency keys (none when 0),
+// and with the first agent rate-limited (1,000,000 units a second) when rated; then it
+// times one process with the embedded worker at defaults until no run is queued or
+// running, checks that all n succeeded, and returns runs per second.
+func benchFairDrain(b *testing.B, n, workspaces, agents, capped, keys int, rated bool) float64 {
 	b.Helper()
 	// Rows a seeding statement inserts: big enough to be quick, small enough not to
 	// hold one transaction for minutes.
@@ -600,12 +623,15 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
 	seed(`INSERT INTO agents (workspace_id, name, kind, max_concurrency)
 		SELECT w.id, 'agent-' || i, 'echo', CASE WHEN i <= $2 THEN 5 END FROM workspaces w, generate_series(1, $1) i`,
 		agents, capped)
+	if rated {
+		seed(`UPDATE agents SET rate_limit = 1000000, rate_period_ms = 1000 WHERE id = (SELECT min(id) FROM agents)`)
+	}
 	for from := 0; from < n; from += chunk {
-		seed(`INSERT INTO runs (workspace_id, agent_id, input)
-			SELECT a.workspace_id, a.id, jsonb_build_object('i', g)
+		seed(`INSERT INTO runs (workspace_id, agent_id, input, concurrency_key)
+			SELECT a.workspace_id, a.id, jsonb_build_object('i', g), CASE WHEN $4 > 0 THEN 'key-' || g % $4 END
 			FROM generate_series($1::int, $2::int) g
 			JOIN (SELECT id, workspace_id, row_number() OVER (ORDER BY id) - 1 AS k FROM agents) a ON a.k = g % $3
-			ORDER BY g`, from, min(from+chunk, n)-1, workspaces*agents)
+			ORDER BY g`, from, min(from+chunk, n)-1, workspaces*agents, keys)
 	}
 	seed(`ANALYZE`)
 	if c := benchStatusCounts(b, db); c["queued"] != n {
@@ -620,8 +646,8 @@ func benchFairDrain(b *testing.B, n, workspaces, agents, capped int) float64 {
 		b.Errorf("%d workspaces × %d agents after the drain: got %v; want all %d succeeded", workspaces, agents, c, n)
 	}
 	rate := float64(n) / done.Sub(start).Seconds()
-	b.Logf("%d runs over %d workspaces × %d agents (%d capped each): drained in %v, %.0f runs/s",
-		n, workspaces, agents, capped, done.Sub(start).Round(time.Millisecond), rate)
+	b.Logf("%d runs over %d workspaces × %d agents (%d capped each), %d keys, rated %v: drained in %v, %.0f runs/s",
+		n, workspaces, agents, capped, keys, rated, done.Sub(start).Round(time.Millisecond), rate)
 	return rate
 }
 

@@ -1167,6 +1167,9 @@ type agentRow struct {
 	Name, Kind                 string
 	Config                     json.RawMessage
 	MaxConcurrency             sql.NullInt64
+	KeyConcurrency             int           // runs of one concurrency_key at once
+	OnKeyConflict              string        // queue, cancel_running or reject
+	RateLimit, RatePeriodMS    sql.NullInt64 // units per period; null: no rate limit
 	Paused                     bool
 	ThrottledUntil             *time.Time // a webhook's Retry-After holds its attempts until then; nil: not throttled
 	Queued, Running            int64      // capped at agentCountCap+1
@@ -1182,7 +1185,8 @@ type agentsData struct {
 // agents lists the agents with their queued and running counts, each count bounded.
 func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	rows, err := c.s.store.db.QueryContext(r.Context(), `
-		SELECT a.id, a.workspace_id, w.name, a.name, a.kind, a.config, a.max_concurrency, a.paused,
+		SELECT a.id, a.workspace_id, w.name, a.name, a.kind, a.config, a.max_concurrency, a.key_concurrency,
+		       a.on_key_conflict, a.rate_limit, a.rate_period_ms, a.paused,
 		       CASE WHEN a.throttled_until > now() THEN a.throttled_until END,
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE LIMIT $2) q),
 		       (SELECT count(*) FROM (SELECT 1 FROM runs r WHERE r.status = 'running' AND r.workspace_id = a.workspace_id
@@ -1199,7 +1203,7 @@ func (c *console) agents(w http.ResponseWriter, r *http.Request, se session) {
 	for rows.Next() {
 		var a agentRow
 		if err := rows.Scan(&a.ID, &a.WorkspaceID, &a.Workspace, &a.Name, &a.Kind, &a.Config, &a.MaxConcurrency,
-			&a.Paused, &a.ThrottledUntil, &a.Queued, &a.Running); err != nil {
+			&a.KeyConcurrency, &a.OnKeyConflict, &a.RateLimit, &a.RatePeriodMS, &a.Paused, &a.ThrottledUntil, &a.Queued, &a.Running); err != nil {
 			c.fail(w, r, err)
 			return
 		}

@@ -91,8 +91,12 @@ func (g *gatherer) takeLocked() []*pendingCreate {
 
 // createRun inserts one queued run, gathered with the creates that arrive meanwhile.
 // With an idempotency key already used in the workspace it returns the first run and
-// created=false, or errConflict when that run was created from a different request.
+// created=false, or errConflict when that run was created from a different request. A run
+// with a concurrency_key or a cost is created apart: its agent's limits decide on it.
 func (s *store) createRun(ctx context.Context, ws string, n newRun) (runRecord, bool, error) {
+	if n.Key != "" || n.Cost > 1 {
+		return s.createRunApart(ctx, ws, n)
+	}
 	p := &pendingCreate{ws: ws, n: n, id: newRunID(), done: make(chan createResult, 1)}
 	batch := s.gather.join(p)
 	for {

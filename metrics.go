@@ -118,6 +118,10 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 	if err == nil {
 		age, err = st.oldestQueuedAge(ctx)
 	}
+	var byKey, byRate int64
+	if err == nil {
+		byKey, byRate, err = st.heldRuns(ctx)
+	}
 	help("agentapp_database_up", "gauge", "1 when the database answered this scrape.")
 	if err != nil {
 		fmt.Fprintf(&b, "agentapp_database_up 0\n")
@@ -134,6 +138,8 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 		fmt.Fprintf(&b, "agentapp_queue_depth %d\n", stats.Queued)
 		help("agentapp_queue_oldest_age_seconds", "gauge", "Age of the oldest queued run; 0 when none is queued.")
 		fmt.Fprintf(&b, "agentapp_queue_oldest_age_seconds %g\n", math.Round(age.Seconds()*1000)/1000)
+		help("agentapp_runs_held", "gauge", "Due queued runs held back by their limits: reason key, a concurrency key at its agent's key_concurrency; reason rate, an agent whose rate_limit window is used up.")
+		fmt.Fprintf(&b, "agentapp_runs_held{reason=\"key\"} %d\nagentapp_runs_held{reason=\"rate\"} %d\n", byKey, byRate)
 	}
 	help("agentapp_goroutines", "gauge", "Goroutines in this process now.")
 	fmt.Fprintf(&b, "agentapp_goroutines %d\n", runtime.NumGoroutine())

@@ -112,7 +112,24 @@ ALTER TABLE agents
                                              AND retry_max_ms BETWEEN retry_base_ms AND 86400000);
 ALTER TABLE runs ADD COLUMN pushbacks integer NOT NULL DEFAULT 0`,
 	},
-	// Version 7 is another release's (concurrency keys, rate limits): it goes before this.
+	{
+		version: 7,
+		name:    "concurrency keys and rate limits",
+		before: `
+ALTER TABLE agents
+    ADD COLUMN key_concurrency integer NOT NULL DEFAULT 1 CHECK (key_concurrency BETWEEN 1 AND 1000),
+    ADD COLUMN on_key_conflict text NOT NULL DEFAULT 'queue'
+        CHECK (on_key_conflict IN ('queue', 'cancel_running', 'reject')),
+    ADD COLUMN rate_limit integer,
+    ADD COLUMN rate_period_ms integer,
+    ADD CONSTRAINT agents_rate_check CHECK ((rate_limit IS NULL) = (rate_period_ms IS NULL)
+                                            AND rate_limit BETWEEN 1 AND 1000000
+                                            AND rate_period_ms BETWEEN 1000 AND 86400000);
+ALTER TABLE runs
+    ADD COLUMN concurrency_key text CHECK (length(concurrency_key) BETWEEN 1 AND 200),
+    ADD COLUMN cost integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000),
+    ADD COLUMN cancel_error text`,
+	},
 	{
 		version: 8,
 		name:    "runs that wait: steps, signals, child runs",

@@ -93,10 +93,15 @@ func (p linePos) before(o linePos) bool {
 // head is one agent's place in line, as this process last saw it.
 type head struct {
 	workspace string
-	capped    bool
+	capped    bool    // it has a max_concurrency or a rate_limit
+	keyed     bool    // runs with a concurrency_key were read from its line
 	idle      bool    // its line had no due run: not read until it is announced or found again
 	at        linePos // the agent's due runs are read from here on
 }
+
+// locked reports whether the agent's runs are taken only under its lock (capLockSpace):
+// its cap, its rate and its keys' limits are counted by the claim that holds it.
+func (h *head) locked() bool { return h.capped || h.keyed }
 
 // lineup is what a worker knows of the queue between claims: the agents that may have due
 // runs, where each one's line starts, and when each workspace was last served. Only the
@@ -150,10 +155,11 @@ func (q *lineup) plan(now time.Time, rescan bool) (reset, search bool) {
 	return reset, reset || now.Sub(q.found) >= searchEvery
 }
 
-// capped reports whether an agent in line (of workspace ws, "" for any) has a cap.
-func (q *lineup) capped(ws string) bool {
+// locked reports whether an agent in line (of workspace ws, "" for any) is read only
+// under its lock.
+func (q *lineup) locked(ws string) bool {
 	for _, h := range q.heads {
-		if h.capped && !h.idle && (ws == "" || h.workspace == ws) {
+		if h.locked() && !h.idle && (ws == "" || h.workspace == ws) {
 			return true
 		}
 	}
@@ -252,7 +258,7 @@ const recoverSQL = `
 	WITH recovered AS (UPDATE runs r SET
 		status = CASE WHEN r.cancel_requested THEN 'canceled'
 		              WHEN r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
-		error = CASE WHEN r.cancel_requested THEN 'canceled by request'
+		error = CASE WHEN r.cancel_requested THEN coalesce(r.cancel_error, 'canceled by request')
 		             ELSE 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt END,
 		errors = r.errors || jsonb_build_array(jsonb_build_object('attempt', r.attempt, 'at', ` + nowZ + `,
 		         'message', 'lease expired: worker ' || r.worker_id || ' stopped renewing attempt ' || r.attempt)),
@@ -279,47 +285,64 @@ const wakeSQL = `
 
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
-// says, and whose start the row comparison bounds. A throttled agent reads none: its
+// says, and whose start the row comparison bounds. A run with a concurrency_key is passed
+// over while its key has key_concurrency runs running or due ahead of it in line (a range
+// of runs_key_idx): its key never holds up other runs. A throttled agent reads none: its
 // head goes idle until the next due time, which its throttled_until is among.
 const pickSQL = `
-	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL, a.name, a.kind, a.config, a.signing_secret,
-		CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
-		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, now()
+	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL, a.name, a.kind, a.config,
+		a.signing_secret, CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
+		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key IS NOT NULL, c.cost, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[]) AS h (agent_id, priority, run_at, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
-		SELECT r.id, r.priority, r.run_at, r.seq FROM runs r
+		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, r.cost FROM runs r
 		WHERE r.agent_id = h.agent_id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()
 		  AND (r.priority, r.run_at) >= (h.priority, h.run_at)
+		  AND (r.concurrency_key IS NULL OR (SELECT count(*) FROM (SELECT FROM runs k
+		       WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key
+		         AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting')
+		         AND (k.status = 'running' OR k.status = 'queued' AND k.run_at <= now()
+		              AND (k.priority, k.run_at, k.seq) < (r.priority, r.run_at, r.seq))
+		       LIMIT a.key_concurrency) ahead) < a.key_concurrency)
 		ORDER BY r.priority, r.run_at, r.seq
 		LIMIT h.n) c
 	WHERE a.throttled_until IS NULL OR a.throttled_until <= now()`
 
 // takeSQL claims the picked runs that are still queued, skipping those another
-// transaction holds. The status test is one no index can answer, so that the runs are
+// transaction holds, and records the cost of those of rate-limited agents ($4) as started
+// now. The status test is one no index can answer, so that the runs are
 // found by id: as a plain equality the generic plan read the queued range of
 // runs_list_idx, and as (status = 'queued') IS TRUE the whole of runs_line_idx, whose
 // predicate that is; under a pinned horizon each holds an entry for every run queued since.
 // status is never null, so IS NOT FALSE says the same. The rows locked are then written by
 // their address (ctid), not found by id a second time.
 const takeSQL = `
+	WITH taken AS (
 	UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker_id = $1,
 		lease_expires_at = now() + $2 * interval '1 millisecond', started_at = now(), updated_at = now()
 	WHERE r.ctid = ANY (ARRAY(SELECT x.ctid FROM runs x WHERE x.id = ANY ($3) AND (x.status = 'queued') IS NOT FALSE
 	                          FOR UPDATE SKIP LOCKED))
 	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks,
-		r.step, r.state, r.resume`
+	          r.cost, r.step, r.state, r.resume),
+	started AS (
+	INSERT INTO rate_starts (agent_id, at, cost)
+	SELECT agent_id, now(), sum(cost) FROM taken WHERE agent_id = ANY ($4) GROUP BY agent_id)
+	SELECT id, agent_id, workspace_id, attempt, input, timeout_ms, trace_id, trace_flags, pushbacks, step, state, resume
+	FROM taken`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
 // each in runs_line_idx; the agents of announced workspaces; the next due time (a scheduled
-// run's, or a throttled agent's end of throttle, whichever comes first); the capped agents'
-// locks; and their room, counted after the locks were taken.
+// run's, or a throttled agent's end of throttle, whichever comes first); the locks of the
+// agents read only under them; and, counted after the locks were taken, their room: how
+// many more may run (max_concurrency less those running), how many units their rate
+// leaves in the window that ends now, and when the earliest start in it leaves it.
 const (
-	searchSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL FROM agents a
+	searchSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL FROM agents a
 			WHERE NOT a.paused AND a.id <> ALL ($1)
 			  AND (SELECT true FROM runs r WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE
 			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`
-	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL
+	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL
 		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
 	nextDueSQL = `SELECT least(d.at, d.wake), d.wake FROM (SELECT least(
 			(SELECT min(run_at) FROM runs
@@ -328,11 +351,17 @@ const (
 			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))) AS at,
 			(SELECT min(wake_at) FROM runs WHERE status = 'waiting' AND wake_at IS NOT NULL
 			 AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)) AS wake) d`
-	lockCappedSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
+	lockAgentsSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
 			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`
-	roomSQL = `SELECT a.id, a.max_concurrency - (SELECT count(*) FROM runs x
-			WHERE x.status = 'running' AND x.workspace_id = a.workspace_id AND x.agent_id = a.id)
-			FROM agents a WHERE a.id = ANY ($1) AND a.max_concurrency IS NOT NULL`
+	roomSQL = `SELECT a.id,
+			coalesce(a.max_concurrency - (SELECT count(*) FROM runs x
+				WHERE x.status = 'running' AND x.workspace_id = a.workspace_id AND x.agent_id = a.id), $2),
+			coalesce((a.rate_limit - coalesce(w.used, 0))::bigint, $2),
+			w.first + a.rate_period_ms * interval '1 millisecond'
+			FROM agents a LEFT JOIN LATERAL (SELECT sum(s.cost) AS used, min(s.at) AS first FROM rate_starts s
+				WHERE s.agent_id = a.id AND s.at > now() - a.rate_period_ms * interval '1 millisecond') w
+				ON a.rate_limit IS NOT NULL
+			WHERE a.id = ANY ($1)`
 )
 
 // claimSQL is every statement a claim may send. They are prepared before its transaction
@@ -341,7 +370,7 @@ const (
 // waiting on another process's claim for locks of their own, three processes started
 // together waited for each other until the claim's 30 s timeout (compare.sh's 3-process
 // drain, 322 runs/s in 2 of 3 reps).
-var claimSQL = []string{recoverSQL, wakeSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockCappedSQL, roomSQL}
+var claimSQL = []string{recoverSQL, wakeSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockAgentsSQL, roomSQL}
 
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
@@ -426,12 +455,14 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 	if err := q.find(ctx, db); err != nil {
 		return res, err
 	}
-	if db.tx == nil && q.capped(ws) {
-		if err := begin(); err != nil {
-			return res, err
-		}
-	}
 	for round := 1; len(res.claimed) < limit; round++ {
+		// An agent read only under its lock needs a transaction to hold it (a round may
+		// learn that an agent has keyed runs: the next one locks it).
+		if db.tx == nil && q.locked(ws) {
+			if err := begin(); err != nil {
+				return res, err
+			}
+		}
 		more, err := s.claimRound(ctx, db, q, workerID, limit, ws, lease, &res)
 		if err != nil {
 			return res, err
@@ -453,6 +484,9 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 			res.nextDue, q.due = next.Time, next.Time
 		}
 		q.wake = wake.Time // zero when no run waits on a timer
+		if !res.rateFree.IsZero() && (res.nextDue.IsZero() || res.rateFree.Before(res.nextDue)) {
+			res.nextDue = res.rateFree
+		}
 	}
 	if db.tx != nil {
 		err := db.tx.Commit()
@@ -460,6 +494,24 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 		return res, err
 	}
 	return res, nil
+}
+
+// noLimit stands for an agent's room where it has no limit: more than any claim takes.
+const noLimit = math.MaxInt32
+
+// agentRoom is what a locked agent's limits leave to a claim: runs it may start, and units
+// of its rate (noLimit for none); free is when the earliest start in its window leaves it.
+type agentRoom struct {
+	runs, units int64
+	free        time.Time
+}
+
+// earliest is the earlier of two times, the zero time standing for none.
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || !b.IsZero() && b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // pick is one due run a round read.
@@ -502,36 +554,39 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	}
 	share := (want + len(order) - 1) / len(order)
 
-	// The capped agents of those workspaces only: the others are not read this round.
-	var capped []string
+	// The locked agents of those workspaces only (the others are not read this round), and
+	// how much room each leaves: how many runs it may start, and how many units of cost.
+	var limited []string
 	for _, w := range order {
 		for _, id := range agentsOf[w] {
-			if q.heads[id].capped {
-				capped = append(capped, id)
+			if q.heads[id].locked() {
+				limited = append(limited, id)
 			}
 		}
 	}
-	room := map[string]int{} // capped agents whose lock this claim holds: how many more may run
-	if len(capped) > 0 {
+	room := map[string]agentRoom{} // locked agents whose lock this claim holds
+	if len(limited) > 0 {
 		res.capped = true
 		// Two statements: the count must see every claim that committed before the lock.
 		// A lock this transaction holds already is taken again.
 		var locked pq.StringArray
-		if err := db.queryRow(ctx, lockCappedSQL, pq.StringArray(capped), capLockSpace).Scan(&locked); err != nil {
+		if err := db.queryRow(ctx, lockAgentsSQL, pq.StringArray(limited), capLockSpace).Scan(&locked); err != nil {
 			return false, err
 		}
-		rows, err := db.query(ctx, roomSQL, locked)
+		rows, err := db.query(ctx, roomSQL, locked, noLimit)
 		if err != nil {
 			return false, err
 		}
 		for rows.Next() {
 			var id string
-			var n int
-			if err := rows.Scan(&id, &n); err != nil {
+			var r agentRoom
+			var free sql.NullTime
+			if err := rows.Scan(&id, &r.runs, &r.units, &free); err != nil {
 				rows.Close()
 				return false, err
 			}
-			room[id] = n
+			r.free = free.Time
+			room[id] = r
 		}
 		rows.Close()
 		if err := rows.Err(); err != nil {
@@ -539,15 +594,28 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 	}
 
-	// Read each agent's line, up to the share (a capped agent: up to its room).
+	// Read each agent's line, up to the share (a locked agent: up to its room; one whose
+	// rate has no unit left is not read, and due again when the window moves on).
 	var agents []string
 	var prios, ns pq.Int64Array
 	var ats []string
+	var rated pq.StringArray // agents whose starts count against a rate
 	for _, w := range order {
 		for _, id := range agentsOf[w] {
 			h, n := q.heads[id], share
-			if h.capped {
-				n = min(n, room[id]) // 0 when its lock is held elsewhere
+			if h.locked() {
+				r, ok := room[id]
+				if !ok {
+					continue // its lock is held elsewhere
+				}
+				if r.units < noLimit {
+					rated = append(rated, id)
+				}
+				if r.units <= 0 {
+					res.rateFree = earliest(res.rateFree, r.free)
+					continue
+				}
+				n = min(n, int(r.runs))
 			}
 			if n <= 0 {
 				continue
@@ -565,14 +633,16 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	}
 	read := map[string][]pick{}        // by agent, in claim order
 	agentOf := map[string]claimedRun{} // the agents read, as they stand now
+	held := map[string]bool{}          // agents whose read stopped at a run they may not start yet
 	var dbNow time.Time
 	for rows.Next() {
 		var p pick
-		var paused, isCapped bool
+		var paused, isCapped, keyed bool
+		var cost int64
 		var a claimedRun
 		var secret, previous sql.NullString
 		if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
-			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &dbNow); err != nil {
+			&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &keyed, &cost, &dbNow); err != nil {
 			rows.Close()
 			return false, err
 		}
@@ -583,8 +653,8 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 		agentOf[p.agent] = a
 		h := q.heads[p.agent]
-		if h == nil {
-			continue // left the line at an earlier row of this round
+		if h == nil || held[p.agent] {
+			continue // left the line at an earlier row of this round, or stopped there
 		}
 		if paused || isCapped != h.capped {
 			// Changed since it was found: found again at the next search.
@@ -592,6 +662,20 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			q.announce(nil)
 			more = true
 			continue
+		}
+		switch r, ok := room[p.agent]; {
+		case keyed && !ok:
+			// Its keys' limits are counted under its lock: the next round takes it.
+			h.keyed, held[p.agent], more = true, true, true
+			continue
+		case ok && cost > r.units:
+			// Over its rate: this run and those behind it wait for the window to move on.
+			res.rateFree = earliest(res.rateFree, r.free)
+			held[p.agent] = true
+			continue
+		case ok:
+			r.units -= cost
+			room[p.agent] = r
 		}
 		read[p.agent] = append(read[p.agent], p)
 	}
@@ -630,7 +714,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	}
 	claimed := map[string]bool{}
 	if len(chosen) > 0 {
-		rows, err = db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen))
+		rows, err = db.query(ctx, takeSQL, workerID, lease.Milliseconds(), pq.StringArray(chosen), rated)
 		if err != nil {
 			return false, err
 		}
@@ -672,7 +756,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		}
 		got := read[id]
 		if len(got) == 0 {
-			h.idle = true
+			h.idle = !held[id]
 			continue
 		}
 		next := got[len(got)-1]
@@ -686,7 +770,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		if late := dbNow.Add(-lateCommit); h.at.runAt.After(late) {
 			h.at.runAt = late
 		}
-		if int64(len(got)) == ns[i] {
+		if int64(len(got)) == ns[i] && !held[id] {
 			more = true // it may have more due
 		}
 	}
@@ -740,6 +824,8 @@ type newRun struct {
 	RunAt          time.Time    // zero: now; a time in the past means now
 	DelayMS        int64        // due this long after the database's now(); not with RunAt
 	TimeoutMS      int          // 0: none
+	Key            string       // its concurrency_key; "": none
+	Cost           int          // units of its agent's rate_limit, 1 … maxRunCost
 	IdempotencyKey string       // optional
 	RequestHash    []byte       // with IdempotencyKey: tells a repeat from a different request
 	EarlierHash    []byte       // the hash the previous release stored for the same request, or nil
@@ -757,25 +843,54 @@ func (s *store) createRunAlone(ctx context.Context, ws string, n newRun, id stri
 		return r, true, nil
 	}
 	// Nothing inserted: either the key was used before or the agent is unknown.
-	if key := n.IdempotencyKey; key != "" {
-		var first string
-		var hash []byte
-		err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
-			WHERE workspace_id = $1 AND idempotency_key = $2`, ws, key).Scan(&first, &hash)
-		switch {
-		case err == nil && string(hash) != string(n.RequestHash) && (n.EarlierHash == nil || string(hash) != string(n.EarlierHash)):
-			return runRecord{}, false, errConflict
-		case err == nil:
-			r, err = s.getRun(ctx, ws, first)
-			return r, false, err
-		case !errors.Is(err, sql.ErrNoRows):
-			return runRecord{}, false, err
-		}
+	if r, found, err := s.repeatOf(ctx, ws, n); found || err != nil {
+		return r, false, err
 	}
 	return runRecord{}, false, unknownAgentError{n.Agent}
 }
 
-// timeArg is t as a timestamptz text argument, ” for the zero time.
+// createRunApart creates one run that the gathered statement does not: one with a
+// concurrency_key or a cost, on which its agent's limits decide (createRuns). With an
+// idempotency key used before, it returns the first run (or errConflict) as createRun does.
+func (s *store) createRunApart(ctx context.Context, ws string, n newRun) (runRecord, bool, error) {
+	if r, found, err := s.repeatOf(ctx, ws, n); found || err != nil {
+		return r, false, err
+	}
+	runs, err := s.createRuns(ctx, ws, []newRun{n}, n.Trace)
+	if err != nil {
+		return runRecord{}, false, err
+	}
+	if len(runs) == 1 {
+		return runs[0], true, nil
+	}
+	// Its idempotency key was taken meanwhile.
+	r, _, err := s.repeatOf(ctx, ws, n)
+	return r, false, err
+}
+
+// repeatOf returns the run created before with n's idempotency key, if any: found when it
+// was made by the same request, errConflict when by another.
+func (s *store) repeatOf(ctx context.Context, ws string, n newRun) (r runRecord, found bool, err error) {
+	if n.IdempotencyKey == "" {
+		return r, false, nil
+	}
+	var first string
+	var hash []byte
+	err = s.db.QueryRowContext(ctx, `SELECT id, request_hash FROM runs
+		WHERE workspace_id = $1 AND idempotency_key = $2`, ws, n.IdempotencyKey).Scan(&first, &hash)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return r, false, nil
+	case err != nil:
+		return r, false, err
+	case string(hash) != string(n.RequestHash) && (n.EarlierHash == nil || string(hash) != string(n.EarlierHash)):
+		return r, false, errConflict
+	}
+	r, err = s.getRun(ctx, ws, first)
+	return r, err == nil, err
+}
+
+// timeArg is t as a timestamptz text argument, "" for the zero time.
 func timeArg(t time.Time) string {
 	if t.IsZero() {
 		return ""
@@ -786,57 +901,151 @@ func timeArg(t time.Time) string {
 // unknownAgentError is a run request naming an agent its workspace does not have.
 type unknownAgentError struct{ name string }
 
-// createRuns inserts all the runs or none, in the trace tc: an unknown agent name is an
-// unknownAgentError.
+// keyBusyError is a create refused because a run's concurrency_key has a run that is not
+// final, and its agent's on_key_conflict is reject.
+type keyBusyError struct {
+	where, agent, key, holder string
+}
+
+func (e keyBusyError) Error() string {
+	return fmt.Sprintf("%sconcurrency_key %q of agent %q is busy: run %s holds it (on_key_conflict is reject)",
+		e.where, e.key, e.agent, e.holder)
+}
+
+// keyLockSpace is the advisory lock space of the creates that decide on a key's runs
+// (on_key_conflict reject or cancel_running); the second key is the hash of agent and key.
+const keyLockSpace = 734630
+
+// createAgentInfo is what a create needs of an agent.
+type createAgentInfo struct {
+	id, conflict string
+	rateLimit    sql.NullInt64
+}
+
+// createRuns inserts all the runs or none, in the trace tc. An unknown agent name is an
+// unknownAgentError, a cost over its agent's rate limit a 422, a key busy under reject a
+// keyBusyError. A run with a concurrency_key whose agent rejects or supersedes is decided
+// under its key's lock, in one transaction: lock the keys, find their runs that are not
+// final, insert, cancel the ones superseded ("superseded by run <id>": the newest run of
+// the key wins, in the request too). With an idempotency key taken, nothing is inserted
+// for that run (createRunApart).
 func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc traceContext) ([]runRecord, error) {
 	names := make([]string, len(ns))
 	for i, n := range ns {
 		names[i] = n.Agent
 	}
-	rows, err := s.db.QueryContext(ctx,
-		`SELECT name, id FROM agents WHERE workspace_id = $1 AND name = ANY($2)`, ws, pq.StringArray(names))
+	rows, err := s.db.QueryContext(ctx, `SELECT name, id, on_key_conflict, rate_limit FROM agents
+		WHERE workspace_id = $1 AND name = ANY($2)`, ws, pq.StringArray(names))
 	if err != nil {
 		return nil, err
 	}
-	agentIDs := map[string]string{}
+	agents := map[string]createAgentInfo{}
 	for rows.Next() {
-		var name, id string
-		if err := rows.Scan(&name, &id); err != nil {
+		var name string
+		var a createAgentInfo
+		if err := rows.Scan(&name, &a.id, &a.conflict, &a.rateLimit); err != nil {
 			rows.Close()
 			return nil, err
 		}
-		agentIDs[name] = id
+		agents[name] = a
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	runIDs, ids, inputs, maxes := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns)), make([]int64, len(ns))
-	priorities, runAts, delays, timeouts := make([]int64, len(ns)), make([]string, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
+	k := len(ns)
+	runIDs, ids, inputs, maxes := make([]string, k), make([]string, k), make([]string, k), make([]int64, k)
+	priorities, runAts, delays, timeouts := make([]int64, k), make([]string, k), make([]int64, k), make([]int64, k)
+	keys, costs, idemKeys, hashes := make([]string, k), make([]int64, k), make([]string, k), make(pq.ByteaArray, k)
+	decided := map[[2]string]int{} // agent id and key → the request's last run of it, under reject or cancel_running
+	where := func(i int) string {
+		if k == 1 {
+			return ""
+		}
+		return fmt.Sprintf("runs[%d].", i)
+	}
 	for i, n := range ns {
-		id, ok := agentIDs[n.Agent]
+		a, ok := agents[n.Agent]
 		if !ok {
 			return nil, unknownAgentError{n.Agent}
 		}
-		runIDs[i], ids[i], inputs[i], maxes[i] = newRunID(), id, string(n.Input), int64(n.MaxAttempts)
+		cost := max(n.Cost, 1)
+		if a.rateLimit.Valid && int64(cost) > a.rateLimit.Int64 {
+			return nil, invalid("%scost %d is over agent %q's rate_limit.limit (%d): it could never start",
+				where(i), cost, n.Agent, a.rateLimit.Int64)
+		}
+		runIDs[i], ids[i], inputs[i], maxes[i] = newRunID(), a.id, string(n.Input), int64(n.MaxAttempts)
 		priorities[i], runAts[i], delays[i], timeouts[i] = int64(n.Priority), timeArg(n.RunAt), n.DelayMS, int64(n.TimeoutMS)
+		keys[i], costs[i], idemKeys[i], hashes[i] = n.Key, int64(cost), n.IdempotencyKey, n.RequestHash
+		if n.Key != "" && a.conflict != keyQueue {
+			ak := [2]string{a.id, n.Key}
+			if first, ok := decided[ak]; ok && a.conflict == keyReject {
+				return nil, keyBusyError{where(i), n.Agent, n.Key, fmt.Sprintf("%s (runs[%d] of this request)", runIDs[first], first)}
+			}
+			decided[ak] = i
+		}
+	}
+	db := queryer{s: s}
+	if len(decided) > 0 {
+		if db.tx, err = s.db.BeginTx(ctx, nil); err != nil {
+			return nil, err
+		}
+		defer db.tx.Rollback()
+		var lockAgents, lockKeys []string
+		for ak := range decided {
+			lockAgents, lockKeys = append(lockAgents, ak[0]), append(lockKeys, ak[1])
+		}
+		// In one order, so that two creates with the same keys do not deadlock.
+		rows, err := db.tx.QueryContext(ctx, `
+			WITH locks AS MATERIALIZED (
+				SELECT pg_advisory_xact_lock($1, hashtext(k.agent_id::text || '/' || k.key))
+				FROM unnest($2::uuid[], $3::text[]) AS k (agent_id, key) ORDER BY k.agent_id, k.key)
+			SELECT DISTINCT ON (r.agent_id, r.concurrency_key) r.agent_id, r.concurrency_key, r.id
+			FROM (SELECT count(*) FROM locks) l, unnest($2::uuid[], $3::text[]) AS k (agent_id, key)
+			JOIN runs r ON r.agent_id = k.agent_id AND r.concurrency_key = k.key
+			WHERE r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
+			ORDER BY r.agent_id, r.concurrency_key, r.priority, r.run_at, r.seq`,
+			keyLockSpace, pq.StringArray(lockAgents), pq.StringArray(lockKeys))
+		if err != nil {
+			return nil, err
+		}
+		for rows.Next() {
+			var ak [2]string
+			var holder string
+			if err := rows.Scan(&ak[0], &ak[1], &holder); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			if i := decided[ak]; agents[ns[i].Agent].conflict == keyReject {
+				rows.Close()
+				return nil, keyBusyError{where(i), ns[i].Agent, ak[1], holder}
+			}
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, err
+		}
 	}
 	// Only what the database makes is read back: decoding every column of the rows (and
 	// joining agents for names the request gave) took a third of the server's CPU per batch.
-	rows, err = s.queryPrepared(ctx, `
+	rows, err = db.query(ctx, `
 		WITH ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms,
-			                  trace_id, trace_flags)
+			                  trace_id, trace_flags, concurrency_key, cost, idempotency_key, request_hash)
 			SELECT w.id, $1, w.agent_id, w.input, w.max_attempts, w.priority, agentapp_run_at(w.run_at, w.delay_ms),
-			       NULLIF(w.timeout_ms, 0), $10, $11
-			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[])
-			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms, ord)
+			       NULLIF(w.timeout_ms, 0), $10, $11, NULLIF(w.key, ''), w.cost, NULLIF(w.idem, ''), NULLIF(w.hash, ''::bytea)
+			FROM unnest($9::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::smallint[], $6::text[], $7::bigint[], $8::int[],
+			            $12::text[], $13::int[], $14::text[], $15::bytea[])
+			     WITH ORDINALITY AS w(id, agent_id, input, max_attempts, priority, run_at, delay_ms, timeout_ms,
+			                          key, cost, idem, hash, ord)
 			ORDER BY w.ord
+			ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 			RETURNING id, input, run_at, created_at, updated_at, seq
 		)
 		SELECT * FROM ins ORDER BY seq`,
 		ws, pq.StringArray(ids), pq.StringArray(inputs), pq.Int64Array(maxes), pq.Int64Array(priorities),
-		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs), tc.TraceID, tc.Flags)
+		pq.StringArray(runAts), pq.Int64Array(delays), pq.Int64Array(timeouts), pq.StringArray(runIDs), tc.TraceID, tc.Flags,
+		pq.StringArray(keys), pq.Int64Array(costs), pq.StringArray(idemKeys), hashes)
 	if err != nil {
 		return nil, err
 	}
@@ -853,15 +1062,56 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 		}
 		n := ns[len(runs)]
 		r.WorkspaceID, r.Agent, r.Status, r.Errors, r.Step = ws, n.Agent, statusQueued, json.RawMessage("[]"), 1
-		r.MaxAttempts, r.Priority, r.TraceID = n.MaxAttempts, n.Priority, tc.TraceID
+		r.MaxAttempts, r.Priority, r.TraceID, r.Cost = n.MaxAttempts, n.Priority, tc.TraceID, max(n.Cost, 1)
 		if n.TimeoutMS != 0 {
 			ms := n.TimeoutMS
 			r.TimeoutMS = &ms
 		}
+		if n.Key != "" {
+			key := n.Key
+			r.ConcurrencyKey = &key
+		}
 		r.RunAt, r.CreatedAt, r.UpdatedAt = r.RunAt.UTC(), r.CreatedAt.UTC(), r.UpdatedAt.UTC()
 		runs = append(runs, r)
 	}
-	return runs, rows.Err()
+	if err := rows.Err(); err != nil || db.tx == nil || len(runs) < len(ns) {
+		return runs, err
+	}
+	rows.Close()
+	// The newest run of each key superseding its earlier ones wins.
+	var winAgents, winKeys, winners []string
+	for ak, i := range decided {
+		if agents[ns[i].Agent].conflict == keyCancelRunning {
+			winAgents, winKeys, winners = append(winAgents, ak[0]), append(winKeys, ak[1]), append(winners, runIDs[i])
+		}
+	}
+	if len(winners) > 0 {
+		// Superseded as their own cancel would: a waiting one at once, and their trees.
+		var superseded pq.StringArray
+		if err := db.tx.QueryRowContext(ctx, `
+			WITH sup AS (
+			UPDATE runs r SET
+				cancel_requested = true,
+				cancel_error = 'superseded by run ' || k.winner,
+				status = CASE WHEN r.status = 'running' THEN r.status ELSE 'canceled' END,
+				error = CASE WHEN r.status = 'running' THEN r.error ELSE 'superseded by run ' || k.winner END,
+				finished_at = CASE WHEN r.status = 'running' THEN r.finished_at ELSE now() END,
+				waiting_for = NULL, wake_at = NULL, updated_at = now()
+			FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS k (agent_id, key, winner)
+			WHERE r.agent_id = k.agent_id AND r.concurrency_key = k.key AND r.id <> k.winner
+			  AND r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
+			RETURNING r.id)
+			SELECT coalesce(array_agg(id), '{}') FROM sup`,
+			pq.StringArray(winAgents), pq.StringArray(winKeys), pq.StringArray(winners)).Scan(&superseded); err != nil {
+			return nil, err
+		}
+		if len(superseded) > 0 {
+			if _, err := db.tx.ExecContext(ctx, cancelDescendantsSQL, superseded); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return runs, db.tx.Commit()
 }
 
 // cancelTreeSQL cancels the runs of tree (a CTE: the ids of the runs asked for, CTE asked,
@@ -877,9 +1127,21 @@ const cancelTreeSQL = `
 			             WHEN r.id IN (SELECT id FROM asked) THEN 'canceled by request'
 			             ELSE 'canceled with its parent run ' || r.parent_id END,
 			finished_at = CASE WHEN r.status IN ('queued', 'waiting') THEN now() ELSE r.finished_at END,
+			cancel_error = CASE WHEN r.status = 'running' AND r.id NOT IN (SELECT id FROM asked)
+			                    THEN 'canceled with its parent run ' || r.parent_id ELSE r.cancel_error END,
 			waiting_for = NULL, wake_at = NULL, updated_at = now()
 		WHERE r.id IN (SELECT id FROM tree) AND r.status IN ('queued', 'running', 'waiting')
 		RETURNING r.id, r.status`
+
+// cancelDescendantsSQL cancels, as cancelTreeSQL does, the descendants of the runs $1.
+const cancelDescendantsSQL = `
+		WITH RECURSIVE asked AS (SELECT NULL::uuid AS id WHERE false),
+		tree AS (
+			SELECT id FROM runs WHERE parent_id = ANY ($1::uuid[])
+			UNION ALL
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (` + cancelTreeSQL + `)
+		SELECT count(*) FROM upd`
 
 // cancelRun cancels a queued or waiting run at once, or asks for a running run to be
 // canceled where it executes, and with it every run of its tree that is not final (SPEC:
@@ -902,14 +1164,7 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 		// Its descendants again, in a statement that sees what committed meanwhile: a
 		// running run whose wait for child runs committed while the statement above waited
 		// for its row made children that statement's snapshot could not see.
-		if _, err := s.db.ExecContext(ctx, `
-			WITH RECURSIVE asked AS (SELECT NULL::uuid AS id WHERE false),
-			tree AS (
-				SELECT id FROM runs WHERE parent_id = $1
-				UNION ALL
-				SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
-			upd AS (`+cancelTreeSQL+`)
-			SELECT count(*) FROM upd`, id); err != nil {
+		if _, err := s.db.ExecContext(ctx, cancelDescendantsSQL, pq.StringArray{id}); err != nil {
 			return runRecord{}, err
 		}
 	}
@@ -927,7 +1182,7 @@ func (s *store) retryRun(ctx context.Context, ws, id string, attempts int) (runR
 	r, err := scanRun(s.db.QueryRowContext(ctx, `
 		WITH upd AS (
 			UPDATE runs SET status = 'queued', max_attempts = attempt + $3, error = NULL, output = NULL,
-				started_at = NULL, finished_at = NULL, cancel_requested = false, worker_id = NULL,
+				started_at = NULL, finished_at = NULL, cancel_requested = false, cancel_error = NULL, worker_id = NULL,
 				lease_expires_at = NULL, run_at = now(), updated_at = now()
 			WHERE id = $1 AND workspace_id = $2 AND status IN ('failed', 'canceled')
 			RETURNING *
@@ -1006,7 +1261,8 @@ type claimResult struct {
 	requeued int       // expired leases put back to queued
 	woken    int       // waiting runs whose timer fell due, queued again
 	failed   int       // expired leases that ended the run (no attempt left, or canceled)
-	capped   bool      // capped agents had due runs: a freed slot may make one claimable
+	capped   bool      // locked agents had due runs: a freed slot may make one claimable
+	rateFree time.Time // the earliest time a rate-limited agent's window frees units; zero: none held
 	more     bool      // fewer than the limit were claimed, yet more may be claimable
 	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
 }
@@ -1121,7 +1377,7 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
 			error = CASE WHEN o.proposed = 'requeued' THEN r.error
-			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled by request'
+			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN coalesce(r.cancel_error, 'canceled by request')
 			             WHEN o.proposed = 'pushed_back' THEN r.error
 			             WHEN o.proposed = 'failed' THEN o.message END,
 			errors = CASE WHEN o.proposed = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
@@ -1267,9 +1523,11 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (en
 	ns := o.Wait.Children
 	runIDs, names, inputs := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns))
 	maxes, priorities, timeouts := make([]int64, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
+	keys, costs := make([]string, len(ns)), make([]int64, len(ns))
 	for i, n := range ns {
 		runIDs[i], names[i], inputs[i] = newRunID(), n.Agent, string(n.Input)
 		maxes[i], priorities[i], timeouts[i] = int64(n.MaxAttempts), int64(n.Priority), int64(n.TimeoutMS)
+		keys[i], costs[i] = n.Key, int64(max(n.Cost, 1))
 	}
 	var inserted int
 	var missing, ws sql.NullString
@@ -1278,14 +1536,14 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (en
 		WITH w AS (
 			SELECT c.*, (SELECT a.id FROM agents a WHERE a.workspace_id = p.workspace_id AND a.name = c.agent) AS agent_id,
 			       p.workspace_id, p.trace_id, p.trace_flags, p.step
-			FROM runs p, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::smallint[], $7::int[])
-			     WITH ORDINALITY AS c(id, agent, input, max_attempts, priority, timeout_ms, ord)
+			FROM runs p, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::smallint[], $7::int[], $8::text[], $9::int[])
+			     WITH ORDINALITY AS c(id, agent, input, max_attempts, priority, timeout_ms, key, cost, ord)
 			WHERE p.id = $1),
 		ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, timeout_ms, trace_id, trace_flags,
-			                  parent_id, parent_step)
+			                  parent_id, parent_step, concurrency_key, cost)
 			SELECT w.id, w.workspace_id, w.agent_id, w.input, w.max_attempts, w.priority, NULLIF(w.timeout_ms, 0),
-			       w.trace_id, w.trace_flags, $1, w.step
+			       w.trace_id, w.trace_flags, $1, w.step, NULLIF(w.key, ''), w.cost
 			FROM w WHERE w.agent_id IS NOT NULL ORDER BY w.ord
 			RETURNING workspace_id, priority, run_at),
 		first AS (SELECT workspace_id, priority, run_at FROM ins ORDER BY priority, run_at LIMIT 1)
@@ -1293,7 +1551,8 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (en
 		       (SELECT workspace_id FROM first), coalesce((SELECT priority FROM first), 0),
 		       coalesce((SELECT run_at FROM first), now())`,
 		o.ID, pq.StringArray(runIDs), pq.StringArray(names), pq.StringArray(inputs), pq.Int64Array(maxes),
-		pq.Int64Array(priorities), pq.Int64Array(timeouts)).Scan(&inserted, &missing, &ws, &at.priority, &at.runAt)
+		pq.Int64Array(priorities), pq.Int64Array(timeouts), pq.StringArray(keys), pq.Int64Array(costs)).
+		Scan(&inserted, &missing, &ws, &at.priority, &at.runAt)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -93,15 +93,18 @@ type workerRow struct {
 
 // heartbeat writes w's row (inserting it when missing: at start, or after another process
 // removed it while this one could not reach the database) and, in the same statement,
-// removes other processes' rows not heartbeated for staleAfter, and the status_listeners
-// rows not refreshed for as long (notify.go). It returns the workers' ids it removed.
+// removes other processes' rows not heartbeated for staleAfter, the status_listeners
+// rows not refreshed for as long (notify.go), and the rate_starts older than their agent's
+// window (queue.go). It returns the workers' ids it removed.
 func (s *store) heartbeat(ctx context.Context, w workerRow, staleAfter time.Duration) ([]string, error) {
 	var removed pq.StringArray
 	err := s.db.QueryRowContext(ctx, `
 		WITH stale AS (
 			DELETE FROM workers WHERE heartbeat_at < now() - $8 * interval '1 millisecond' AND id <> $1
 			RETURNING id), unheard AS (
-			DELETE FROM status_listeners WHERE refreshed_at < now() - $8 * interval '1 millisecond')
+			DELETE FROM status_listeners WHERE refreshed_at < now() - $8 * interval '1 millisecond'), outdated AS (
+			DELETE FROM rate_starts s USING agents a
+			WHERE a.id = s.agent_id AND s.at < now() - coalesce(a.rate_period_ms, 0) * interval '1 millisecond')
 		INSERT INTO workers (id, hostname, pid, version, mode, concurrency, executing)
 		VALUES ($1, $2, $3, $4, $5, $6, $7)
 		ON CONFLICT (id) DO UPDATE SET executing = EXCLUDED.executing, heartbeat_at = now()

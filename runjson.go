@@ -55,6 +55,14 @@ func (r *runRecord) appendJSON(b []byte) []byte {
 	} else {
 		b = strconv.AppendInt(b, int64(*r.TimeoutMS), 10)
 	}
+	b = append(b, `,"concurrency_key":`...)
+	if r.ConcurrencyKey == nil {
+		b = append(b, "null"...)
+	} else {
+		b = appendJSONString(b, *r.ConcurrencyKey)
+	}
+	b = append(b, `,"cost":`...)
+	b = strconv.AppendInt(b, int64(r.Cost), 10)
 	b = append(b, `,"step":`...)
 	b = strconv.AppendInt(b, int64(r.Step), 10)
 	b = append(b, `,"state":`...)

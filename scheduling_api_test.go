@@ -305,6 +305,9 @@ type agentJSON struct {
 	Paused         *bool           `json:"paused"`
 	Retry          *retryPolicy    `json:"retry"`
 	ThrottledUntil *time.Time      `json:"throttled_until"`
+	KeyConcurrency *int            `json:"key_concurrency"`
+	OnKeyConflict  *string         `json:"on_key_conflict"`
+	RateLimit      *rateLimit      `json:"rate_limit"`
 	CreatedAt      string          `json:"created_at"`
 }
 
@@ -318,7 +321,7 @@ func mustAgent(t testing.TB, a *app, method, path, token string, body any, want 
 	}
 	raw := decodeObject(t, data)
 	for _, key := range []string{"id", "workspace_id", "name", "kind", "config", "max_concurrency", "paused", "retry",
-		"throttled_until", "created_at"} {
+		"throttled_until", "created_at", "key_concurrency", "on_key_conflict", "rate_limit"} {
 		if _, ok := raw[key]; !ok {
 			t.Errorf("%s %s: got agent %s without %q; want every agent key", method, path, data, key)
 		}

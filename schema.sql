@@ -32,6 +32,16 @@ CREATE TABLE IF NOT EXISTS agents (
     retry_base_ms integer NOT NULL DEFAULT 500,
     retry_max_ms  integer NOT NULL DEFAULT 30000,
     throttled_until timestamptz,                  -- a webhook's Retry-After: no attempt starts before this
+    -- Runs that share a concurrency_key: at most key_concurrency of them run at once, and
+    -- what a new run does while its key has one (queue, cancel_running, reject).
+    key_concurrency integer NOT NULL DEFAULT 1 CHECK (key_concurrency BETWEEN 1 AND 1000),
+    on_key_conflict text NOT NULL DEFAULT 'queue' CHECK (on_key_conflict IN ('queue', 'cancel_running', 'reject')),
+    -- The attempts that start in any rate_period_ms cost at most rate_limit units (null: no limit).
+    rate_limit     integer,
+    rate_period_ms integer,
+    CONSTRAINT agents_rate_check CHECK ((rate_limit IS NULL) = (rate_period_ms IS NULL)
+                                        AND rate_limit BETWEEN 1 AND 1000000
+                                        AND rate_period_ms BETWEEN 1000 AND 86400000),
     CONSTRAINT agents_retry_check CHECK (retry_base_ms BETWEEN 1 AND 3600000
                                          AND retry_max_ms BETWEEN retry_base_ms AND 86400000),
     UNIQUE (workspace_id, name),
@@ -73,6 +83,9 @@ CREATE TABLE IF NOT EXISTS runs (
     schedule_id      uuid,
     scheduled_for    timestamptz,
     pushbacks        integer NOT NULL DEFAULT 0,  -- answers with Retry-After that did not spend an attempt
+    concurrency_key  text CHECK (length(concurrency_key) BETWEEN 1 AND 200), -- its agent's key_concurrency holds per key
+    cost             integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000), -- units of its agent's rate_limit
+    cancel_error     text,                        -- with cancel_requested: the error the run ends with (null: canceled by request)
     -- Runs that wait (SPEC "Runs that wait"). step is the step the run executes next (1, 2,
     -- …; attempt counts within it); state is what the agent's last step returned, handed to
     -- the next; waiting_for is the wait of a waiting run (its 202's "wait"), wake_at when a
@@ -124,6 +137,23 @@ CREATE INDEX IF NOT EXISTS runs_wake_idx ON runs (wake_at) WHERE status = 'waiti
 -- A run's children (fan-in, ?parent=, the cancel's cascade, the parent key's own check on
 -- delete): entries only for child runs.
 CREATE INDEX IF NOT EXISTS runs_parent_idx ON runs (parent_id, seq) WHERE parent_id IS NOT NULL;
+
+-- A key's runs of an agent: those running (held against key_concurrency) and those queued
+-- in line order, for the claim's test of a keyed run (queue.go) and a create's conflict.
+-- Only keyed runs that are not final have an entry.
+CREATE INDEX IF NOT EXISTS runs_key_idx ON runs (agent_id, concurrency_key, priority, run_at, seq)
+    WHERE concurrency_key IS NOT NULL AND status IN ('queued', 'running', 'waiting');
+
+-- The attempts of rate-limited agents that started (one row per agent and claim, with the
+-- cost of the runs it started), for the sum over the agent's window: inserted by the claim
+-- under the agent's lock, deleted once older than the window by the heartbeat. Never
+-- updated, so a pinned horizon grows no chain of versions here.
+CREATE TABLE IF NOT EXISTS rate_starts (
+    agent_id uuid NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
+    at       timestamptz NOT NULL,
+    cost     bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_starts_idx ON rate_starts (agent_id, at);
 
 -- The throttled agents, for the next time one may start an attempt again (an idle worker
 -- sleeps until then): an agent keeps its last throttled_until once it has passed.
@@ -322,13 +352,14 @@ DECLARE
     v_payload text;
     v_status  boolean := EXISTS (SELECT 1 FROM status_listeners);
 BEGIN
-    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w WHERE w.status = 'queued' OR w.cancel_requested) THEN
-        RETURN NULL; -- no status wanted, nothing claimable, no cancel: the common claim and outcome write
+    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w
+                                    WHERE w.status = 'queued' OR w.cancel_requested OR w.concurrency_key IS NOT NULL) THEN
+        RETURN NULL; -- no status wanted, nothing claimable, no cancel, no key: the common claim and outcome write
     END IF;
     -- One join of the old rows to the new ones serves all three channels.
     FOR v_channel, v_payload IN
         WITH d AS (
-            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at,
+            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at, w.agent_id, w.concurrency_key,
                    w.status = 'running' AND w.cancel_requested AND NOT o.cancel_requested AS cancel
             FROM old_runs o JOIN new_runs w ON w.id = o.id
             WHERE w.status <> o.status OR (w.cancel_requested AND NOT o.cancel_requested))
@@ -344,7 +375,17 @@ BEGIN
             SELECT e.entry, (row_number() OVER () - 1) / 120 AS chunk FROM (
                 SELECT DISTINCT ON (d.workspace_id) d.workspace_id::text || '/' || d.priority || '/'
                        || trunc(extract(epoch FROM d.run_at) * 1000000)::bigint AS entry
-                FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
+                FROM (SELECT d.workspace_id, d.priority, d.run_at FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
+                      UNION ALL
+                      -- A keyed run that stopped running frees its key: the key's first queued
+                      -- run, passed over by the claims while the key was at its limit.
+                      SELECT d.workspace_id, k.priority, k.run_at FROM d CROSS JOIN LATERAL (
+                          SELECT k.priority, k.run_at FROM runs k
+                          WHERE k.agent_id = d.agent_id AND k.concurrency_key = d.concurrency_key
+                            AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting')
+                            AND k.status = 'queued'
+                          ORDER BY k.priority, k.run_at, k.seq LIMIT 1) k
+                      WHERE d.was = 'running' AND d.status <> 'running' AND d.concurrency_key IS NOT NULL) d
                 ORDER BY d.workspace_id, d.priority, d.run_at) e) c
         GROUP BY c.chunk
         UNION ALL

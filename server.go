@@ -304,6 +304,7 @@ var errKeyReused = fmt.Errorf("%w: Idempotency-Key was already used with a diffe
 // anything else a 500 whose details are logged, never shown.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var unknown unknownAgentError
+	var busy keyBusyError
 	var bad *requestError
 	var pqErr *pq.Error
 	dataMsg, isData := dataException(err)
@@ -324,6 +325,8 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusConflict, "conflict", messageOf(err, errConflict, "conflict"))
 	case errors.As(err, &unknown):
 		writeError(w, http.StatusUnprocessableEntity, "unknown_agent", unknown.Error())
+	case errors.As(err, &busy):
+		writeError(w, http.StatusConflict, "key_busy", busy.Error())
 	case isUnavailable(err):
 		if ok, suppressed := s.dbLog.allow(""); ok {
 			s.log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err, "suppressed", suppressed)
@@ -876,6 +879,9 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 		MaxConcurrency *int            `json:"max_concurrency"`
 		Paused         bool            `json:"paused"`
 		Retry          json.RawMessage `json:"retry"`
+		KeyConcurrency *int            `json:"key_concurrency"`
+		OnKeyConflict  *string         `json:"on_key_conflict"`
+		RateLimit      json.RawMessage `json:"rate_limit"`
 	}
 	if err := decode(r, &req, false); err != nil {
 		s.fail(w, r, err)
@@ -893,12 +899,26 @@ func (s *server) createAgent(w http.ResponseWriter, r *http.Request) {
 	if err == nil && req.Retry != nil {
 		retry, err = parseRetry(req.Retry)
 	}
+	var rate *rateLimit
+	if err == nil && req.RateLimit != nil {
+		rate, err = parseRate(req.RateLimit)
+	}
+	if err == nil {
+		err = checkKeyLimit(req.KeyConcurrency, req.OnKeyConflict)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	a, err := s.store.createAgent(r.Context(), agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind,
-		Config: config, MaxConcurrency: req.MaxConcurrency, Paused: req.Paused, Retry: retry})
+	a := agent{WorkspaceID: r.PathValue("ws"), Name: req.Name, Kind: req.Kind, Config: config,
+		MaxConcurrency: req.MaxConcurrency, Paused: req.Paused, Retry: retry, RateLimit: rate}
+	if req.KeyConcurrency != nil {
+		a.KeyConcurrency = *req.KeyConcurrency
+	}
+	if req.OnKeyConflict != nil {
+		a.OnKeyConflict = *req.OnKeyConflict
+	}
+	a, err = s.store.createAgent(r.Context(), a)
 	if errors.Is(err, errConflict) {
 		err = fmt.Errorf("%w: agent %q already exists", errConflict, req.Name)
 	}
@@ -933,6 +953,62 @@ func checkConcurrency(n *int) error {
 		return invalid("max_concurrency must be from 1 to %d, or null for no cap", maxAgentConcurrency)
 	}
 	return nil
+}
+
+// Bounds of an agent's limits per key and per rate (SPEC "Per key", "Rate").
+const (
+	maxKeyConcurrency = 1000
+	maxRateLimit      = 1000000
+	minRatePeriodMS   = 1000
+	maxRatePeriodMS   = 86400000
+	maxKeyLength      = 200
+	maxRunCost        = 1000000
+)
+
+// checkKeyLimit validates an agent's key_concurrency and on_key_conflict; nil is unchanged.
+func checkKeyLimit(n *int, conflict *string) error {
+	if n != nil && (*n < 1 || *n > maxKeyConcurrency) {
+		return invalid("key_concurrency must be from 1 to %d (default 1)", maxKeyConcurrency)
+	}
+	if conflict != nil && *conflict != keyQueue && *conflict != keyCancelRunning && *conflict != keyReject {
+		return invalid("on_key_conflict must be %q, %q or %q", keyQueue, keyCancelRunning, keyReject)
+	}
+	return nil
+}
+
+// parseRate validates an agent's rate_limit, given whole; null is none. Keys match exactly.
+func parseRate(raw json.RawMessage) (*rateLimit, error) {
+	if string(raw) == "null" {
+		return nil, nil
+	}
+	shape := invalid(`rate_limit must be an object {"limit": 1…%d, "period_ms": %d…%d}, or null for none`,
+		maxRateLimit, minRatePeriodMS, maxRatePeriodMS)
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &keys); err != nil {
+		return nil, shape
+	}
+	var p rateLimit
+	for _, k := range slices.Sorted(maps.Keys(keys)) {
+		var field *int
+		switch k {
+		case "limit":
+			field = &p.Limit
+		case "period_ms":
+			field = &p.PeriodMS
+		default:
+			return nil, invalid("rate_limit: unknown key %q (keys match exactly: limit, period_ms)", k)
+		}
+		if json.Unmarshal(keys[k], field) != nil {
+			return nil, invalid("rate_limit.%s must be an integer", k)
+		}
+	}
+	if p.Limit < 1 || p.Limit > maxRateLimit {
+		return nil, invalid("rate_limit.limit must be from 1 to %d", maxRateLimit)
+	}
+	if p.PeriodMS < minRatePeriodMS || p.PeriodMS > maxRatePeriodMS {
+		return nil, invalid("rate_limit.period_ms must be from %d to %d", minRatePeriodMS, maxRatePeriodMS)
+	}
+	return &p, nil
 }
 
 // Bounds of an agent's retry policy (SPEC): the first backoff up to an hour, the longest up
@@ -992,13 +1068,28 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 		MaxConcurrency json.RawMessage `json:"max_concurrency"` // absent and null differ
 		Paused         *bool           `json:"paused"`
 		Retry          json.RawMessage `json:"retry"`
+		KeyConcurrency *int            `json:"key_concurrency"`
+		OnKeyConflict  *string         `json:"on_key_conflict"`
+		RateLimit      json.RawMessage `json:"rate_limit"` // absent and null differ
 	}
 	if err := decode(r, &req, false); err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	ws, name := r.PathValue("ws"), r.PathValue("name")
-	p := agentPatch{Paused: req.Paused}
+	p := agentPatch{Paused: req.Paused, KeyConcurrency: req.KeyConcurrency, OnKeyConflict: req.OnKeyConflict}
+	if err := checkKeyLimit(req.KeyConcurrency, req.OnKeyConflict); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if req.RateLimit != nil {
+		rate, err := parseRate(req.RateLimit)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		p.SetRate, p.RateLimit = true, rate
+	}
 	if req.Retry != nil {
 		retry, err := parseRetry(req.Retry)
 		if err != nil {
@@ -1022,7 +1113,7 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if req.Config != nil || !p.SetConcurrency && p.Paused == nil && p.Retry == nil {
+	if req.Config != nil || p.empty() {
 		// The config is validated for the agent's kind; an empty patch answers the agent.
 		a, err := s.store.getAgent(r.Context(), ws, name)
 		if err == nil && req.Config != nil {
@@ -1039,7 +1130,13 @@ func (s *server) updateAgent(w http.ResponseWriter, r *http.Request) {
 	}
 	a, err := s.store.updateAgent(r.Context(), ws, name, p)
 	if err == nil {
-		s.announce.claimable(ws, keepPlace)
+		// More of its keys' runs may start now: the claims passed them over, so their lines
+		// are read again from the start.
+		at := keepPlace
+		if p.KeyConcurrency != nil {
+			at = lineStart
+		}
+		s.announce.claimable(ws, at)
 	}
 	s.answer(w, r, http.StatusOK, a, err)
 }
@@ -1067,6 +1164,8 @@ type runRequest struct {
 	RunAt       *string         `json:"run_at"`
 	DelayMS     *int64          `json:"delay_ms"`
 	TimeoutMS   *int            `json:"timeout_ms"`
+	Key         *string         `json:"concurrency_key"`
+	Cost        *int            `json:"cost"`
 }
 
 // The ranges of a run's scheduling fields (SPEC "Scheduling").
@@ -1128,6 +1227,17 @@ func (q runRequest) validate(where string) (newRun, error) {
 	}
 	if err := inRange(where+"timeout_ms", q.TimeoutMS, 1, maxTimeoutMS, &n.TimeoutMS); err != nil {
 		return n, err
+	}
+	n.Cost = 1
+	if err := inRange(where+"cost", q.Cost, 1, maxRunCost, &n.Cost); err != nil {
+		return n, err
+	}
+	if q.Key != nil {
+		if k := utf8.RuneCountInString(*q.Key); k < 1 || k > maxKeyLength || !utf8.ValidString(*q.Key) ||
+			strings.ContainsRune(*q.Key, 0) {
+			return n, invalid("%sconcurrency_key must be 1 to %d characters (no NUL)", where, maxKeyLength)
+		}
+		n.Key = *q.Key
 	}
 	if len(n.Input) == 0 {
 		n.Input = json.RawMessage("null")
@@ -1233,6 +1343,9 @@ func requestHash(n newRun, input []byte) []byte {
 	if n.Priority != 0 || !n.RunAt.IsZero() || n.DelayMS != 0 || n.TimeoutMS != 0 {
 		// Only when given: a key used before these fields existed still matches its repeat.
 		b = fmt.Appendf(b, "\x00%d\x00%s\x00%d\x00%d", n.Priority, timeArg(n.RunAt), n.DelayMS, n.TimeoutMS)
+	}
+	if n.Key != "" || n.Cost > 1 {
+		b = fmt.Appendf(b, "\x00%q\x00%d", n.Key, n.Cost)
 	}
 	sum := sha256.Sum256(b)
 	return sum[:]

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -204,6 +205,9 @@ type agent struct {
 	Config         json.RawMessage `json:"config"`
 	MaxConcurrency *int            `json:"max_concurrency"` // nil: no cap
 	Paused         bool            `json:"paused"`
+	KeyConcurrency int             `json:"key_concurrency"` // runs of one concurrency_key at once
+	OnKeyConflict  string          `json:"on_key_conflict"` // queue, cancel_running or reject
+	RateLimit      *rateLimit      `json:"rate_limit"`      // nil: none
 	Retry          retryPolicy     `json:"retry"`
 	ThrottledUntil *time.Time      `json:"throttled_until"` // nil: not throttled (read-only)
 	CreatedAt      time.Time       `json:"created_at"`
@@ -217,21 +221,41 @@ type retryPolicy struct {
 	MaxMS  int `json:"max_ms"`
 }
 
+// rateLimit is an agent's rate: the attempts that start in any PeriodMS cost at most Limit
+// units (a run's cost).
+type rateLimit struct {
+	Limit    int `json:"limit"`
+	PeriodMS int `json:"period_ms"`
+}
+
+// What a new run with a concurrency_key does while its key has a run queued, waiting or
+// running (SPEC "Per key").
+const (
+	keyQueue         = "queue"          // it waits its turn
+	keyCancelRunning = "cancel_running" // the newest wins: the earlier ones are canceled
+	keyReject        = "reject"         // the create is refused (409 key_busy)
+)
+
 // defaultRetry is the retry policy of an agent that sets none (SPEC).
 var defaultRetry = retryPolicy{BaseMS: 500, MaxMS: 30000}
 
 // agentColumns is what scanAgent reads from agents. A throttled_until that has passed is
 // shown as null: the column keeps it, so that no write is needed when it passes.
 const agentColumns = `id, workspace_id, name, kind, config, max_concurrency, paused, retry_base_ms, retry_max_ms,
-	CASE WHEN throttled_until > now() THEN throttled_until END, created_at`
+	CASE WHEN throttled_until > now() THEN throttled_until END, created_at, key_concurrency, on_key_conflict,
+	rate_limit, rate_period_ms`
 
 // scanAgent reads one row of agentColumns.
 func scanAgent(row interface{ Scan(...any) error }) (agent, error) {
 	var a agent
 	var limit sql.NullInt64
 	var throttled sql.NullTime
+	var rate, period sql.NullInt64
 	err := row.Scan(&a.ID, &a.WorkspaceID, &a.Name, &a.Kind, &a.Config, &limit, &a.Paused,
-		&a.Retry.BaseMS, &a.Retry.MaxMS, &throttled, &a.CreatedAt)
+		&a.Retry.BaseMS, &a.Retry.MaxMS, &throttled, &a.CreatedAt, &a.KeyConcurrency, &a.OnKeyConflict, &rate, &period)
+	if rate.Valid {
+		a.RateLimit = &rateLimit{Limit: int(rate.Int64), PeriodMS: int(period.Int64)}
+	}
 	if limit.Valid {
 		n := int(limit.Int64)
 		a.MaxConcurrency = &n
@@ -257,11 +281,12 @@ func (s *store) createAgent(ctx context.Context, a agent) (agent, error) {
 	}
 	a, err := scanAgent(s.db.QueryRowContext(ctx,
 		`INSERT INTO agents (workspace_id, name, kind, config, max_concurrency, paused, signing_secret,
-		                     retry_base_ms, retry_max_ms)
-		 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+		                     retry_base_ms, retry_max_ms, key_concurrency, on_key_conflict, rate_limit, rate_period_ms)
+		 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 		 RETURNING `+agentColumns,
 		a.WorkspaceID, a.Name, a.Kind, string(a.Config), nullInt(a.MaxConcurrency), a.Paused, secret,
-		a.Retry.BaseMS, a.Retry.MaxMS))
+		a.Retry.BaseMS, a.Retry.MaxMS, cmp.Or(a.KeyConcurrency, 1), cmp.Or(a.OnKeyConflict, keyQueue),
+		a.RateLimit.limit(), a.RateLimit.period()))
 	if isUniqueViolation(err) {
 		return a, errConflict
 	}
@@ -288,6 +313,21 @@ func (s *store) rotateSecret(ctx context.Context, ws, name string) (agent, error
 	}
 	a.SigningSecret = secret
 	return a, err
+}
+
+// limit and period are r's fields as query arguments: NULL for no rate limit.
+func (r *rateLimit) limit() any {
+	if r == nil {
+		return nil
+	}
+	return int64(r.Limit)
+}
+
+func (r *rateLimit) period() any {
+	if r == nil {
+		return nil
+	}
+	return int64(r.PeriodMS)
 }
 
 // nullInt is p as a query argument: NULL when p is nil.
@@ -334,12 +374,22 @@ type agentPatch struct {
 	MaxConcurrency *int
 	Paused         *bool
 	Retry          *retryPolicy
+	KeyConcurrency *int
+	OnKeyConflict  *string
+	SetRate        bool // RateLimit is the new rate limit (nil: none)
+	RateLimit      *rateLimit
+}
+
+// empty reports whether p changes nothing.
+func (p agentPatch) empty() bool {
+	return p.Config == nil && !p.SetConcurrency && p.Paused == nil && p.Retry == nil &&
+		p.KeyConcurrency == nil && p.OnKeyConflict == nil && !p.SetRate
 }
 
 // updateAgent applies p to the agent of ws with this name and returns it. The claim reads
 // the agents row, so a changed cap or pause holds from the next claim.
 func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) (agent, error) {
-	var config, paused, base, most any
+	var config, paused, base, most, keys, conflict any
 	if p.Config != nil {
 		config = string(p.Config)
 	}
@@ -349,16 +399,27 @@ func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) 
 	if p.Retry != nil {
 		base, most = p.Retry.BaseMS, p.Retry.MaxMS
 	}
+	if p.KeyConcurrency != nil {
+		keys = *p.KeyConcurrency
+	}
+	if p.OnKeyConflict != nil {
+		conflict = *p.OnKeyConflict
+	}
 	a, err := scanAgent(s.db.QueryRowContext(ctx, `
 		UPDATE agents SET
 			config = coalesce($3::jsonb, config),
 			max_concurrency = CASE WHEN $4 THEN $5::integer ELSE max_concurrency END,
 			paused = coalesce($6::boolean, paused),
 			retry_base_ms = coalesce($7::integer, retry_base_ms),
-			retry_max_ms = coalesce($8::integer, retry_max_ms)
+			retry_max_ms = coalesce($8::integer, retry_max_ms),
+			key_concurrency = coalesce($9::integer, key_concurrency),
+			on_key_conflict = coalesce($10::text, on_key_conflict),
+			rate_limit = CASE WHEN $11 THEN $12::integer ELSE rate_limit END,
+			rate_period_ms = CASE WHEN $11 THEN $13::integer ELSE rate_period_ms END
 		WHERE workspace_id = $1 AND name = $2
 		RETURNING `+agentColumns,
-		ws, name, config, p.SetConcurrency, nullInt(p.MaxConcurrency), paused, base, most))
+		ws, name, config, p.SetConcurrency, nullInt(p.MaxConcurrency), paused, base, most, keys, conflict,
+		p.SetRate, p.RateLimit.limit(), p.RateLimit.period()))
 	if errors.Is(err, sql.ErrNoRows) {
 		return a, fmt.Errorf("%w: agent %q", errNotFound, name)
 	}
@@ -367,31 +428,33 @@ func (s *store) updateAgent(ctx context.Context, ws, name string, p agentPatch) 
 
 // runRecord is a run as the API shows it.
 type runRecord struct {
-	ID           string          `json:"id"`
-	WorkspaceID  string          `json:"workspace_id"`
-	Agent        string          `json:"agent"`
-	Status       runStatus       `json:"status"`
-	Input        json.RawMessage `json:"input"`
-	Output       json.RawMessage `json:"output"`
-	Error        *string         `json:"error"`
-	Errors       json.RawMessage `json:"errors"`
-	Attempt      int             `json:"attempt"`
-	MaxAttempts  int             `json:"max_attempts"`
-	Priority     int             `json:"priority"`
-	RunAt        time.Time       `json:"run_at"`        // not claimed before this
-	TimeoutMS    *int            `json:"timeout_ms"`    // nil: none
-	Step         int             `json:"step"`          // the step it executes next: 1, 2, …
-	State        json.RawMessage `json:"state"`         // what its last step returned; null before
-	WaitingFor   json.RawMessage `json:"waiting_for"`   // a waiting run's wait; else null
-	ParentID     *string         `json:"parent_id"`     // a child run's parent
-	Schedule     *string         `json:"schedule"`      // the name of the schedule that made it
-	ScheduledFor *time.Time      `json:"scheduled_for"` // the due time it was made for
-	TraceID      string          `json:"trace_id"`
-	CreatedAt    time.Time       `json:"created_at"`
-	StartedAt    *time.Time      `json:"started_at"`
-	FinishedAt   *time.Time      `json:"finished_at"`
-	UpdatedAt    time.Time       `json:"updated_at"`
-	seq          int64
+	ID             string          `json:"id"`
+	WorkspaceID    string          `json:"workspace_id"`
+	Agent          string          `json:"agent"`
+	Status         runStatus       `json:"status"`
+	Input          json.RawMessage `json:"input"`
+	Output         json.RawMessage `json:"output"`
+	Error          *string         `json:"error"`
+	Errors         json.RawMessage `json:"errors"`
+	Attempt        int             `json:"attempt"`
+	MaxAttempts    int             `json:"max_attempts"`
+	Priority       int             `json:"priority"`
+	RunAt          time.Time       `json:"run_at"`     // not claimed before this
+	TimeoutMS      *int            `json:"timeout_ms"` // nil: none
+	ConcurrencyKey *string         `json:"concurrency_key"`
+	Cost           int             `json:"cost"`
+	Step           int             `json:"step"`          // the step it executes next: 1, 2, …
+	State          json.RawMessage `json:"state"`         // what its last step returned; null before
+	WaitingFor     json.RawMessage `json:"waiting_for"`   // a waiting run's wait; else null
+	ParentID       *string         `json:"parent_id"`     // a child run's parent
+	Schedule       *string         `json:"schedule"`      // the name of the schedule that made it
+	ScheduledFor   *time.Time      `json:"scheduled_for"` // the due time it was made for
+	TraceID        string          `json:"trace_id"`
+	CreatedAt      time.Time       `json:"created_at"`
+	StartedAt      *time.Time      `json:"started_at"`
+	FinishedAt     *time.Time      `json:"finished_at"`
+	UpdatedAt      time.Time       `json:"updated_at"`
+	seq            int64
 }
 
 // runStatus is a run's status, as the runs table and the API spell it.
@@ -431,7 +494,7 @@ func (r runRecord) final() bool { return r.Status.final() }
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
 	r.attempt, r.max_attempts, r.priority, r.run_at, r.timeout_ms, r.created_at, r.started_at, r.finished_at,
 	r.updated_at, r.seq, (SELECT sc.name FROM schedules sc WHERE sc.id = r.schedule_id), r.scheduled_for, r.trace_id,
-	r.step, r.state, r.waiting_for, r.parent_id`
+	r.concurrency_key, r.cost, r.step, r.state, r.waiting_for, r.parent_id`
 
 // scanRun reads one row of runColumns.
 func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
@@ -443,7 +506,8 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	var traceID sql.NullString
 	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
 		&r.Attempt, &r.MaxAttempts, &r.Priority, &r.RunAt, &timeout, &r.CreatedAt, &started, &finished,
-		&r.UpdatedAt, &r.seq, &r.Schedule, &scheduledFor, &traceID, &r.Step, (*[]byte)(&r.State), (*[]byte)(&r.WaitingFor), &r.ParentID)
+		&r.UpdatedAt, &r.seq, &r.Schedule, &scheduledFor, &traceID, &r.ConcurrencyKey, &r.Cost, &r.Step, (*[]byte)(&r.State),
+		(*[]byte)(&r.WaitingFor), &r.ParentID)
 	if err != nil {
 		return r, err
 	}
@@ -634,6 +698,29 @@ func (s *store) oldestQueuedAge(ctx context.Context) (time.Duration, error) {
 	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)), 0)
 		FROM runs WHERE `+dueQueued+` AND run_at <= now()`).Scan(&secs)
 	return time.Duration(secs * float64(time.Second)), err
+}
+
+// heldRuns counts the due queued runs that their limits hold back: byKey, those of the keys
+// at their agent's key_concurrency (found from the running keyed runs, then a range of
+// runs_key_idx per key); byRate, those of the agents whose rate window is used up (a
+// range of rate_starts, then of runs_line_idx, per rate-limited agent).
+func (s *store) heldRuns(ctx context.Context) (byKey, byRate int64, err error) {
+	err = s.db.QueryRowContext(ctx, `
+		WITH busy AS (
+			SELECT x.agent_id, x.concurrency_key AS key, count(*) AS running FROM runs x
+			WHERE x.status = 'running' AND x.concurrency_key IS NOT NULL GROUP BY 1, 2)
+		SELECT
+			(SELECT coalesce(sum(q.n), 0) FROM busy b JOIN agents a ON a.id = b.agent_id AND b.running >= a.key_concurrency
+			 CROSS JOIN LATERAL (SELECT count(*) AS n FROM runs k
+			     WHERE k.agent_id = b.agent_id AND k.concurrency_key = b.key AND k.concurrency_key IS NOT NULL
+			       AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'queued' AND k.run_at <= now()) q),
+			(SELECT coalesce(sum(q.n), 0) FROM agents a
+			 CROSS JOIN LATERAL (SELECT coalesce(sum(s.cost), 0) AS used FROM rate_starts s
+			     WHERE s.agent_id = a.id AND s.at > now() - a.rate_period_ms * interval '1 millisecond') w
+			 CROSS JOIN LATERAL (SELECT count(*) AS n FROM runs r
+			     WHERE r.agent_id = a.id AND (r.status = 'queued') IS TRUE AND r.run_at <= now()) q
+			 WHERE a.rate_limit IS NOT NULL AND w.used >= a.rate_limit)`).Scan(&byKey, &byRate)
+	return byKey, byRate, err
 }
 
 // rotateKey gives workspace id a new random API key and returns the workspace with it;

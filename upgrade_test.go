@@ -615,3 +615,55 @@ func TestUpgradeSignsWebhookAgents(t *testing.T) {
 		t.Errorf("rotate-secret of an upgraded agent: got %q; want a new secret", rotated.SigningSecret)
 	}
 }
+
+// TestUpgradeFromV3: a database made and filled by the release of 2026-12-07
+// (testdata/schema-v3.sql, migrations 1 … 6) gets migration 7 and then exactly the schema
+// a new database gets; its agent shows the default key and rate fields, its queued run
+// executes with cost 1 and no key, and the agent then takes a key limit and a rate limit
+// that its new keyed runs obey.
+func TestUpgradeFromV3(t *testing.T) {
+	t.Parallel()
+	fresh := upSchema(t, openTestDB(t, testDB(t)))
+	dsn := testDB(t)
+	db := openTestDB(t, dsn)
+	upMadeBy(t, db, "v3")
+	ws := testWorkspace{APIKey: "ak_upgrade_key_v3_0123456789ab"}
+	h := sha256.Sum256([]byte(ws.APIKey))
+	var queued string
+	err := db.QueryRow(`WITH w AS (INSERT INTO workspaces (name, api_key_hash) VALUES ('v3', $1) RETURNING id),
+		a AS (INSERT INTO agents (workspace_id, name, kind, max_concurrency, retry_base_ms)
+		      SELECT id, 'echo', 'echo', 2, 100 FROM w RETURNING id, workspace_id)
+		INSERT INTO runs (workspace_id, agent_id, input, priority) SELECT workspace_id, id, '{"n":1}', 3 FROM a
+		RETURNING workspace_id, id`, h[:]).Scan(&ws.ID, &queued)
+	if err != nil {
+		t.Fatalf("fill the v3 database: %v", err)
+	}
+	env := testEnv(t, dsn, upEnv)
+	if code := startProc(t, env, "migrate").wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("agentapp migrate on the v3 database: got exit %d; want 0", code)
+	}
+	for _, d := range upDiff(fresh, upSchema(t, db)) {
+		t.Errorf("upgraded schema against a new database's: %s", d)
+	}
+	a := startProc(t, env).app()
+	ag := scAgent(t, a, ws, "echo")
+	if *ag.MaxConcurrency != 2 || ag.Retry.BaseMS != 100 || *ag.KeyConcurrency != 1 || *ag.OnKeyConflict != "queue" || ag.RateLimit != nil {
+		t.Errorf("the v3 agent after the upgrade: got max_concurrency %v, retry %+v, key_concurrency %v, on_key_conflict %v, rate_limit %+v; want 2, base_ms 100, 1, queue, null",
+			*ag.MaxConcurrency, *ag.Retry, *ag.KeyConcurrency, *ag.OnKeyConflict, ag.RateLimit)
+	}
+	r := a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second)
+	if r.Cost != 1 || r.ConcurrencyKey != nil || r.Priority != 3 {
+		t.Errorf("the v3 run after the upgrade: got cost %d, concurrency_key %v, priority %d; want 1, null, 3", r.Cost, r.ConcurrencyKey, r.Priority)
+	}
+	mustAgent(t, a, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/echo", ws.APIKey,
+		`{"on_key_conflict":"reject","rate_limit":{"limit":5,"period_ms":1000}}`, 200)
+	var keyed runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey,
+		map[string]any{"agent": "echo", "concurrency_key": "c", "cost": 5, "delay_ms": 60000}, 201, &keyed)
+	status, hdr, data := a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, nil,
+		map[string]any{"agent": "echo", "concurrency_key": "c"})
+	checkAPIError(t, "a second run of a busy key under reject", status, hdr, data, 409, "key_busy")
+	status, hdr, data = a.do(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, nil,
+		map[string]any{"agent": "echo", "cost": 6})
+	checkAPIError(t, "a cost over the rate limit", status, hdr, data, 422, "invalid")
+}

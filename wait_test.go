@@ -605,3 +605,50 @@ func TestWaitConsoleApprove(t *testing.T) {
 		t.Errorf("the signal form on a run no longer waiting: got %d; want 409", again.status)
 	}
 }
+
+// TestWaitKeysAndSupersede: a child run carries the concurrency_key and cost its wait
+// gave it; a waiting run superseded by a newer run of its key (on_key_conflict
+// cancel_running) is canceled at once, as its own cancel would, with its tree.
+func TestWaitKeysAndSupersede(t *testing.T) {
+	t.Parallel()
+	agent := &stepAgent{}
+	agent.answer = func(c stepCall) (int, string) {
+		var in string
+		json.Unmarshal(c.Input, &in)
+		if in == "parent" {
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"tree","input":"child","concurrency_key":"sub","cost":7}]}}`
+		}
+		<-c.ctx.Done() // the child hangs until it is canceled
+		return 200, `null`
+	}
+	srv := newWebhookServer(t, agent)
+	// The newer run hangs too: the drain at the end does not wait for it long.
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true", "RUN_WORKER_SHUTDOWN_TIMEOUT_MS": "500"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "tree", "webhook", map[string]any{"url": srv.URL, "timeout_ms": 60000})
+	a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/tree", ws.APIKey, map[string]any{"on_key_conflict": "cancel_running"}, 200, nil)
+	var parent runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "tree", "input": "parent", "concurrency_key": "k"}, 201, &parent)
+	a.waitRunStatus(t, ws, parent.ID, "waiting", 20*time.Second)
+	var children struct {
+		Runs []runRecord `json:"runs"`
+	}
+	eventually(t, 20*time.Second, "the child runs", func() bool {
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?parent="+parent.ID, ws.APIKey, nil, 200, &children)
+		return len(children.Runs) == 1 && children.Runs[0].Status == statusRunning
+	})
+	child := children.Runs[0]
+	if child.ConcurrencyKey == nil || *child.ConcurrencyKey != "sub" || child.Cost != 7 {
+		t.Errorf("the child: got concurrency_key %v cost %d; want sub, 7 as its wait asked", child.ConcurrencyKey, child.Cost)
+	}
+	var newer runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "tree", "input": "later", "concurrency_key": "k"}, 201, &newer)
+	got := a.getRun(t, ws, parent.ID)
+	if got.Status != statusCanceled || got.Error == nil || *got.Error != "superseded by run "+newer.ID || got.WaitingFor != nil && string(got.WaitingFor) != "null" {
+		t.Errorf("the superseded waiting run: got %s error %v waiting_for %s; want canceled at once, superseded by run %s, no wait", got.Status, got.Error, got.WaitingFor, newer.ID)
+	}
+	done := a.waitRunStatus(t, ws, child.ID, "canceled", 20*time.Second)
+	if done.Error == nil || *done.Error != "canceled with its parent run "+parent.ID {
+		t.Errorf("the superseded run's running child: got error %v; want canceled with its parent run %s", done.Error, parent.ID)
+	}
+}

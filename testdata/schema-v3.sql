@@ -1,0 +1,426 @@
+-- The schema of the release of 2026-12-07 (commit 3d90fce): its schema.sql as that binary
+-- applied it to a new database, with the migrations it recorded (1 … 6).
+-- agentapp schema: what a database of this release holds. Applied at every start-up (and
+-- by `agentapp migrate`) inside one transaction under an advisory lock, so it is written to
+-- be idempotent. A database of an earlier release is first reshaped by the numbered
+-- migrations in migrate.go (recorded in schema_migrations).
+-- Requires PostgreSQL 14 or later (gen_random_uuid, CREATE OR REPLACE TRIGGER).
+
+CREATE TABLE IF NOT EXISTS workspaces (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name         text NOT NULL,
+    api_key_hash bytea NOT NULL UNIQUE,           -- sha256 of the API key; the key itself is never stored
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS agents (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    name         text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('echo', 'webhook')),
+    config       jsonb NOT NULL DEFAULT '{}',
+    max_concurrency integer CHECK (max_concurrency BETWEEN 1 AND 1000), -- null: no cap
+    paused       boolean NOT NULL DEFAULT false,  -- true: its runs stay queued
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    -- A webhook agent's key for signing its requests (whsec_ + base64), shown once by the
+    -- API. The default gives one to an agent an older binary creates (gen_random_uuid draws
+    -- from the server's strong random source: 244 random bits).
+    signing_secret text DEFAULT 'whsec_' || encode(decode(
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'), 'base64'),
+    previous_signing_secret text,                 -- the key before the last rotation, which signs too
+    secret_rotated_at timestamptz,                -- … for 24 hours after this
+    -- A failed attempt's backoff: a delay drawn from 0 … min(retry_max_ms, retry_base_ms ×
+    -- 2^(attempt−1)) ms (full jitter).
+    retry_base_ms integer NOT NULL DEFAULT 500,
+    retry_max_ms  integer NOT NULL DEFAULT 30000,
+    throttled_until timestamptz,                  -- a webhook's Retry-After: no attempt starts before this
+    CONSTRAINT agents_retry_check CHECK (retry_base_ms BETWEEN 1 AND 3600000
+                                         AND retry_max_ms BETWEEN retry_base_ms AND 86400000),
+    UNIQUE (workspace_id, name),
+    CONSTRAINT agents_workspace_id_id_key UNIQUE (workspace_id, id) -- runs' key to their agent
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(), -- the API sets time-ordered ids (newRunID)
+    seq              bigserial NOT NULL,          -- insertion order: claim order and list cursor
+    workspace_id     uuid NOT NULL,
+    agent_id         uuid NOT NULL,
+    status           text NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+    input            jsonb NOT NULL DEFAULT 'null',
+    output           jsonb,
+    error            text,
+    errors           jsonb NOT NULL DEFAULT '[]', -- every failed attempt: {"attempt","at","message"}
+    attempt          integer NOT NULL DEFAULT 0,
+    max_attempts     integer NOT NULL DEFAULT 3 CONSTRAINT runs_max_attempts_min CHECK (max_attempts >= 1),
+    priority         smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9), -- lower first
+    run_at           timestamptz NOT NULL DEFAULT now(), -- not claimed before this (schedule, retry backoff)
+    timeout_ms       integer CHECK (timeout_ms BETWEEN 1 AND 86400000), -- an attempt's time limit; null: none
+    worker_id        text,                        -- the process executing the current attempt
+    lease_expires_at timestamptz,                 -- while running: recovered by any worker after this
+    cancel_requested boolean NOT NULL DEFAULT false,
+    idempotency_key  text,
+    request_hash     bytea,                       -- sha256 of the create request, for idempotent repeats
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    events_count     integer NOT NULL DEFAULT 0,  -- its last event's seq, taken under the run's row lock
+    trace_id         text,                        -- its create request's W3C trace id (32 hex digits); null:
+    trace_flags      text,                        -- made before signed deliveries, its id stands for it
+    -- The schedule that made it and the due time it was made for. No key: deleting a
+    -- schedule leaves its runs as they are (ON DELETE SET NULL would rewrite every one in
+    -- the delete's transaction, and the check would cost each fired run a lookup); the API
+    -- shows the schedule's name while it exists, null after.
+    schedule_id      uuid,
+    scheduled_for    timestamptz,
+    pushbacks        integer NOT NULL DEFAULT 0,  -- answers with Retry-After that did not spend an attempt
+    -- One key to the agent, in its workspace, instead of one to each: a key is checked
+    -- for every row inserted, and these two checks were a quarter of a batch's time in
+    -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
+    CONSTRAINT runs_agent_fkey FOREIGN KEY (workspace_id, agent_id)
+        REFERENCES agents (workspace_id, id) ON DELETE CASCADE
+);
+
+-- An agent's line: its queued runs, lower priority first, then the earliest due. A claim
+-- reads each line from where its last claim stopped (queue.go). The predicate is written
+-- so that only queries that say it the same way use this index, and those queries no
+-- other: under a pinned horizon, once runs was analysed, the planner otherwise read a
+-- line from runs_list_idx and sorted it, through an entry for every run queued since.
+CREATE INDEX IF NOT EXISTS runs_line_idx ON runs (agent_id, priority, run_at, seq) WHERE (status = 'queued') IS TRUE;
+-- The next run to fall due (an idle worker sleeps until then), and the oldest wait. Its
+-- predicate, too, is said only by the queries meant to use it: otherwise the planner
+-- chose it for the claim with a long history, and answered the next due time from
+-- runs_list_idx under a pinned horizon.
+CREATE INDEX IF NOT EXISTS runs_due_queued_idx ON runs (run_at) WHERE (status = 'queued') IS TRUE AND priority >= 0;
+-- Retention: final runs by age.
+CREATE INDEX IF NOT EXISTS runs_finished_idx ON runs (finished_at) WHERE status IN ('succeeded', 'failed', 'canceled');
+CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Listing a workspace's runs, newest first, by status and agent: one index range for each
+-- status and agent, merged (agentapp_runs_page). Status leads so that the runs in one
+-- status across workspaces ("are any queued or running?") are found without reading the
+-- history. It also answers an agent's running runs, counted against its max_concurrency.
+-- runs has no other index: a run's status changes are not HOT (status is indexed), so
+-- each index adds an entry at every claim and outcome, and a lease renewal, which changes
+-- no indexed column, can be written in place.
+CREATE INDEX IF NOT EXISTS runs_list_idx ON runs (status, workspace_id, agent_id, seq);
+
+-- The throttled agents, for the next time one may start an attempt again (an idle worker
+-- sleeps until then): an agent keeps its last throttled_until once it has passed.
+CREATE INDEX IF NOT EXISTS agents_throttled_idx ON agents (throttled_until) WHERE throttled_until IS NOT NULL;
+
+-- agentapp_run_at is a new run's due time: p_delay_ms after the database's now(), or
+-- p_run_at (timestamptz text, '' for none) if later, so that a delay does not depend on
+-- the client's clock and a run_at in the past is now.
+CREATE OR REPLACE FUNCTION agentapp_run_at(p_run_at text, p_delay_ms bigint) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT greatest(now() + p_delay_ms * interval '1 millisecond', NULLIF(p_run_at, '')::timestamptz)
+$$;
+
+-- agentapp_create_runs inserts single-run creates, gathered (gather.go): those that name
+-- an agent of their workspace and whose idempotency key is unused, in their order. The
+-- agent is looked up by its unique name in a subquery kept apart (LIMIT 1), so that every
+-- row takes the index whatever the plan makes of the arrays' length. Its plan is made once
+-- per connection: planned at every call, planning was a large part of a create's time.
+CREATE OR REPLACE FUNCTION agentapp_create_runs(p_ids uuid[], p_workspaces uuid[], p_agents text[], p_inputs jsonb[],
+                                                p_max_attempts integer[], p_keys text[], p_hashes bytea[],
+                                                p_priorities smallint[], p_run_ats text[], p_delays_ms bigint[],
+                                                p_timeouts_ms integer[], p_trace_ids text[], p_trace_flags text[])
+RETURNS SETOF runs
+LANGUAGE plpgsql ROWS 4 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    INSERT INTO runs AS r (id, workspace_id, agent_id, input, max_attempts, idempotency_key, request_hash,
+                           priority, run_at, timeout_ms, trace_id, trace_flags)
+    SELECT w.id, w.workspace_id, a.id, w.input, w.max_attempts, NULLIF(w.key, ''), NULLIF(w.hash, ''::bytea),
+           w.priority, agentapp_run_at(w.run_at, w.delay_ms), NULLIF(w.timeout_ms, 0), w.trace_id, w.trace_flags
+    FROM unnest(p_ids, p_workspaces, p_agents, p_inputs, p_max_attempts, p_keys, p_hashes, p_priorities,
+                p_run_ats, p_delays_ms, p_timeouts_ms, p_trace_ids, p_trace_flags)
+         WITH ORDINALITY AS w (id, workspace_id, agent, input, max_attempts, key, hash, priority, run_at, delay_ms,
+                               timeout_ms, trace_id, trace_flags, ord)
+    CROSS JOIN LATERAL (SELECT g.id FROM agents g WHERE g.workspace_id = w.workspace_id AND g.name = w.agent LIMIT 1) a
+    ORDER BY w.ord
+    ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING r.*;
+END $$;
+
+-- Runs by workspace and status, kept so that /metrics, stats and the console never count
+-- the history: their cost does not grow with it. Every statement that adds, ends or deletes
+-- runs appends its changes to run_count_changes (a trigger below), which nothing updates
+-- or deletes row by row: rows rewritten at every outcome grow chains of versions that
+-- nobody can vacuum while a session holds the horizon. Every heartbeat (registry.go) one
+-- process adds the changes to run_counts and empties run_count_changes with TRUNCATE,
+-- which leaves no dead version. Readers sum both (run_totals), each in a statement of its
+-- own: TRUNCATE is not MVCC-safe, and only a statement that names the table locks it
+-- before it takes its snapshot (a function's statements, or a repeatable-read
+-- transaction's, could see the changes gone and the counts not yet added). status is a
+-- final status, or 'active' for the runs queued or running, so that a claim, which only
+-- moves runs from queued to running, changes no count; readers count the running runs
+-- themselves and take them from 'active'. shard is always 0 (earlier releases kept 16).
+CREATE TABLE IF NOT EXISTS run_counts (
+    workspace_id uuid NOT NULL,
+    status       text NOT NULL,
+    shard        smallint NOT NULL,
+    n            bigint NOT NULL,
+    PRIMARY KEY (workspace_id, status, shard)
+);
+CREATE TABLE IF NOT EXISTS run_count_changes (
+    workspace_id uuid NOT NULL,
+    status       text NOT NULL,
+    n            bigint NOT NULL
+);
+CREATE OR REPLACE VIEW run_totals AS
+    SELECT workspace_id, status, n FROM run_counts
+    UNION ALL
+    SELECT workspace_id, status, n FROM run_count_changes;
+
+-- agentapp_counter is the run_counts counter a run in status p_status counts in.
+CREATE OR REPLACE FUNCTION agentapp_counter(p_status text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_status IN ('queued', 'running') THEN 'active' ELSE p_status END
+$$;
+
+-- agentapp_runs_page is a page of the runs of the given workspaces (null: every one) in
+-- the given statuses, only those of agents named p_agent unless it is '', newest first,
+-- older than seq p_before: the newest p_n of up to p_n from each status and agent, found
+-- in runs_list_idx alone (a range each, whose entries hold all a page needs to pick its
+-- rows), then read one by one. Its cost grows with the workspaces' agents, never with
+-- their history. Its plan is made once per connection (planned at every call, planning
+-- took about half of a page's time) and holds for any page: the rows are read back
+-- through a subquery that cannot be turned into a join, which that plan would have made
+-- a hash join over every run of the workspace.
+CREATE OR REPLACE FUNCTION agentapp_runs_page(p_workspaces uuid[], p_statuses text[], p_agent text,
+                                              p_before bigint, p_n integer)
+RETURNS SETOF runs
+LANGUAGE plpgsql STABLE ROWS 50 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    SELECT r.* FROM (
+        SELECT s.status, g.workspace_id, g.id AS agent_id, k.seq
+        FROM unnest(p_statuses) AS s (status) CROSS JOIN agents g CROSS JOIN LATERAL (
+            SELECT x.seq FROM runs x
+            WHERE x.status = s.status AND x.workspace_id = g.workspace_id AND x.agent_id = g.id AND x.seq < p_before
+            ORDER BY x.seq DESC LIMIT p_n) k
+        WHERE (p_workspaces IS NULL OR g.workspace_id = ANY (p_workspaces)) AND (p_agent = '' OR g.name = p_agent)
+        ORDER BY k.seq DESC LIMIT p_n) p
+    CROSS JOIN LATERAL (
+        SELECT x.* FROM runs x
+        WHERE x.status = p.status AND x.workspace_id = p.workspace_id AND x.agent_id = p.agent_id AND x.seq = p.seq
+        LIMIT 1) r;
+END $$;
+
+CREATE OR REPLACE FUNCTION agentapp_run_counts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT workspace_id, agentapp_counter(status), count(*) FROM new_runs GROUP BY 1, 2;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT workspace_id, agentapp_counter(status), -count(*) FROM old_runs GROUP BY 1, 2;
+    ELSE
+        -- A row whose count did not change adds 1 and takes 1 from the same count (a run's
+        -- workspace never changes): no join of the old rows to the new ones is needed.
+        INSERT INTO run_count_changes (workspace_id, status, n)
+        SELECT d.workspace_id, d.status, sum(d.n) FROM (
+            SELECT o.workspace_id, agentapp_counter(o.status) AS status, -1 AS n FROM old_runs o
+            UNION ALL
+            SELECT w.workspace_id, agentapp_counter(w.status), 1 FROM new_runs w) d
+        GROUP BY 1, 2 HAVING sum(d.n) <> 0;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_counts_insert AFTER INSERT ON runs REFERENCING NEW TABLE AS new_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+CREATE OR REPLACE TRIGGER runs_counts_update AFTER UPDATE ON runs
+    REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+CREATE OR REPLACE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+
+-- Notifications that let every agentapp process react at once:
+--   agentapp_runs    runs became claimable (wakes idle workers), payload the sender's worker
+--                    id ("-" here) and, per workspace, where in line: "id/priority/run_at in
+--                    Unix microseconds". For new runs the API sends it after their insert
+--                    commits, coalesced (at most one in flight per process): a NOTIFY inside
+--                    the inserting transaction would serialise every insert's commit.
+--   agentapp_status  payload "workspace id:run id:new status" entries separated by spaces:
+--                    runs changed status (streams; a final one answers ?wait_ms)
+--   agentapp_cancel  payload run ids separated by spaces: cancel them where they execute
+-- An UPDATE sends them once per statement, 90 runs to a notification (a payload holds
+-- 8000 bytes), not once per row: a claim or an outcome write of 100 runs sends 2, not
+-- 200 (a notification per row cost a drain much of its speed).
+--
+-- agentapp_status is sent only while a process is listed in status_listeners: one that has a
+-- request waiting on a run (?wait_ms) or a stream open, or had one within the last minute.
+-- Nobody else needs it, and it costs: PostgreSQL commits notifying transactions one after
+-- another, each holding its notification lock through its WAL flush, and queues every
+-- payload (a drain of n runs: 2n entries). A process lists itself before it reads, in
+-- a transaction that waits for the writes of runs in progress (LOCK … IN SHARE MODE), so a
+-- change that was not notified has committed before that read.
+CREATE TABLE IF NOT EXISTS status_listeners (
+    id           text PRIMARY KEY, -- the process's worker id
+    refreshed_at timestamptz NOT NULL DEFAULT now() -- every 10 s; removed a minute after the last
+);
+
+CREATE OR REPLACE FUNCTION agentapp_runs_notify_changes() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_channel text;
+    v_payload text;
+    v_status  boolean := EXISTS (SELECT 1 FROM status_listeners);
+BEGIN
+    IF NOT v_status AND NOT EXISTS (SELECT 1 FROM new_runs w WHERE w.status = 'queued' OR w.cancel_requested) THEN
+        RETURN NULL; -- no status wanted, nothing claimable, no cancel: the common claim and outcome write
+    END IF;
+    -- One join of the old rows to the new ones serves all three channels.
+    FOR v_channel, v_payload IN
+        WITH d AS (
+            SELECT w.workspace_id, w.id, o.status AS was, w.status, w.priority, w.run_at,
+                   w.status = 'running' AND w.cancel_requested AND NOT o.cancel_requested AS cancel
+            FROM old_runs o JOIN new_runs w ON w.id = o.id
+            WHERE w.status <> o.status OR (w.cancel_requested AND NOT o.cancel_requested))
+        SELECT 'agentapp_status', string_agg(c.entry, ' ') FROM (
+            SELECT d.workspace_id::text || ':' || d.id::text || ':' || d.status AS entry,
+                   (row_number() OVER () - 1) / 90 AS chunk
+            FROM d WHERE v_status AND d.status <> d.was) c
+        GROUP BY c.chunk
+        UNION ALL
+        -- Claimable now or later (retried, requeued, recovered): workers learn where in line,
+        -- the earliest place in each workspace (worker.runsAnnounced reads it).
+        SELECT 'agentapp_runs', '- ' || string_agg(c.entry, ' ') FROM (
+            SELECT e.entry, (row_number() OVER () - 1) / 120 AS chunk FROM (
+                SELECT DISTINCT ON (d.workspace_id) d.workspace_id::text || '/' || d.priority || '/'
+                       || trunc(extract(epoch FROM d.run_at) * 1000000)::bigint AS entry
+                FROM d WHERE d.status = 'queued' AND d.was <> 'queued'
+                ORDER BY d.workspace_id, d.priority, d.run_at) e) c
+        GROUP BY c.chunk
+        UNION ALL
+        SELECT 'agentapp_cancel', string_agg(c.id, ' ') FROM (
+            SELECT d.id::text AS id, (row_number() OVER () - 1) / 200 AS chunk FROM d WHERE d.cancel) c
+        GROUP BY c.chunk
+    LOOP
+        PERFORM pg_notify(v_channel, v_payload);
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_notify_changes AFTER UPDATE ON runs
+    REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_runs_notify_changes();
+
+-- The live agentapp processes, one row each: inserted when a process starts serving or
+-- working, heartbeated (heartbeat_at, executing) at most every 10 s, deleted when it stops
+-- cleanly, and removed by any other process a minute after its last heartbeat otherwise.
+CREATE TABLE IF NOT EXISTS workers (
+    id           text PRIMARY KEY,                -- the worker id in runs.worker_id: host/pid/random
+    hostname     text NOT NULL,
+    pid          integer NOT NULL,
+    version      text NOT NULL,                   -- the binary's version (module version or VCS revision)
+    mode         text NOT NULL CHECK (mode IN ('serve', 'serve+worker', 'worker')),
+    concurrency  integer NOT NULL,                -- RUN_WORKER_CONCURRENCY
+    executing    integer NOT NULL DEFAULT 0,      -- runs executing at the last heartbeat
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Progress events: what an agent reports while its attempt runs (POST /v1/runs/{id}/events),
+-- numbered seq 1, 2, … per run. Deleted with their run.
+CREATE TABLE IF NOT EXISTS run_events (
+    run_id  uuid NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    seq     integer NOT NULL,
+    attempt integer NOT NULL,                     -- the attempt that posted it
+    at      timestamptz NOT NULL DEFAULT now(),
+    type    text NOT NULL,
+    data    jsonb NOT NULL DEFAULT 'null',
+    PRIMARY KEY (run_id, seq)
+);
+
+-- cluster_secrets holds keys every process shares; 'events' signs the events tokens
+-- handed to agents, so any process verifies a token another issued. Never shown.
+CREATE TABLE IF NOT EXISTS cluster_secrets (
+    name   text PRIMARY KEY,
+    secret text NOT NULL
+);
+
+-- gen_random_uuid draws from the server's strong random source: 244 random bits.
+INSERT INTO cluster_secrets (name, secret)
+VALUES ('events', gen_random_uuid()::text || gen_random_uuid()::text)
+ON CONFLICT (name) DO NOTHING;
+
+-- Notifications for the streams (events.go):
+--   agentapp_events  payload run id ":" seq: an agent posted an event
+CREATE OR REPLACE FUNCTION agentapp_run_events_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('agentapp_events', NEW.run_id::text || ':' || NEW.seq);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER run_events_notify AFTER INSERT ON run_events
+    FOR EACH ROW EXECUTE FUNCTION agentapp_run_events_notify();
+
+-- Console sessions (/ui/), in the database so that every process accepts them. Only the
+-- sha256 of the cookie's value is stored. key_hash is the sha256 of the token that signed
+-- in: a workspace session ends when the workspace's key is rotated, an admin session when
+-- ADMIN_TOKEN changes. workspace_id null: an admin session.
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash      bytea PRIMARY KEY,
+    workspace_id uuid REFERENCES workspaces (id) ON DELETE CASCADE,
+    key_hash     bytea NOT NULL,
+    csrf_token   text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires_idx ON sessions (expires_at);
+
+-- Schedules (schedules.go): each due time of a schedule makes exactly one run. next_at is
+-- the next due time (computed in Go from cron and timezone), last_at the last one fired.
+-- The processes that run the worker fire the due schedules they can lock (FOR UPDATE SKIP
+-- LOCKED), and the runs' unique (schedule_id, scheduled_for) refuses a second run for a
+-- due time whatever happens.
+CREATE TABLE IF NOT EXISTS schedules (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL,
+    name         text NOT NULL,
+    cron         text NOT NULL,                   -- five fields, a macro or "@every D" (cron.go)
+    timezone     text NOT NULL DEFAULT 'UTC',     -- an IANA name
+    agent_id     uuid NOT NULL,
+    input        jsonb NOT NULL DEFAULT 'null',
+    priority     smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
+    timeout_ms   integer CHECK (timeout_ms BETWEEN 1 AND 86400000),
+    max_attempts integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 25),
+    paused       boolean NOT NULL DEFAULT false,  -- true: it makes no runs
+    next_at      timestamptz,                     -- null: it never falls due again
+    last_at      timestamptz,                     -- the last due time that made a run
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (workspace_id, name),
+    FOREIGN KEY (workspace_id, agent_id) REFERENCES agents (workspace_id, id) ON DELETE CASCADE
+);
+-- The due schedules, earliest first: what the firing loop reads and sleeps on.
+CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_at) WHERE NOT paused;
+-- agentapp_schedules (no payload): schedules were made or changed, so the next due time
+-- may be sooner: the firing loops (schedules.go) read it again.
+CREATE OR REPLACE FUNCTION agentapp_schedules_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('agentapp_schedules', '');
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER schedules_notify AFTER INSERT OR UPDATE ON schedules
+    FOR EACH STATEMENT EXECUTE FUNCTION agentapp_schedules_notify();
+-- One run per due time of a schedule, across every process: the firing insert does
+-- nothing on conflict. Also a schedule's runs in the order they were made (?schedule=).
+CREATE UNIQUE INDEX IF NOT EXISTS runs_schedule_due_idx ON runs (schedule_id, scheduled_for) WHERE schedule_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO schema_migrations (version, name) VALUES
+    (1, 'priorities, time limits, caps and pause'), (2, 'progress events; one key from runs to their agent'),
+    (3, 'the claim in queue.go; counts from insert-only changes'), (4, 'signed deliveries and trace context'),
+    (5, 'schedules'), (6, 'retry backoff per agent; pushback');
