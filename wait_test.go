@@ -605,3 +605,55 @@ func TestWaitConsoleApprove(t *testing.T) {
 		t.Errorf("the signal form on a run no longer waiting: got %d; want 409", again.status)
 	}
 }
+
+// TestWaitStreams: both streams show a run's waiting: its status frames go running,
+// waiting, then (once signaled) queued, running, succeeded, with the wait in the waiting
+// frame; the run's stream ends only once the run is final, not while it waits.
+func TestWaitStreams(t *testing.T) {
+	t.Parallel()
+	srv := newWebhookServer(t, &stepAgent{answer: func(c stepCall) (int, string) {
+		if c.Step == 1 {
+			return 202, `{"state":1,"wait":{"signal":"go"}}`
+		}
+		return 200, `"done"`
+	}})
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "waits", "webhook", map[string]any{"url": srv.URL})
+	wsStream := evStream(t, a.base+"/v1/workspaces/"+ws.ID+"/events", ws.APIKey, nil)
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "waits", "delay_ms": 1000}, 201, &run)
+	runStream := evStream(t, a.base+"/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/events", ws.APIKey, nil)
+	// statuses reads a stream's frames of the run (event kind) until its status is last.
+	statuses := func(ch <-chan sseFrame, kind, last string) []string {
+		t.Helper()
+		var got []string
+		for len(got) == 0 || got[len(got)-1] != last {
+			f, ok := evNext(t, ch, 30*time.Second)
+			if !ok {
+				t.Fatalf("%s stream: ended after statuses %v; want up to %s", kind, got, last)
+			}
+			var r runRecord
+			if f.Event != kind || json.Unmarshal([]byte(f.Data), &r) != nil || r.ID != run.ID {
+				continue
+			}
+			got = append(got, string(r.Status))
+			if r.Status == statusWaiting && (r.Step != 2 || !jsonEq(r.WaitingFor, []byte(`{"signal":"go"}`))) {
+				t.Errorf("%s stream: got a waiting frame at step %d waiting for %s; want step 2, the signal", kind, r.Step, r.WaitingFor)
+			}
+		}
+		return got
+	}
+	// The run's stream starts with the run as it stands: queued, not yet due.
+	if got := statuses(runStream, "status", "waiting"); strings.Join(got, " ") != "queued running waiting" {
+		t.Errorf("run stream before the signal: got %v; want queued (as it stood), running, waiting", got)
+	}
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey, map[string]any{"name": "go"}, 200, nil)
+	if got := statuses(runStream, "status", "succeeded"); strings.Join(got, " ") != "queued running succeeded" {
+		t.Errorf("run stream after the signal: got %v; want queued, running, succeeded", got)
+	}
+	evExpectEnd(t, runStream, 10*time.Second)
+	if got := statuses(wsStream, "run", "succeeded"); strings.Join(got, " ") != "running waiting queued running succeeded" {
+		t.Errorf("workspace stream: got %v; want running, waiting, queued, running, succeeded", got)
+	}
+}
