@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -603,6 +604,57 @@ func TestWaitConsoleApprove(t *testing.T) {
 	}
 	if again := b.post(t, "/ui/runs/"+run.ID+"/signal", csrf, url.Values{"name": {"approve"}}); again.status != http.StatusConflict {
 		t.Errorf("the signal form on a run no longer waiting: got %d; want 409", again.status)
+	}
+}
+
+// TestWaitStreams: both streams show a run's waiting, with the wait in the waiting frame,
+// then (once signaled) its end; the run's stream ends only once the run is final, not
+// while it waits.
+func TestWaitStreams(t *testing.T) {
+	t.Parallel()
+	srv := newWebhookServer(t, &stepAgent{answer: func(c stepCall) (int, string) {
+		if c.Step == 1 {
+			return 202, `{"state":1,"wait":{"signal":"go"}}`
+		}
+		return 200, `"done"`
+	}})
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "waits", "webhook", map[string]any{"url": srv.URL})
+	wsStream := evStream(t, a.base+"/v1/workspaces/"+ws.ID+"/events", ws.APIKey, nil)
+	var run runRecord
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "waits", "delay_ms": 1000}, 201, &run)
+	runStream := evStream(t, a.base+"/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/events", ws.APIKey, nil)
+	// statuses reads a stream's frames of the run (event kind) until its status is last.
+	statuses := func(ch <-chan sseFrame, kind, last string) []string {
+		t.Helper()
+		var got []string
+		for len(got) == 0 || got[len(got)-1] != last {
+			f, ok := evNext(t, ch, 30*time.Second)
+			if !ok {
+				t.Fatalf("%s stream: ended after statuses %v; want up to %s", kind, got, last)
+			}
+			var r runRecord
+			if f.Event != kind || json.Unmarshal([]byte(f.Data), &r) != nil || r.ID != run.ID {
+				continue
+			}
+			got = append(got, string(r.Status))
+			if r.Status == statusWaiting && (r.Step != 2 || !jsonEq(r.WaitingFor, []byte(`{"signal":"go"}`))) {
+				t.Errorf("%s stream: got a waiting frame at step %d waiting for %s; want step 2, the signal", kind, r.Step, r.WaitingFor)
+			}
+		}
+		return got
+	}
+	// A stream reads the run when told of a change, so quick changes may show as one (the
+	// queued between a signal and the claim): what must show is the wait, and the end.
+	statuses(runStream, "status", "waiting") // fails the test unless a waiting frame comes
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs/"+run.ID+"/signal", ws.APIKey, map[string]any{"name": "go"}, 200, nil)
+	if got := statuses(runStream, "status", "succeeded"); slices.Contains(got, "waiting") {
+		t.Errorf("run stream after the signal: got %v; want no wait again, then succeeded", got)
+	}
+	evExpectEnd(t, runStream, 10*time.Second)
+	if got := statuses(wsStream, "run", "succeeded"); !slices.Contains(got, "waiting") {
+		t.Errorf("workspace stream: got %v; want waiting among them before succeeded", got)
 	}
 }
 
