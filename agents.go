@@ -381,21 +381,22 @@ func newWebhookClientWith(lookup func(ctx context.Context, host string) ([]netip
 	}
 }
 
-// runAgent executes one attempt of a claimed run and returns its output. A panic in the
-// agent fails the attempt, not the process.
-func runAgent(ctx context.Context, client *http.Client, allowedHosts []string, c claimedRun) (output json.RawMessage, err error) {
+// runAgent executes one attempt of a claimed run and returns its output, or the wait that
+// ends its step (a webhook's 202). A panic in the agent fails the attempt, not the process.
+func runAgent(ctx context.Context, client *http.Client, allowedHosts []string, c claimedRun) (output json.RawMessage, wait *waitRequest, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			output, err = nil, fmt.Errorf("agent panicked: %v", p)
+			output, wait, err = nil, nil, fmt.Errorf("agent panicked: %v", p)
 		}
 	}()
 	switch c.AgentKind {
 	case "echo":
-		return runEcho(ctx, c)
+		output, err = runEcho(ctx, c)
+		return output, nil, err
 	case "webhook":
 		return runWebhook(ctx, client, allowedHosts, c)
 	}
-	return nil, fmt.Errorf("agent kind %q is unknown", c.AgentKind)
+	return nil, nil, fmt.Errorf("agent kind %q is unknown", c.AgentKind)
 }
 
 func runEcho(ctx context.Context, c claimedRun) (json.RawMessage, error) {
@@ -415,17 +416,17 @@ func runEcho(ctx context.Context, c claimedRun) (json.RawMessage, error) {
 	return c.Input, nil
 }
 
-func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string, c claimedRun) (json.RawMessage, error) {
+func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string, c claimedRun) (json.RawMessage, *waitRequest, error) {
 	var cfg webhookConfig
 	if err := decodeAgentConfig(c.AgentConfig, &cfg); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	u, err := url.Parse(cfg.URL)
 	if err != nil {
-		return nil, fmt.Errorf("webhook url is invalid: %v", err)
+		return nil, nil, fmt.Errorf("webhook url is invalid: %v", err)
 	}
 	if !hostAllowed(u, allowedHosts) {
-		return nil, fmt.Errorf("webhook host %q is not in AGENT_WEBHOOK_ALLOWED_HOSTS", u.Host)
+		return nil, nil, fmt.Errorf("webhook host %q is not in AGENT_WEBHOOK_ALLOWED_HOSTS", u.Host)
 	}
 	if len(allowedHosts) > 0 {
 		ctx = context.WithValue(ctx, listedDestination{}, true)
@@ -437,25 +438,26 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	body, err := json.Marshal(map[string]any{
 		"run_id": c.ID, "workspace_id": c.WorkspaceID, "agent": c.AgentName, "attempt": c.Attempt, "input": c.Input,
 		"events_url": c.EventsURL, "events_token": c.EventsToken,
+		"step": c.Step, "state": c.State, "resume": c.Resume,
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	reqCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(reqCtx, http.MethodPost, cfg.URL, bytes.NewReader(body))
 	if err != nil {
-		return nil, fmt.Errorf("webhook request: %v", err)
+		return nil, nil, fmt.Errorf("webhook request: %v", err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Idempotency-Key", c.ID)
-	// The step is 0 until runs have steps: the id then tells one step's delivery from
-	// another's, and a requeued attempt (refunded at shutdown) is delivered again with its id.
-	id := fmt.Sprintf("%s_0_%d", c.ID, c.Attempt)
+	// Unique per (run, step, attempt): attempts count per step. A requeued attempt (refunded
+	// at shutdown) is delivered again with its id.
+	id := fmt.Sprintf("%s_%d_%d", c.ID, c.Step, c.Attempt)
 	ts := time.Now().Unix()
 	sig, err := signatures(c.Secrets, id, ts, body)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	req.Header.Set("webhook-id", id)
 	req.Header.Set("webhook-timestamp", strconv.FormatInt(ts, 10))
@@ -468,43 +470,51 @@ func runWebhook(ctx context.Context, client *http.Client, allowedHosts []string,
 	if err != nil {
 		var refused *refusedDestination
 		if errors.As(err, &refused) {
-			return nil, refused
+			return nil, nil, refused
 		}
 		if ctx.Err() != nil {
-			return nil, context.Cause(ctx)
+			return nil, nil, context.Cause(ctx)
 		}
 		if timedOut() {
-			return nil, fmt.Errorf("webhook timed out after %v", timeout)
+			return nil, nil, fmt.Errorf("webhook timed out after %v", timeout)
 		}
-		return nil, fmt.Errorf("webhook connection failed: %v", err)
+		return nil, nil, fmt.Errorf("webhook connection failed: %v", err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxWebhookBody+1))
 	delay, pushedBack := pushback(resp, time.Now())
 	switch {
 	case ctx.Err() != nil:
-		return nil, context.Cause(ctx)
+		return nil, nil, context.Cause(ctx)
 	case pushedBack:
-		return nil, &pushbackError{status: resp.StatusCode, delay: delay, excerpt: bodyExcerpt(data)}
+		return nil, nil, &pushbackError{status: resp.StatusCode, delay: delay, excerpt: bodyExcerpt(data)}
 	case err != nil && timedOut():
-		return nil, fmt.Errorf("webhook timed out after %v reading the response", timeout)
+		return nil, nil, fmt.Errorf("webhook timed out after %v reading the response", timeout)
 	case err != nil:
-		return nil, fmt.Errorf("webhook response could not be read: %v", err)
+		return nil, nil, fmt.Errorf("webhook response could not be read: %v", err)
 	case resp.StatusCode < 200 || resp.StatusCode > 299:
-		return nil, fmt.Errorf("webhook answered HTTP %d, want 2xx%s", resp.StatusCode, bodyExcerpt(data))
+		return nil, nil, fmt.Errorf("webhook answered HTTP %d, want 2xx%s", resp.StatusCode, bodyExcerpt(data))
 	case len(data) > maxWebhookBody:
-		return nil, errors.New("webhook response body is over 1 MiB")
+		return nil, nil, errors.New("webhook response body is over 1 MiB")
 	case !json.Valid(data):
-		return nil, fmt.Errorf("webhook response is not JSON (%d bytes, Content-Type %q)", len(data), resp.Header.Get("Content-Type"))
+		return nil, nil, fmt.Errorf("webhook response is not JSON (%d bytes, Content-Type %q)", len(data), resp.Header.Get("Content-Type"))
+	}
+	if resp.StatusCode == http.StatusAccepted {
+		// The step ended without ending the run: the body says what it waits for.
+		wait, err := parseWait(data)
+		if err != nil {
+			return nil, nil, fmt.Errorf("webhook answered 202 but not a wait {\"state\", \"wait\"}: %v", err)
+		}
+		return nil, wait, nil
 	}
 	if err := checkStorable(data); err != nil {
-		return nil, fmt.Errorf("webhook output %v", err)
+		return nil, nil, fmt.Errorf("webhook output %v", err)
 	}
 	var out bytes.Buffer
 	if err := json.Compact(&out, data); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return out.Bytes(), nil
+	return out.Bytes(), nil, nil
 }
 
 // maxPushback is the longest Retry-After honoured (SPEC): a longer one holds the agent for

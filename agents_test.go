@@ -231,7 +231,8 @@ func TestWebhookDialRefusesForbidden(t *testing.T) {
 	attempt := func(host string, allowed []string) (json.RawMessage, error) {
 		c := claimedRun{ID: "00000000-0000-0000-0000-000000000001", AgentKind: "webhook", AgentName: "hook", Attempt: 1, Secrets: []string{newSigningSecret()},
 			AgentConfig: json.RawMessage(`{"url":"http://` + net.JoinHostPort(host, port) + `/","timeout_ms":5000}`), Input: json.RawMessage(`{}`)}
-		return runAgent(context.Background(), client, allowed, c)
+		out, _, err := runAgent(context.Background(), client, allowed, c)
+		return out, err
 	}
 	for host, class := range map[string]string{
 		"loopback.evil.test": "loopback", "mapped.evil.test": "loopback", "v6.evil.test": "loopback",
@@ -734,7 +735,7 @@ func TestSignedDeliveries(t *testing.T) {
 		t.Errorf("trace_ids of a batch without traceparent: got %+v; want one new trace id for both", got)
 	}
 
-	// Each delivery: signed with the secret, webhook-id <run>_0_1, the run's trace id.
+	// Each delivery: signed with the secret, webhook-id <run>_1_1 (step 1, attempt 1), the run's trace id.
 	byRun := map[string]delivery{}
 	for _, d := range log.of("/ok") {
 		var b struct {
@@ -755,7 +756,7 @@ func TestSignedDeliveries(t *testing.T) {
 		if got := d.header.Values("webhook-signature"); len(got) != 1 || strings.Count(got[0], "v1,") != 1 {
 			t.Errorf("webhook-signature before any rotation: got %q; want one signature", got)
 		}
-		if got, want := d.header.Get("webhook-id"), r.ID+"_0_1"; got != want {
+		if got, want := d.header.Get("webhook-id"), r.ID+"_1_1"; got != want {
 			t.Errorf("webhook-id of run %s: got %q; want %q", r.ID, got, want)
 		}
 		traceID, parent := traceparentOf(t, d)
@@ -776,7 +777,7 @@ func TestSignedDeliveries(t *testing.T) {
 		t.Fatalf("deliveries of a run failing 3 attempts: got %d; want 3", len(tries))
 	}
 	for i, d := range tries {
-		if got, want := d.header.Get("webhook-id"), fmt.Sprintf("%s_0_%d", failing.ID, i+1); got != want {
+		if got, want := d.header.Get("webhook-id"), fmt.Sprintf("%s_1_%d", failing.ID, i+1); got != want {
 			t.Errorf("webhook-id of attempt %d: got %q; want %q", i+1, got, want)
 		}
 		if err := swVerify(failingHook.SigningSecret, d.header, d.body, d.at); err != nil {
@@ -881,8 +882,8 @@ func TestRedeliveryKeepsWebhookID(t *testing.T) {
 			t.Errorf("delivery %d: got %v; want verified", i+1, err)
 		}
 	}
-	if id0, id1 := got[0].header.Get("webhook-id"), got[1].header.Get("webhook-id"); id0 != r.ID+"_0_1" || id1 != id0 {
-		t.Errorf("webhook-id of a redelivered attempt: got %q, then %q; want %s_0_1 both times", id0, id1, r.ID)
+	if id0, id1 := got[0].header.Get("webhook-id"), got[1].header.Get("webhook-id"); id0 != r.ID+"_1_1" || id1 != id0 {
+		t.Errorf("webhook-id of a redelivered attempt: got %q, then %q; want %s_1_1 both times", id0, id1, r.ID)
 	}
 	t0, p0 := traceparentOf(t, got[0])
 	t1, p1 := traceparentOf(t, got[1])

@@ -84,6 +84,7 @@ func (s *server) console() http.Handler {
 	mux.HandleFunc("GET /ui/runs/{id}", c.page(c.run))
 	mux.HandleFunc("POST /ui/runs/{id}/cancel", c.action(c.cancelRun))
 	mux.HandleFunc("POST /ui/runs/{id}/retry", c.action(c.retryRun))
+	mux.HandleFunc("POST /ui/runs/{id}/signal", c.action(c.signalRun))
 	mux.HandleFunc("POST /ui/runs/cancel-queued", c.action(c.cancelQueued))
 	mux.HandleFunc("GET /ui/agents", c.page(c.agents))
 	mux.HandleFunc("POST /ui/agents/{id}/pause", c.action(c.setPaused(true)))
@@ -146,6 +147,7 @@ var flashMessages = map[string]string{
 	"canceled":         "Run canceled.",
 	"cancel-requested": "Cancel requested: the run stops where it executes.",
 	"retried":          "Run queued again with %d more attempt(s).",
+	"signaled":         "Signal sent: the run is queued again for its next step.",
 	"canceled-queued":  "Canceled %d queued run(s).",
 	"paused":           "Agent paused: its runs stay queued until it is resumed.",
 	"resumed":          "Agent resumed: its queued runs are claimed again.",
@@ -733,7 +735,26 @@ func (c *console) runs(w http.ResponseWriter, r *http.Request, se session) {
 // consoleRun is a run as the runs list and the run page show it.
 type consoleRun struct {
 	runRecord
-	Wait string // why a queued run has not started yet (waitReason); "" when it could
+	Wait string // why a queued run has not started yet (waitReason), or what a waiting run waits for
+}
+
+// waitSummary says in a few words what a waiting run's waiting_for is.
+func waitSummary(raw json.RawMessage) (summary, signal string) {
+	var w waitSpec
+	if json.Unmarshal(raw, &w) != nil {
+		return "waits", ""
+	}
+	switch {
+	case w.SleepMS != nil:
+		return fmt.Sprintf("sleeps %d ms", *w.SleepMS), ""
+	case w.Signal != nil && w.TimeoutMS != nil:
+		return fmt.Sprintf("waits for signal %s (timeout %d ms)", *w.Signal, *w.TimeoutMS), *w.Signal
+	case w.Signal != nil:
+		return "waits for signal " + *w.Signal, *w.Signal
+	case w.Runs != nil:
+		return fmt.Sprintf("waits for %d child run(s)", len(w.Runs)), ""
+	}
+	return "waits", ""
 }
 
 // agentLoad is what decides whether an agent's queued runs may start.
@@ -748,7 +769,10 @@ type agentLoad struct {
 // cap (a range of runs_list_idx), as the claim counts them.
 func (c *console) explainWaits(ctx context.Context, runs []consoleRun) error {
 	var wss, names []string
-	for _, r := range runs {
+	for i, r := range runs {
+		if r.Status == statusWaiting {
+			runs[i].Wait, _ = waitSummary(r.WaitingFor)
+		}
 		if r.Status == statusQueued {
 			wss, names = append(wss, r.WorkspaceID), append(names, r.Agent)
 		}
@@ -875,8 +899,14 @@ type runData struct {
 	MoreEvents bool   // the run has more than runEventsShown events
 	Took       string // how long its latest attempt took, or has been running; "" before one
 	EventsCap  int
-	Attempts   int // the most attempts one retry may add
+	Attempts   int         // the most attempts one retry may add
+	Signal     string      // the signal a waiting run waits for; "" when none
+	Children   []runRecord // its child runs, newest first (up to childrenShown)
 }
+
+// childrenShown is how many of a run's children its page lists: a wait makes at most
+// maxChildren, and the API's ?parent= pages through all of them.
+const childrenShown = maxChildren
 
 // consoleEvent is one progress event as the run page shows it.
 type consoleEvent struct {
@@ -956,6 +986,13 @@ func (c *console) run(w http.ResponseWriter, r *http.Request, se session) {
 		return
 	}
 	d := runData{Run: shown[0], EventsCap: runEventsShown, Attempts: maxRunAttempts}
+	if run.Status == statusWaiting {
+		_, d.Signal = waitSummary(run.WaitingFor)
+	}
+	if d.Children, _, err = c.s.store.listRuns(r.Context(), run.WorkspaceID, "", "", "", run.ID, childrenShown, ""); err != nil {
+		c.fail(w, r, err)
+		return
+	}
 	if run.StartedAt != nil {
 		switch {
 		case run.FinishedAt != nil:
@@ -1004,6 +1041,34 @@ func (c *console) cancelRun(w http.ResponseWriter, r *http.Request, se session) 
 		flash = "cancel-requested"
 	}
 	http.Redirect(w, r, withFlash("/ui/runs/"+run.ID, flash, 0), http.StatusSeeOther)
+}
+
+// signalRun sends a waiting run the signal it waits for, as the API's signal does, with the
+// form's JSON data (null when the field is empty): the operator's "approve" button.
+func (c *console) signalRun(w http.ResponseWriter, r *http.Request, se session) {
+	req := signalRequest{Name: r.PostForm.Get("name")}
+	if v := strings.TrimSpace(r.PostForm.Get("data")); v != "" {
+		if !json.Valid([]byte(v)) {
+			c.fail(w, r, invalid("data must be JSON (or empty for null)"))
+			return
+		}
+		req.Data = json.RawMessage(v)
+	}
+	data, err := signalData(req)
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	run, err := c.findRun(r.Context(), se, r.PathValue("id"))
+	if err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	if _, err := c.s.store.signalRun(r.Context(), run.WorkspaceID, run.ID, req.Name, data); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	http.Redirect(w, r, withFlash("/ui/runs/"+run.ID, "signaled", 0), http.StatusSeeOther)
 }
 
 // retryRun puts a failed or canceled run back to queued as the API's retry does, with the

@@ -68,32 +68,49 @@ func (s *store) loadEventKeys(ctx context.Context, publicURL string) error {
 	return nil
 }
 
-// mac is the token's signature of one attempt of run id (lower-case).
-func (k eventKeys) mac(id string, attempt int) []byte {
+// mac is the token's signature of one attempt of run id (lower-case) at a step. Attempts
+// count per step, so a token names its step too; step 1's is signed as before steps
+// existed, so that the tokens of attempts in flight across an upgrade stay good.
+func (k eventKeys) mac(id string, step, attempt int) []byte {
 	h := hmac.New(sha256.New, k.secret)
-	fmt.Fprintf(h, "%s:%d", id, attempt)
+	if step == 1 {
+		fmt.Fprintf(h, "%s:%d", id, attempt)
+	} else {
+		fmt.Fprintf(h, "%s:%d:%d", id, step, attempt)
+	}
 	return h.Sum(nil)
 }
 
-// link returns the events_url and events_token for one attempt of run id; both are empty
-// when no secret is loaded (a store made by hand, in tests).
-func (k eventKeys) link(id string, attempt int) (string, string) {
+// link returns the events_url and events_token for one attempt of run id at a step
+// ("attempt.sig" at step 1, "step-attempt.sig" after); both are empty when no secret is
+// loaded (a store made by hand, in tests).
+func (k eventKeys) link(id string, step, attempt int) (string, string) {
 	if len(k.secret) == 0 {
 		return "", ""
 	}
+	prefix := strconv.Itoa(attempt)
+	if step != 1 {
+		prefix = strconv.Itoa(step) + "-" + prefix
+	}
 	return k.publicURL + "/v1/runs/" + id + "/events",
-		strconv.Itoa(attempt) + "." + base64.RawURLEncoding.EncodeToString(k.mac(id, attempt))
+		prefix + "." + base64.RawURLEncoding.EncodeToString(k.mac(id, step, attempt))
 }
 
-// verify returns the attempt a token was issued for, if it was issued for run id.
-func (k eventKeys) verify(id, token string) (int, bool) {
+// verify returns the step and attempt a token was issued for, if it was issued for run id.
+func (k eventKeys) verify(id, token string) (step, attempt int, ok bool) {
 	a, sig, ok := strings.Cut(token, ".")
-	attempt, err := strconv.Atoi(a)
-	if !ok || err != nil || attempt < 1 || len(k.secret) == 0 || strconv.Itoa(attempt) != a {
-		return 0, false
+	st, a, stepped := strings.Cut(a, "-")
+	if !stepped {
+		st, a = "1", st
+	}
+	step, err1 := strconv.Atoi(st)
+	attempt, err2 := strconv.Atoi(a)
+	if !ok || err1 != nil || err2 != nil || attempt < 1 || step < 1 || len(k.secret) == 0 ||
+		strconv.Itoa(attempt) != a || strconv.Itoa(step) != st || stepped && step == 1 {
+		return 0, 0, false
 	}
 	got, err := base64.RawURLEncoding.DecodeString(sig)
-	return attempt, err == nil && hmac.Equal(got, k.mac(id, attempt))
+	return step, attempt, err == nil && hmac.Equal(got, k.mac(id, step, attempt))
 }
 
 // runEvent is one progress event as stored and answered.
@@ -117,25 +134,25 @@ var (
 // addEvent appends an event to run id if its attempt is still running, and returns its
 // seq. The seq comes from the run's counter, bumped under the run's row lock in the same
 // statement, so seqs have no gaps and the attempt cannot end in between.
-func (s *store) addEvent(ctx context.Context, id string, attempt int, typ string, data json.RawMessage) (int, error) {
+func (s *store) addEvent(ctx context.Context, id string, step, attempt int, typ string, data json.RawMessage) (int, error) {
 	var seq int
 	err := s.db.QueryRowContext(ctx, `
 		WITH bump AS (
 			UPDATE runs SET events_count = events_count + 1
-			WHERE id = $1 AND status = 'running' AND attempt = $2 AND events_count < $5
+			WHERE id = $1 AND status = 'running' AND attempt = $2 AND step = $7 AND events_count < $5
 			  AND octet_length($4::jsonb::text) <= $6
 			RETURNING id, events_count, attempt)
 		INSERT INTO run_events (run_id, seq, attempt, type, data)
 		SELECT id, events_count, attempt, $3, $4::jsonb FROM bump
-		RETURNING seq`, id, attempt, typ, string(data), maxRunEvents, maxEventData).Scan(&seq)
+		RETURNING seq`, id, attempt, typ, string(data), maxRunEvents, maxEventData, step).Scan(&seq)
 	if !errors.Is(err, sql.ErrNoRows) {
 		return seq, err
 	}
 	// Refused: say why. A run that is gone (retention) has ended its attempt too.
 	var running, full, large bool
-	err = s.db.QueryRowContext(ctx, `SELECT status = 'running' AND attempt = $2, events_count >= $3,
+	err = s.db.QueryRowContext(ctx, `SELECT status = 'running' AND attempt = $2 AND step = $6, events_count >= $3,
 		octet_length($4::jsonb::text) > $5 FROM runs WHERE id = $1`,
-		id, attempt, maxRunEvents, string(data), maxEventData).Scan(&running, &full, &large)
+		id, attempt, maxRunEvents, string(data), maxEventData, step).Scan(&running, &full, &large)
 	switch {
 	case errors.Is(err, sql.ErrNoRows) || (err == nil && !running):
 		return 0, errAttemptEnded
@@ -282,7 +299,7 @@ func validEventType(t string) bool {
 // checked before anything else about the request.
 func (s *server) postEvent(w http.ResponseWriter, r *http.Request) {
 	id := strings.ToLower(r.PathValue("id"))
-	attempt, ok := s.store.events.verify(id, bearer(r))
+	step, attempt, ok := s.store.events.verify(id, bearer(r))
 	if !ok || !isUUID(id) {
 		s.fail(w, r, unauthorized("invalid events token"))
 		return
@@ -311,7 +328,7 @@ func (s *server) postEvent(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, badRequest("data: %v", err))
 		return
 	}
-	seq, err := s.store.addEvent(r.Context(), id, attempt, *req.Type, data.Bytes())
+	seq, err := s.store.addEvent(r.Context(), id, step, attempt, *req.Type, data.Bytes())
 	if err != nil {
 		s.fail(w, r, err)
 		return

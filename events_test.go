@@ -197,32 +197,44 @@ func evExpectEnd(t testing.TB, ch <-chan sseFrame, timeout time.Duration) {
 	}
 }
 
-// TestEventTokens: a token is good for its run and attempt only.
+// TestEventTokens: a token is good for its run, step and attempt only: attempts count per
+// step, so step 2's attempt 1 does not take step 1's attempt 1's token.
 func TestEventTokens(t *testing.T) {
 	k := eventKeys{secret: []byte("secret"), publicURL: "http://a.example"}
 	run, other := "6f1c2c4e-3b1d-4a53-9b54-0c8e9f0a1b2c", "00000000-0000-4000-8000-000000000000"
-	url, token := k.link(run, 2)
+	url, token := k.link(run, 1, 2)
 	if want := "http://a.example/v1/runs/" + run + "/events"; url != want {
 		t.Errorf("events_url: got %q; want %q", url, want)
 	}
 	_, sig, _ := strings.Cut(token, ".")
-	if a, ok := k.verify(run, token); !ok || a != 2 {
-		t.Errorf("verify its own token: got attempt %d ok %v; want 2 true", a, ok)
+	if s, a, ok := k.verify(run, token); !ok || s != 1 || a != 2 {
+		t.Errorf("verify its own token: got step %d attempt %d ok %v; want 1 2 true", s, a, ok)
+	}
+	_, stepped := k.link(run, 3, 2)
+	_, stepSig, _ := strings.Cut(stepped, ".")
+	if s, a, ok := k.verify(run, stepped); !ok || s != 3 || a != 2 || !strings.HasPrefix(stepped, "3-2.") {
+		t.Errorf("verify a step 3 token %q: got step %d attempt %d ok %v; want 3 2 true", stepped, s, a, ok)
 	}
 	for name, c := range map[string]struct{ run, token string }{
-		"another run":        {other, token},
-		"another attempt":    {run, "3." + sig},
-		"attempt spelled 02": {run, "02." + sig},
-		"no attempt":         {run, sig},
-		"empty":              {run, ""},
-		"altered signature":  {run, "2." + strings.Repeat("A", len(sig))},
-		"another secret":     {run, func() string { _, t := (eventKeys{secret: []byte("other")}).link(run, 2); return t }()},
+		"another run":           {other, token},
+		"another attempt":       {run, "3." + sig},
+		"attempt spelled 02":    {run, "02." + sig},
+		"no attempt":            {run, sig},
+		"empty":                 {run, ""},
+		"altered signature":     {run, "2." + strings.Repeat("A", len(sig))},
+		"another secret":        {run, func() string { _, t := (eventKeys{secret: []byte("other")}).link(run, 1, 2); return t }()},
+		"step 1's at step 2":    {run, "2-2." + sig},
+		"step 3's at step 1":    {run, "2." + stepSig},
+		"step 1 spelled out":    {run, "1-2." + sig},
+		"step 3's at step 4":    {run, "4-2." + stepSig},
+		"step spelled 03":       {run, "03-2." + stepSig},
+		"step 3's at attempt 1": {run, "3-1." + stepSig},
 	} {
-		if _, ok := k.verify(c.run, c.token); ok {
+		if _, _, ok := k.verify(c.run, c.token); ok {
 			t.Errorf("%s: got the token accepted; want it refused", name)
 		}
 	}
-	if _, ok := (eventKeys{}).verify(run, token); ok {
+	if _, _, ok := (eventKeys{}).verify(run, token); ok {
 		t.Error("no secret loaded: got a token accepted; want every token refused")
 	}
 }

@@ -131,7 +131,7 @@ func writeMetrics(ctx context.Context, w io.Writer, st *store, m *metrics) {
 		for _, s := range []struct {
 			name string
 			n    int64
-		}{{"queued", stats.Queued}, {"running", stats.Running}, {"succeeded", stats.Succeeded}, {"failed", stats.Failed}, {"canceled", stats.Canceled}} {
+		}{{"queued", stats.Queued}, {"running", stats.Running}, {"waiting", stats.Waiting}, {"succeeded", stats.Succeeded}, {"failed", stats.Failed}, {"canceled", stats.Canceled}} {
 			fmt.Fprintf(&b, "agentapp_runs{status=%q} %d\n", s.name, s.n)
 		}
 		help("agentapp_queue_depth", "gauge", "Runs waiting to be claimed.")

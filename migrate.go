@@ -135,6 +135,23 @@ ALTER TABLE schedules
     ADD COLUMN IF NOT EXISTS concurrency_key text CHECK (length(concurrency_key) BETWEEN 1 AND 200),
     ADD COLUMN IF NOT EXISTS cost integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000)`,
 	},
+	{
+		version: 8,
+		name:    "runs that wait: steps, signals, child runs",
+		// The columns' defaults are constants: no row is rewritten. The status check is
+		// replaced, with its name, to allow waiting (one scan of runs, under the lock).
+		before: `
+ALTER TABLE runs
+    DROP CONSTRAINT runs_status_check,
+    ADD CONSTRAINT runs_status_check CHECK (status IN ('queued', 'running', 'waiting', 'succeeded', 'failed', 'canceled')),
+    ADD COLUMN step integer NOT NULL DEFAULT 1,
+    ADD COLUMN state jsonb,
+    ADD COLUMN waiting_for jsonb,
+    ADD COLUMN wake_at timestamptz,
+    ADD COLUMN parent_id uuid REFERENCES runs (id) ON DELETE CASCADE,
+    ADD COLUMN parent_step integer,
+    ADD COLUMN resume jsonb`,
+	},
 }
 
 // retiredSQL drops what earlier releases made and this one does not use. It runs at every
@@ -202,7 +219,14 @@ func (s *store) applySchema(ctx context.Context) error {
 	if newest > known {
 		return fmt.Errorf("the database was migrated by a newer agentapp (migration %d; this binary knows up to %d): run that release or a later one", newest, known)
 	}
-	pending := migrations[newest:]
+	// The migrations after newest: versions may have gaps (a branch's migration numbered
+	// after another's that it does not carry), so they are picked by version, not index.
+	var pending []migration
+	for _, m := range migrations {
+		if m.version > newest {
+			pending = append(pending, m)
+		}
+	}
 	step := func(what, query string) error {
 		if _, err := tx.ExecContext(ctx, query); err != nil {
 			return fmt.Errorf("apply schema: %s: %w", what, err)

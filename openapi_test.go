@@ -5,9 +5,11 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"mime"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"reflect"
 	"regexp"
@@ -899,6 +901,33 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, map[string]any{"attempts": 26}, ws.ID, run.ID)
 	c.do(t, a, 404, "POST /v1/workspaces/{ws}/runs/{id}/retry", "", ws.APIKey, nil, nil, ws.ID, "00000000-0000-4000-8000-000000000000")
 
+	// A run whose webhook answered 202: it waits for a signal (its JSON shows waiting_for),
+	// and is queued again by the signal, once.
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusAccepted)
+		io.WriteString(w, `{"state":{"n":1},"wait":{"signal":"approve","timeout_ms":600000}}`)
+	}))
+	t.Cleanup(hook.Close)
+	c.do(t, a, 201, "POST /v1/workspaces/{ws}/agents", "", ws.APIKey, nil, map[string]any{"name": "waits", "kind": "webhook",
+		"config": map[string]any{"url": hook.URL}}, ws.ID)
+	var waiting runRecord
+	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "waits"}, ws.ID)
+	json.Unmarshal(body, &waiting)
+	c.do(t, a, 200, "POST /v1/worker/process", "", admin, nil, map[string]any{"limit": 100})
+	_, body = c.do(t, a, 200, "GET /v1/workspaces/{ws}/runs/{id}", "", ws.APIKey, nil, nil, ws.ID, waiting.ID)
+	json.Unmarshal(body, &waiting)
+	if waiting.Status != statusWaiting || waiting.Step != 2 {
+		t.Errorf("run whose webhook answered 202: got %s at step %d; want waiting at step 2", waiting.Status, waiting.Step)
+	}
+	c.do(t, a, 200, "GET /v1/workspaces/{ws}/runs", "?parent="+waiting.ID, ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 422, "GET /v1/workspaces/{ws}/runs", "?parent=nope", ws.APIKey, nil, nil, ws.ID)
+	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "Approve"}, ws.ID, waiting.ID)
+	c.do(t, a, 400, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "approve", "Data": 1}, ws.ID, waiting.ID)
+	c.do(t, a, 409, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "deny"}, ws.ID, waiting.ID)
+	c.do(t, a, 200, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "approve", "data": map[string]any{"ok": true}}, ws.ID, waiting.ID)
+	c.do(t, a, 409, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "approve"}, ws.ID, waiting.ID)
+	c.do(t, a, 404, "POST /v1/workspaces/{ws}/runs/{id}/signal", "", ws.APIKey, nil, map[string]any{"name": "approve"}, ws.ID, nobody)
+
 	c.do(t, a, 400, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, nil, ws.ID)
 	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"agent": "nobody"}, ws.ID)
 	c.do(t, a, 422, "POST /v1/workspaces/{ws}/runs/cancel", "", ws.APIKey, nil, map[string]any{"status": "failed"}, ws.ID)
@@ -954,6 +983,18 @@ func TestOpenAPIAnswers(t *testing.T) {
 	c.browse(t, b, 404, "POST /ui/runs/{id}/cancel", "", url.Values{"csrf": {csrf}}, nobody)
 	c.browse(t, b, 303, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
 	c.browse(t, b, 409, "POST /ui/runs/{id}/retry", "", url.Values{"csrf": {csrf}}, doomed.ID)
+	// A waiting run's page offers its signal; the form sends it once.
+	_, body = c.do(t, a, 201, "POST /v1/workspaces/{ws}/runs", "", ws.APIKey, nil, map[string]any{"agent": "waits"}, ws.ID)
+	var approve runRecord
+	json.Unmarshal(body, &approve)
+	c.do(t, a, 200, "POST /v1/worker/process", "", admin, nil, map[string]any{"limit": 100})
+	c.browse(t, b, 200, "GET /ui/runs/{id}", "", nil, approve.ID)
+	c.browse(t, b, 403, "POST /ui/runs/{id}/signal", "", url.Values{"name": {"approve"}}, approve.ID)
+	c.browse(t, b, 422, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}, "data": {"{not json"}}, approve.ID)
+	c.browse(t, b, 422, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"No"}}, approve.ID)
+	c.browse(t, b, 303, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}, "data": {`{"ok":true}`}}, approve.ID)
+	c.browse(t, b, 409, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}}, approve.ID)
+	c.browse(t, b, 404, "POST /ui/runs/{id}/signal", "", url.Values{"csrf": {csrf}, "name": {"approve"}}, nobody)
 	c.browse(t, b, 303, "POST /ui/runs/cancel-queued", "", url.Values{"csrf": {csrf}})
 	var echo agent
 	_, body = c.do(t, a, 200, "GET /v1/workspaces/{ws}/agents/{name}", "", ws.APIKey, nil, nil, ws.ID, "echo")

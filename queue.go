@@ -140,6 +140,7 @@ type lineup struct {
 	found  time.Time            // the last search for agents never seen
 	reset  time.Time            // the last time every line was read from its start
 	due    time.Time            // the next scheduled run falls due: search again then
+	wake   time.Time            // the next waiting run's timer falls due: wake it then
 
 	mu        sync.Mutex         // guards the announcements below
 	announced map[string]linePos // workspaces with runs queued since the last claim: the earliest place
@@ -303,6 +304,19 @@ const recoverSQL = `
 	RETURNING r.status)
 	SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status <> 'queued') FROM recovered`
 
+// wakeSQL puts the waiting runs whose sleep or signal timeout fell due back in line, due
+// now, with what met the wait, and answers where each joined its line (the claim
+// announces them, as the trigger on runs does to the other processes). The waiting runs
+// are found in runs_wake_idx, whose predicate the test says: those without a timer are
+// never read.
+const wakeSQL = `
+	UPDATE runs r SET status = 'queued', run_at = now(), updated_at = now(), wake_at = NULL, waiting_for = NULL,
+		resume = CASE WHEN r.waiting_for ? 'sleep_ms' THEN '{"slept":true}'::jsonb ELSE '{"timeout":true}'::jsonb END
+	WHERE r.id = ANY (ARRAY(SELECT x.id FROM runs x WHERE x.status = 'waiting' AND x.wake_at IS NOT NULL
+	                        AND x.wake_at <= now() ORDER BY x.wake_at LIMIT 1000 FOR UPDATE SKIP LOCKED))
+	  AND r.status = 'waiting'
+	RETURNING r.workspace_id, r.priority, r.run_at`
+
 // pickSQL reads up to n due runs of each agent from its place in line, in claim order, with
 // the agent as it stands now: a range of runs_line_idx, whose predicate the status test
 // says, and whose start the row comparison bounds. A run with a concurrency_key is passed
@@ -357,11 +371,12 @@ const takeSQL = `
 	                                     (g.max_concurrency IS NOT NULL OR g.rate_limit IS NOT NULL OR x.concurrency_key IS NOT NULL)))
 	                          FOR UPDATE OF x SKIP LOCKED))
 	RETURNING r.id, r.agent_id, r.workspace_id, r.attempt, r.input, r.timeout_ms, r.trace_id, r.trace_flags, r.pushbacks,
-	          r.cost),
+	          r.cost, r.step, r.state, r.resume),
 	started AS (
 	INSERT INTO rate_starts (agent_id, at, cost)
 	SELECT agent_id, now(), sum(cost) FROM taken WHERE agent_id = ANY ($4) GROUP BY agent_id)
-	SELECT id, agent_id, workspace_id, attempt, input, timeout_ms, trace_id, trace_flags, pushbacks FROM taken`
+	SELECT id, agent_id, workspace_id, attempt, input, timeout_ms, trace_id, trace_flags, pushbacks, step, state, resume
+	FROM taken`
 
 // The claim's other statements: the agents not in line (or idle) with queued runs, a probe
 // each in runs_line_idx; the agents of announced workspaces; the next due time (a scheduled
@@ -376,11 +391,13 @@ const (
 			       ORDER BY r.priority, r.run_at, r.seq LIMIT 1)`
 	announcedSQL = `SELECT a.id, a.workspace_id, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL
 		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
-	nextDueSQL = `SELECT least(
+	nextDueSQL = `SELECT least(d.at, d.wake), d.wake FROM (SELECT least(
 			(SELECT min(run_at) FROM runs
 			 WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)),
 			(SELECT min(throttled_until) FROM agents
-			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)))`
+			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))) AS at,
+			(SELECT min(wake_at) FROM runs WHERE status = 'waiting' AND wake_at IS NOT NULL
+			 AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)) AS wake) d`
 	lockAgentsSQL = `SELECT coalesce(array_agg(id), '{}') FROM unnest($1::uuid[]) AS id
 			WHERE pg_try_advisory_xact_lock($2, hashtext(id::text))`
 	roomSQL = `SELECT a.id,
@@ -400,7 +417,7 @@ const (
 // waiting on another process's claim for locks of their own, three processes started
 // together waited for each other until the claim's 30 s timeout (compare.sh's 3-process
 // drain, 322 runs/s in 2 of 3 reps).
-var claimSQL = []string{recoverSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockAgentsSQL, roomSQL}
+var claimSQL = []string{recoverSQL, wakeSQL, searchSQL, announcedSQL, pickSQL, takeSQL, nextDueSQL, lockAgentsSQL, roomSQL}
 
 // claim recovers expired leases when recoverLeases, then claims up to limit due runs (limit
 // may be 0) for workerID from workspace ws ("" for every one), as the comment at the top of
@@ -450,6 +467,35 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 			q.announce(nil)
 		}
 	}
+	// Wakes ride along with the recovery, and run whenever a timer this process knows of
+	// fell due (the idle worker sleeps until then: nextDueSQL).
+	if recoverLeases || !q.wake.IsZero() && !time.Now().Before(q.wake) {
+		q.wake = time.Time{}
+		rows, err := db.query(ctx, wakeSQL)
+		if err != nil {
+			return res, err
+		}
+		woken := map[string]linePos{}
+		for rows.Next() {
+			var ws string
+			var at linePos
+			if err := rows.Scan(&ws, &at.priority, &at.runAt); err != nil {
+				rows.Close()
+				return res, err
+			}
+			if old, ok := woken[ws]; !ok || at.before(old) {
+				woken[ws] = at
+			}
+			res.woken++
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return res, err
+		}
+		if len(woken) > 0 {
+			q.announce(woken)
+		}
+	}
 	if limit <= 0 {
 		return res, nil
 	}
@@ -477,13 +523,14 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 		}
 	}
 	if len(res.claimed) < limit && !res.more {
-		var next sql.NullTime
-		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next); err != nil {
+		var next, wake sql.NullTime
+		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next, &wake); err != nil {
 			return res, err
 		}
 		if next.Valid {
 			res.nextDue, q.due = next.Time, next.Time
 		}
+		q.wake = wake.Time // zero when no run waits on a timer
 		if !res.rateFree.IsZero() && (res.nextDue.IsZero() || res.rateFree.Before(res.nextDue)) {
 			res.nextDue = res.rateFree
 		}
@@ -747,7 +794,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			var traceID, flags sql.NullString
 			var c claimedRun
 			if err := rows.Scan(&c.ID, &agentID, &c.WorkspaceID, &c.Attempt, &c.Input, &timeout, &traceID, &flags,
-				&c.Pushbacks); err != nil {
+				&c.Pushbacks, &c.Step, (*[]byte)(&c.State), (*[]byte)(&c.Resume)); err != nil {
 				rows.Close()
 				return false, err
 			}
@@ -759,7 +806,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 			c.traceContext = traceOf(c.ID, traceID, flags)
 			c.Timeout = time.Duration(timeout.Int64) * time.Millisecond
 			if c.AgentKind == "webhook" { // the only kind that posts events
-				c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Attempt)
+				c.EventsURL, c.EventsToken = s.events.link(c.ID, c.Step, c.Attempt)
 			}
 			res.claimed = append(res.claimed, c)
 			q.served[c.WorkspaceID] = now
@@ -1146,7 +1193,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 			return nil, fmt.Errorf("batch insert: row %d is run %s, out of the request's order", i, r.ID)
 		}
 		n := ns[len(runs)]
-		r.WorkspaceID, r.Agent, r.Status, r.Errors = ws, n.Agent, statusQueued, json.RawMessage("[]")
+		r.WorkspaceID, r.Agent, r.Status, r.Errors, r.Step = ws, n.Agent, statusQueued, json.RawMessage("[]"), 1
 		r.MaxAttempts, r.Priority, r.TraceID, r.Cost = n.MaxAttempts, n.Priority, tc.TraceID, max(n.Cost, 1)
 		if n.TimeoutMS != 0 {
 			ms := n.TimeoutMS
@@ -1171,44 +1218,90 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 		}
 	}
 	if len(winners) > 0 {
-		if _, err := db.tx.ExecContext(ctx, `
+		// Superseded as their own cancel would: a waiting one at once, and their trees.
+		var superseded pq.StringArray
+		if err := db.tx.QueryRowContext(ctx, `
+			WITH sup AS (
 			UPDATE runs r SET
 				cancel_requested = true,
 				cancel_error = 'superseded by run ' || k.winner,
 				status = CASE WHEN r.status = 'running' THEN r.status ELSE 'canceled' END,
 				error = CASE WHEN r.status = 'running' THEN r.error ELSE 'superseded by run ' || k.winner END,
 				finished_at = CASE WHEN r.status = 'running' THEN r.finished_at ELSE now() END,
-				updated_at = now()
+				waiting_for = NULL, wake_at = NULL, updated_at = now()
 			FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS k (agent_id, key, winner)
 			WHERE r.agent_id = k.agent_id AND r.concurrency_key = k.key AND r.id <> k.winner
-			  AND r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')`,
-			pq.StringArray(winAgents), pq.StringArray(winKeys), pq.StringArray(winners)); err != nil {
+			  AND r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
+			RETURNING r.id)
+			SELECT coalesce(array_agg(id), '{}') FROM sup`,
+			pq.StringArray(winAgents), pq.StringArray(winKeys), pq.StringArray(winners)).Scan(&superseded); err != nil {
 			return nil, err
+		}
+		if len(superseded) > 0 {
+			if _, err := db.tx.ExecContext(ctx, cancelDescendantsSQL, superseded); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return runs, db.tx.Commit()
 }
 
-// cancelRun cancels a queued run at once, or asks for a running run to be canceled where
-// it executes (the trigger notifies every process). A final run is errConflict.
-func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
-	res, err := s.db.ExecContext(ctx, `
-		UPDATE runs SET
+// cancelTreeSQL cancels the runs of tree (a CTE: the ids of the runs asked for, CTE asked,
+// and of their descendants, found through runs_parent_idx) that are not final: queued and
+// waiting ones at once, running ones by asking where they execute (the trigger notifies
+// every process). The runs asked for are "canceled by request", their descendants with
+// their parent.
+const cancelTreeSQL = `
+		UPDATE runs r SET
 			cancel_requested = true,
-			status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
-			error = CASE WHEN status = 'queued' THEN 'canceled by request' ELSE error END,
-			finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-			updated_at = now()
-		WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running')`, id, ws)
+			status = CASE WHEN r.status IN ('queued', 'waiting') THEN 'canceled' ELSE r.status END,
+			error = CASE WHEN r.status NOT IN ('queued', 'waiting') THEN r.error
+			             WHEN r.id IN (SELECT id FROM asked) THEN 'canceled by request'
+			             ELSE 'canceled with its parent run ' || r.parent_id END,
+			finished_at = CASE WHEN r.status IN ('queued', 'waiting') THEN now() ELSE r.finished_at END,
+			cancel_error = CASE WHEN r.status = 'running' AND r.id NOT IN (SELECT id FROM asked)
+			                    THEN 'canceled with its parent run ' || r.parent_id ELSE r.cancel_error END,
+			waiting_for = NULL, wake_at = NULL, updated_at = now()
+		WHERE r.id IN (SELECT id FROM tree) AND r.status IN ('queued', 'running', 'waiting')
+		RETURNING r.id, r.status`
+
+// cancelDescendantsSQL cancels, as cancelTreeSQL does, the descendants of the runs $1.
+const cancelDescendantsSQL = `
+		WITH RECURSIVE asked AS (SELECT NULL::uuid AS id WHERE false),
+		tree AS (
+			SELECT id FROM runs WHERE parent_id = ANY ($1::uuid[])
+			UNION ALL
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (` + cancelTreeSQL + `)
+		SELECT count(*) FROM upd`
+
+// cancelRun cancels a queued or waiting run at once, or asks for a running run to be
+// canceled where it executes, and with it every run of its tree that is not final (SPEC:
+// the cancel cascades down to the children's children). A final run is errConflict.
+func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
+	var found bool
+	err := s.db.QueryRowContext(ctx, `
+		WITH RECURSIVE asked AS (
+			SELECT id FROM runs WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running', 'waiting')),
+		tree AS (
+			SELECT id FROM asked
+			UNION ALL
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (`+cancelTreeSQL+`)
+		SELECT EXISTS (SELECT 1 FROM upd WHERE id = $1)`, id, ws).Scan(&found)
 	if err != nil {
 		return runRecord{}, err
 	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return runRecord{}, err
+	if found {
+		// Its descendants again, in a statement that sees what committed meanwhile: a
+		// running run whose wait for child runs committed while the statement above waited
+		// for its row made children that statement's snapshot could not see.
+		if _, err := s.db.ExecContext(ctx, cancelDescendantsSQL, pq.StringArray{id}); err != nil {
+			return runRecord{}, err
+		}
 	}
 	r, err := s.getRun(ctx, ws, id)
-	if err == nil && n == 0 {
+	if err == nil && !found {
 		err = errConflict
 	}
 	return r, err
@@ -1253,19 +1346,17 @@ func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, st
 	}
 	var known bool
 	var ids pq.StringArray
+	// The matching runs, and their trees (a run's cancel cascades to its children).
 	err = s.db.QueryRowContext(ctx, `
-		WITH ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
-		upd AS (
-			UPDATE runs r SET
-				cancel_requested = true,
-				status = CASE WHEN r.status = 'queued' THEN 'canceled' ELSE r.status END,
-				error = CASE WHEN r.status = 'queued' THEN 'canceled by request' ELSE r.error END,
-				finished_at = CASE WHEN r.status = 'queued' THEN now() ELSE r.finished_at END,
-				updated_at = now()
-			WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
-			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))
-			RETURNING r.id, r.status
-		)
+		WITH RECURSIVE ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
+		asked AS (
+			SELECT r.id FROM runs r WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
+			  AND ($2::text IS NULL OR r.agent_id IN (SELECT id FROM ag))),
+		tree AS (
+			SELECT id FROM asked
+			UNION
+			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
+		upd AS (`+cancelTreeSQL+`)
 		SELECT $2::text IS NULL OR EXISTS (SELECT 1 FROM ag), count(*),
 		       coalesce(array_agg(upd.id) FILTER (WHERE upd.status = 'running'), '{}')
 		FROM upd`, ws, name, list).Scan(&known, &n, &ids)
@@ -1287,9 +1378,12 @@ type claimedRun struct {
 	Timeout     time.Duration // 0: none
 	EventsURL   string        // where the agent posts progress events, with EventsToken
 	EventsToken string
-	Secrets     []string    // a webhook agent's signing secrets, newest first
-	Retry       retryPolicy // the agent's backoff after a failed attempt
-	Pushbacks   int         // times the run was pushed back before this attempt
+	Secrets     []string        // a webhook agent's signing secrets, newest first
+	Retry       retryPolicy     // the agent's backoff after a failed attempt
+	Pushbacks   int             // times the run was pushed back before this attempt
+	Step        int             // the step this attempt executes (1, 2, …)
+	State       json.RawMessage // what the previous step returned; nil at step 1
+	Resume      json.RawMessage // what met the previous step's wait; nil at step 1
 	traceContext
 }
 
@@ -1297,6 +1391,7 @@ type claimedRun struct {
 type claimResult struct {
 	claimed  []claimedRun
 	requeued int       // expired leases put back to queued
+	woken    int       // waiting runs whose timer fell due, queued again
 	failed   int       // expired leases that ended the run (no attempt left, or canceled)
 	capped   bool      // locked agents had due runs: a freed slot may make one claimable
 	rateFree time.Time // the earliest time a rate-limited agent's window frees units; zero: none held
@@ -1308,6 +1403,7 @@ type claimResult struct {
 type attemptRef struct {
 	ID      string
 	Attempt int
+	Step    int // attempts count per step: the fence is (run, step, attempt)
 }
 
 // isRunning is the renew and finish statements' test of a run's status: written so that no
@@ -1321,16 +1417,16 @@ const isRunning = `(r.status = 'running') IS TRUE`
 // still held, and for each whether a cancel was requested; an attempt missing from the
 // answer was lost (recovered by another worker, or final).
 func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, lease time.Duration) (map[attemptRef]bool, error) {
-	ids, attempts := make([]string, len(refs)), make([]int64, len(refs))
+	ids, attempts, steps := make([]string, len(refs)), make([]int64, len(refs)), make([]int64, len(refs))
 	for i, r := range refs {
-		ids[i], attempts[i] = r.ID, int64(r.Attempt)
+		ids[i], attempts[i], steps[i] = r.ID, int64(r.Attempt), int64(r.Step)
 	}
 	rows, err := s.queryPrepared(ctx, `
 		UPDATE runs r SET lease_expires_at = now() + $2 * interval '1 millisecond'
-		FROM unnest($3::uuid[], $4::int[]) AS o(id, attempt)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
-		RETURNING r.id, r.attempt, r.cancel_requested`,
-		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts))
+		FROM unnest($3::uuid[], $4::int[], $5::int[]) AS o(id, attempt, step)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.step = o.step AND r.worker_id = $1 AND `+isRunning+`
+		RETURNING r.id, r.attempt, r.step, r.cancel_requested`,
+		workerID, lease.Milliseconds(), pq.StringArray(ids), pq.Int64Array(attempts), pq.Int64Array(steps))
 	if err != nil {
 		return nil, err
 	}
@@ -1339,7 +1435,7 @@ func (s *store) renew(ctx context.Context, workerID string, refs []attemptRef, l
 	for rows.Next() {
 		var ref attemptRef
 		var cancel bool
-		if err := rows.Scan(&ref.ID, &ref.Attempt, &cancel); err != nil {
+		if err := rows.Scan(&ref.ID, &ref.Attempt, &ref.Step, &cancel); err != nil {
 			return nil, err
 		}
 		held[ref] = cancel
@@ -1361,6 +1457,7 @@ type outcome struct {
 	// still throttles: the provider's limit holds all the same).
 	Throttled bool
 	Throttle  time.Duration
+	Wait      *waitRequest // for endWaiting: the state and what the run waits for
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
@@ -1376,9 +1473,26 @@ type outcome struct {
 // time; the agents are locked after the runs, in id order (a locking clause applies after
 // the sort), so that two writers that throttle the same agents do not deadlock.
 func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
+	ends, freed, err := s.finishWith(ctx, s.queryPrepared, workerID, outs)
+	if s.keyFreed != nil {
+		for ws, at := range freed {
+			s.keyFreed(ws, at)
+		}
+	}
+	return ends, err
+}
+
+// finishWith is finish, its statement sent by query (a transaction's: waitForRuns). An
+// outcome that waits (endWaiting) ends the step: the run waits with the step's state, at
+// the next step's attempt 0, unless a cancel was requested meanwhile. freed is, for the
+// keyed runs that stopped running, their keys' next runs' workspaces and earliest places,
+// for the caller to announce once committed.
+func (s *store) finishWith(ctx context.Context, query func(context.Context, string, ...any) (*sql.Rows, error),
+	workerID string, outs []outcome) (map[string]attemptEnd, map[string]linePos, error) {
 	ids, attempts, ends := make([]string, len(outs)), make([]int64, len(outs)), make([]string, len(outs))
 	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
 	delays, throttles := make(pq.Float64Array, len(outs)), make(pq.Float64Array, len(outs))
+	steps, states, waits, wakes := make([]int64, len(outs)), make([]string, len(outs)), make([]string, len(outs)), make(pq.Float64Array, len(outs))
 	for i, o := range outs {
 		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
 		outputs[i] = "null"
@@ -1389,12 +1503,20 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		if o.Throttled {
 			throttles[i] = ms(o.Throttle)
 		}
+		steps[i], states[i], waits[i], wakes[i] = int64(o.Step), "null", "null", -1
+		if w := o.Wait; w != nil {
+			states[i], waits[i] = string(w.State), string(w.Wait)
+			if w.After > 0 {
+				wakes[i] = ms(w.After)
+			}
+		}
 	}
-	rows, err := s.queryPrepared(ctx, `
+	rows, err := query(ctx, `
 		WITH fin AS (
 		UPDATE runs r SET
 			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
+			              WHEN o.proposed = 'waiting' THEN 'waiting'
 			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
 			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
@@ -1406,7 +1528,14 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
 			attempt = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' AND NOT r.cancel_requested)
-			               THEN r.attempt - 1 ELSE r.attempt END,
+			               THEN r.attempt - 1
+			               WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN 0 ELSE r.attempt END,
+			step = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN r.step + 1 ELSE r.step END,
+			state = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN o.state ELSE r.state END,
+			waiting_for = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN o.wait END,
+			wake_at = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested AND o.wake_ms >= 0
+			               THEN now() + o.wake_ms * interval '1 millisecond' END,
+			resume = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL ELSE r.resume END,
 			pushbacks = CASE WHEN o.proposed = 'pushed_back' AND NOT r.cancel_requested THEN r.pushbacks + 1
 			                 ELSE r.pushbacks END,
 			run_at = CASE WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
@@ -1416,13 +1545,15 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
 			                      AND r.attempt < r.max_attempts) AND NOT r.cancel_requested THEN NULL ELSE r.started_at END,
 			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
+			                   WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL
 			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
 			                        AND NOT r.cancel_requested THEN NULL
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[])
-		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms)
-		WHERE r.id = o.id AND r.attempt = o.attempt AND r.worker_id = $1 AND `+isRunning+`
+		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[],
+		            $9::int[], $10::jsonb[], $11::jsonb[], $12::float8[])
+		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms, step, state, wait, wake_ms)
+		WHERE r.id = o.id AND r.attempt = o.attempt AND r.step = o.step AND r.worker_id = $1 AND `+isRunning+`
 		RETURNING r.id, r.agent_id, r.workspace_id, r.concurrency_key, o.throttle_ms,
 		          CASE WHEN o.proposed IN ('requeued', 'pushed_back') AND r.status = 'queued' THEN o.proposed
 		               WHEN r.status = 'queued' THEN 'retried' ELSE r.status END AS ended),
@@ -1440,9 +1571,10 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			  AND k.concurrency_key IS NOT NULL AND k.status IN ('queued', 'running', 'waiting') AND k.status = 'queued'
 			ORDER BY k.priority, k.run_at, k.seq LIMIT 1) k ON f.concurrency_key IS NOT NULL`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
-		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles)
+		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles,
+		pq.Int64Array(steps), pq.StringArray(states), pq.StringArray(waits), wakes)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer rows.Close()
 	recorded := make(map[string]attemptEnd, len(outs))
@@ -1453,7 +1585,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 		var priority sql.NullInt64
 		var runAt sql.NullTime
 		if err := rows.Scan(&id, &end, &ws, &priority, &runAt); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		recorded[id] = end
 		if at := (linePos{priority: int(priority.Int64), runAt: runAt.Time}); priority.Valid {
@@ -1462,15 +1594,7 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 			}
 		}
 	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	if s.keyFreed != nil {
-		for ws, at := range freed {
-			s.keyFreed(ws, at)
-		}
-	}
-	return recorded, nil
+	return recorded, freed, rows.Err()
 }
 
 // backoff draws the delay before a failed attempt's retry: uniformly from 0 to
@@ -1493,7 +1617,8 @@ const nowZ = `to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 const pruneLock = 7346298106
 
 // prune deletes up to limit final runs (with their events, by cascade) finished longer ago
-// than retention, and returns how many. While another process holds the prune lock it
+// than retention, each with its whole tree of child runs, and returns how many (the
+// children deleted with them not counted). While another process holds the prune lock it
 // deletes nothing and returns 0.
 func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (int, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -1505,11 +1630,21 @@ func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (
 	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, pruneLock).Scan(&mine); err != nil || !mine {
 		return 0, err
 	}
+	// A tree goes whole (SPEC): a root whose every descendant is final and old too, its
+	// children by the parent key's cascade. A child is never deleted alone, so a parent's
+	// resume always finds its children.
 	res, err := tx.ExecContext(ctx, `
 		DELETE FROM runs WHERE id IN (
-			SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'canceled')
-			  AND finished_at < now() - $1 * interval '1 millisecond'
-			ORDER BY finished_at LIMIT $2)`, retention.Milliseconds(), limit)
+			SELECT r.id FROM runs r WHERE r.status IN ('succeeded', 'failed', 'canceled')
+			  AND r.finished_at < now() - $1 * interval '1 millisecond' AND r.parent_id IS NULL
+			  AND NOT EXISTS (
+				WITH RECURSIVE tree AS (
+					SELECT c.id, c.status, c.finished_at FROM runs c WHERE c.parent_id = r.id
+					UNION ALL
+					SELECT c.id, c.status, c.finished_at FROM runs c JOIN tree t ON c.parent_id = t.id)
+				SELECT 1 FROM tree WHERE tree.status NOT IN ('succeeded', 'failed', 'canceled')
+				  OR tree.finished_at >= now() - $1 * interval '1 millisecond')
+			ORDER BY r.finished_at LIMIT $2)`, retention.Milliseconds(), limit)
 	if err != nil {
 		return 0, err
 	}
@@ -1518,4 +1653,95 @@ func (s *store) prune(ctx context.Context, retention time.Duration, limit int) (
 		return 0, err
 	}
 	return int(n), tx.Commit()
+}
+
+// waitForRuns writes an outcome that waits for child runs (endWaiting with a runs wait):
+// the wait, fenced as finish's, and the children, in one transaction, so that a parent
+// never waits without its children nor children exist for a wait that was not written. A
+// child names an agent of the parent's workspace; one that does not is an
+// unknownAgentError and nothing is written. The children carry the parent's trace and the
+// parent's new step (parent_step): the fan-in trigger (schema.sql) waits for those only.
+// made is the children's workspace and earliest place in line, for the caller to announce
+// once committed (nil when none were made).
+func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (ends map[string]attemptEnd, made map[string]linePos, err error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer tx.Rollback()
+	ends, freed, err := s.finishWith(ctx, tx.QueryContext, workerID, []outcome{o})
+	if err != nil {
+		return nil, nil, err
+	}
+	if ends[o.ID] != endWaiting { // lost, or canceled meanwhile: no children
+		return ends, freed, tx.Commit()
+	}
+	ns := o.Wait.Children
+	runIDs, names, inputs := make([]string, len(ns)), make([]string, len(ns)), make([]string, len(ns))
+	maxes, priorities, timeouts := make([]int64, len(ns)), make([]int64, len(ns)), make([]int64, len(ns))
+	keys, costs := make([]string, len(ns)), make([]int64, len(ns))
+	for i, n := range ns {
+		runIDs[i], names[i], inputs[i] = newRunID(), n.Agent, string(n.Input)
+		maxes[i], priorities[i], timeouts[i] = int64(n.MaxAttempts), int64(n.Priority), int64(n.TimeoutMS)
+		keys[i], costs[i] = n.Key, int64(max(n.Cost, 1))
+	}
+	var inserted int
+	var missing, ws sql.NullString
+	var at linePos
+	err = tx.QueryRowContext(ctx, `
+		WITH w AS (
+			SELECT c.*, (SELECT a.id FROM agents a WHERE a.workspace_id = p.workspace_id AND a.name = c.agent) AS agent_id,
+			       p.workspace_id, p.trace_id, p.trace_flags, p.step
+			FROM runs p, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::smallint[], $7::int[], $8::text[], $9::int[])
+			     WITH ORDINALITY AS c(id, agent, input, max_attempts, priority, timeout_ms, key, cost, ord)
+			WHERE p.id = $1),
+		ins AS (
+			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, timeout_ms, trace_id, trace_flags,
+			                  parent_id, parent_step, concurrency_key, cost)
+			SELECT w.id, w.workspace_id, w.agent_id, w.input, w.max_attempts, w.priority, NULLIF(w.timeout_ms, 0),
+			       w.trace_id, w.trace_flags, $1, w.step, NULLIF(w.key, ''), w.cost
+			FROM w WHERE w.agent_id IS NOT NULL ORDER BY w.ord
+			RETURNING workspace_id, priority, run_at),
+		first AS (SELECT workspace_id, priority, run_at FROM ins ORDER BY priority, run_at LIMIT 1)
+		SELECT (SELECT count(*) FROM ins), (SELECT w.agent FROM w WHERE w.agent_id IS NULL ORDER BY w.ord LIMIT 1),
+		       (SELECT workspace_id FROM first), coalesce((SELECT priority FROM first), 0),
+		       coalesce((SELECT run_at FROM first), now())`,
+		o.ID, pq.StringArray(runIDs), pq.StringArray(names), pq.StringArray(inputs), pq.Int64Array(maxes),
+		pq.Int64Array(priorities), pq.Int64Array(timeouts), pq.StringArray(keys), pq.Int64Array(costs)).
+		Scan(&inserted, &missing, &ws, &at.priority, &at.runAt)
+	if err != nil {
+		return nil, nil, err
+	}
+	if missing.Valid {
+		return nil, nil, unknownAgentError{missing.String}
+	}
+	if inserted != len(ns) {
+		return nil, nil, fmt.Errorf("child runs: inserted %d of %d", inserted, len(ns))
+	}
+	if old, ok := freed[ws.String]; !ok || at.before(old) {
+		freed[ws.String] = at
+	}
+	return ends, freed, tx.Commit()
+}
+
+// signalRun meets the wait of a run waiting for the signal name: queued again, due now,
+// resumed with the signal and its data. A run not waiting for that name is errConflict,
+// answered with the run as it stands (a signal sent before the run waits is not kept).
+func (s *store) signalRun(ctx context.Context, ws, id, name string, data json.RawMessage) (runRecord, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, `
+		WITH upd AS (
+			UPDATE runs SET status = 'queued', run_at = now(), updated_at = now(), wake_at = NULL, waiting_for = NULL,
+				resume = jsonb_build_object('signal', jsonb_build_object('name', $3::text, 'data', $4::jsonb))
+			WHERE id = $1 AND workspace_id = $2 AND status = 'waiting' AND waiting_for ->> 'signal' = $3
+			RETURNING *
+		)
+		SELECT `+runColumns+` FROM upd r JOIN agents a ON a.id = r.agent_id`, id, ws, name, string(data)))
+	if !errors.Is(err, sql.ErrNoRows) {
+		return r, err
+	}
+	r, err = s.getRun(ctx, ws, id)
+	if err == nil {
+		err = fmt.Errorf("%w: run is %s, not waiting for signal %q", errConflict, r.Status, name)
+	}
+	return r, err
 }

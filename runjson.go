@@ -63,6 +63,18 @@ func (r *runRecord) appendJSON(b []byte) []byte {
 	}
 	b = append(b, `,"cost":`...)
 	b = strconv.AppendInt(b, int64(r.Cost), 10)
+	b = append(b, `,"step":`...)
+	b = strconv.AppendInt(b, int64(r.Step), 10)
+	b = append(b, `,"state":`...)
+	b = appendRawJSON(b, r.State)
+	b = append(b, `,"waiting_for":`...)
+	b = appendRawJSON(b, r.WaitingFor)
+	b = append(b, `,"parent_id":`...)
+	if r.ParentID == nil {
+		b = append(b, "null"...)
+	} else {
+		b = appendJSONString(b, *r.ParentID)
+	}
 	b = append(b, `,"schedule":`...)
 	if r.Schedule == nil {
 		b = append(b, "null"...)

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS runs (
     workspace_id     uuid NOT NULL,
     agent_id         uuid NOT NULL,
     status           text NOT NULL DEFAULT 'queued'
-                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+                     CHECK (status IN ('queued', 'running', 'waiting', 'succeeded', 'failed', 'canceled')),
     input            jsonb NOT NULL DEFAULT 'null',
     output           jsonb,
     error            text,
@@ -86,6 +86,20 @@ CREATE TABLE IF NOT EXISTS runs (
     concurrency_key  text CHECK (length(concurrency_key) BETWEEN 1 AND 200), -- its agent's key_concurrency holds per key
     cost             integer NOT NULL DEFAULT 1 CHECK (cost BETWEEN 1 AND 1000000), -- units of its agent's rate_limit
     cancel_error     text,                        -- with cancel_requested: the error the run ends with (null: canceled by request)
+    -- Runs that wait (SPEC "Runs that wait"). step is the step the run executes next (1, 2,
+    -- …; attempt counts within it); state is what the agent's last step returned, handed to
+    -- the next; waiting_for is the wait of a waiting run (its 202's "wait"), wake_at when a
+    -- sleep or a signal's timeout is met, resume what met the wait, handed to the next step.
+    step             integer NOT NULL DEFAULT 1,
+    state            jsonb,
+    waiting_for      jsonb,
+    wake_at          timestamptz,
+    -- A child run's parent, and the parent's step whose wait made it (its children are the
+    -- ones of that step: an earlier wait's children are not waited for again). A parent is
+    -- deleted only with its whole tree (prune), so the cascade only ever takes final runs.
+    parent_id        uuid REFERENCES runs (id) ON DELETE CASCADE,
+    parent_step      integer,
+    resume           jsonb,
     -- One key to the agent, in its workspace, instead of one to each: a key is checked
     -- for every row inserted, and these two checks were a quarter of a batch's time in
     -- PostgreSQL. Deleting a workspace deletes its agents, and so their runs.
@@ -116,6 +130,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency_idx ON runs (workspace_id, id
 -- each index adds an entry at every claim and outcome, and a lease renewal, which changes
 -- no indexed column, can be written in place.
 CREATE INDEX IF NOT EXISTS runs_list_idx ON runs (status, workspace_id, agent_id, seq);
+-- The waits that fall due (a sleep, a signal's timeout), earliest first: entries only while
+-- a run waits, so that the claim, which reads the next one, never reads the waiting runs
+-- that have no timer, however many there are.
+CREATE INDEX IF NOT EXISTS runs_wake_idx ON runs (wake_at) WHERE status = 'waiting' AND wake_at IS NOT NULL;
+-- A run's children (fan-in, ?parent=, the cancel's cascade, the parent key's own check on
+-- delete): entries only for child runs.
+CREATE INDEX IF NOT EXISTS runs_parent_idx ON runs (parent_id, seq) WHERE parent_id IS NOT NULL;
 
 -- A key's runs of an agent by status: those running (held against key_concurrency) and
 -- those queued in line order, each a range, for the claim's test of a keyed run (queue.go)
@@ -267,6 +288,37 @@ CREATE OR REPLACE TRIGGER runs_counts_update AFTER UPDATE ON runs
     FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
 CREATE OR REPLACE TRIGGER runs_counts_delete AFTER DELETE ON runs REFERENCING OLD TABLE AS old_runs
     FOR EACH STATEMENT EXECUTE FUNCTION agentapp_run_counts();
+
+-- agentapp_fan_in resumes a parent waiting for its children (SPEC "Runs that wait") once the
+-- last of them is final, whichever statement ended it (an outcome, a recovered lease, a
+-- cancel): a trigger, so that no path that ends a run can forget it. The parent's row is
+-- locked first: of two transactions that end the last two children together, the second
+-- waits for the first to commit, and its next statement (a new snapshot) sees that child
+-- final, so the parent is resumed once, by whichever comes last. The resume lists the
+-- wait's children in the order they were asked for (their seq).
+CREATE OR REPLACE FUNCTION agentapp_fan_in() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM runs p WHERE p.id = NEW.parent_id AND p.status = 'waiting' AND p.step = NEW.parent_step
+        AND p.waiting_for ? 'runs' FOR UPDATE;
+    IF NOT FOUND OR EXISTS (SELECT 1 FROM runs c WHERE c.parent_id = NEW.parent_id AND c.parent_step = NEW.parent_step
+                             AND c.status NOT IN ('succeeded', 'failed', 'canceled')) THEN
+        RETURN NULL;
+    END IF;
+    UPDATE runs p SET status = 'queued', waiting_for = NULL, wake_at = NULL, run_at = now(), updated_at = now(),
+        resume = jsonb_build_object('runs', (
+            SELECT jsonb_agg(jsonb_build_object('id', c.id, 'agent', a.name, 'status', c.status, 'output', c.output,
+                                                'error', c.error) ORDER BY c.seq)
+            FROM runs c JOIN agents a ON a.id = c.agent_id
+            WHERE c.parent_id = p.id AND c.parent_step = p.step))
+    WHERE p.id = NEW.parent_id AND p.status = 'waiting';
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_fan_in AFTER UPDATE OF status ON runs FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND NEW.status IN ('succeeded', 'failed', 'canceled')
+          AND OLD.status NOT IN ('succeeded', 'failed', 'canceled'))
+    EXECUTE FUNCTION agentapp_fan_in();
 
 -- Notifications that let every agentapp process react at once:
 --   agentapp_runs    runs became claimable (wakes idle workers), payload the sender's worker

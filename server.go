@@ -103,6 +103,7 @@ func (s *server) handler() http.Handler {
 	mux.HandleFunc("GET /v1/workspaces/{ws}/runs/{id}", s.member(s.getRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/cancel", s.member(s.cancelRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/retry", s.member(s.retryRun))
+	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/{id}/signal", s.member(s.signalRun))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/runs/cancel", s.member(s.cancelRuns))
 	mux.HandleFunc("POST /v1/workspaces/{ws}/schedules", s.member(s.createSchedule))
 	mux.HandleFunc("GET /v1/workspaces/{ws}/schedules", s.member(s.listSchedules))
@@ -416,12 +417,18 @@ func decode(r *http.Request, v any, emptyOK bool) error {
 		}
 		return badRequest("request body is empty: want a JSON object")
 	}
+	return decodeJSON(data, v)
+}
+
+// decodeJSON is decode's reading of one JSON value, for a body already read (a request's,
+// or a webhook's 202, held to the same strictness).
+func decodeJSON(data []byte, v any) error {
 	if err := checkKeys(data, reflect.TypeOf(v)); err != nil {
 		return err
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
-	err = dec.Decode(v)
+	err := dec.Decode(v)
 	if err == nil && dec.Decode(&json.RawMessage{}) != io.EOF {
 		err = errors.New("trailing data after the JSON value")
 	}
@@ -1461,8 +1468,13 @@ func (s *server) listRuns(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	parent := r.URL.Query().Get("parent")
+	if parent != "" && !isUUID(parent) {
+		s.fail(w, r, invalid("parent must be a run id (a UUID), got %q", parent))
+		return
+	}
 	runs, next, err := s.store.listRuns(r.Context(), r.PathValue("ws"), status, r.URL.Query().Get("agent"),
-		r.URL.Query().Get("schedule"), limit, after)
+		r.URL.Query().Get("schedule"), parent, limit, after)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -454,6 +454,10 @@ type runRecord struct {
 	TimeoutMS      *int            `json:"timeout_ms"` // nil: none
 	ConcurrencyKey *string         `json:"concurrency_key"`
 	Cost           int             `json:"cost"`
+	Step           int             `json:"step"`          // the step it executes next: 1, 2, …
+	State          json.RawMessage `json:"state"`         // what its last step returned; null before
+	WaitingFor     json.RawMessage `json:"waiting_for"`   // a waiting run's wait; else null
+	ParentID       *string         `json:"parent_id"`     // a child run's parent
 	Schedule       *string         `json:"schedule"`      // the name of the schedule that made it
 	ScheduledFor   *time.Time      `json:"scheduled_for"` // the due time it was made for
 	TraceID        string          `json:"trace_id"`
@@ -470,6 +474,7 @@ type runStatus string
 const (
 	statusQueued    runStatus = "queued"
 	statusRunning   runStatus = "running"
+	statusWaiting   runStatus = "waiting" // between steps: holds no slot and no lease
 	statusSucceeded runStatus = "succeeded"
 	statusFailed    runStatus = "failed"
 	statusCanceled  runStatus = "canceled"
@@ -500,7 +505,7 @@ func (r runRecord) final() bool { return r.Status.final() }
 const runColumns = `r.id, r.workspace_id, a.name, r.status, r.input, r.output, r.error, r.errors,
 	r.attempt, r.max_attempts, r.priority, r.run_at, r.timeout_ms, r.created_at, r.started_at, r.finished_at,
 	r.updated_at, r.seq, (SELECT sc.name FROM schedules sc WHERE sc.id = r.schedule_id), r.scheduled_for, r.trace_id,
-	r.concurrency_key, r.cost`
+	r.concurrency_key, r.cost, r.step, r.state, r.waiting_for, r.parent_id`
 
 // scanRun reads one row of runColumns.
 func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
@@ -512,7 +517,8 @@ func scanRun(row interface{ Scan(...any) error }) (runRecord, error) {
 	var traceID sql.NullString
 	err := row.Scan(&r.ID, &r.WorkspaceID, &r.Agent, &r.Status, &r.Input, &output, &r.Error, &r.Errors,
 		&r.Attempt, &r.MaxAttempts, &r.Priority, &r.RunAt, &timeout, &r.CreatedAt, &started, &finished,
-		&r.UpdatedAt, &r.seq, &r.Schedule, &scheduledFor, &traceID, &r.ConcurrencyKey, &r.Cost)
+		&r.UpdatedAt, &r.seq, &r.Schedule, &scheduledFor, &traceID, &r.ConcurrencyKey, &r.Cost, &r.Step, (*[]byte)(&r.State),
+		(*[]byte)(&r.WaitingFor), &r.ParentID)
 	if err != nil {
 		return r, err
 	}
@@ -584,8 +590,8 @@ func (s *store) getRun(ctx context.Context, ws, id string) (runRecord, error) {
 // "" for the first page), optionally only those with the given status and of the agent
 // with the given name (an unknown name has none), and of the schedule with the given name.
 // next is the id of the last run when a following page exists, else "". An after that is
-// not a run of ws is an invalid cursor.
-func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleName string, limit int, after string) (runs []runRecord, next string, err error) {
+// not a run of ws is an invalid cursor. With parent (a run id), only that run's children.
+func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleName, parent string, limit int, after string) (runs []runRecord, next string, err error) {
 	cursor := int64(newestFirst)
 	if after != "" {
 		err := s.db.QueryRowContext(ctx, `SELECT seq FROM runs WHERE id = $1 AND workspace_id = $2`, after, ws).Scan(&cursor)
@@ -597,11 +603,18 @@ func (s *store) listRuns(ctx context.Context, ws, status, agentName, scheduleNam
 		}
 	}
 	var rows *sql.Rows
-	if scheduleName == "" {
+	switch {
+	case parent != "":
+		// A run's children are a range of runs_parent_idx, in the order they were made.
+		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
+		FROM runs r JOIN agents a ON a.id = r.agent_id
+		WHERE r.parent_id = $6 AND r.workspace_id = $1 AND r.seq < $2 AND r.status = ANY ($3) AND ($5 = '' OR a.name = $5)
+		ORDER BY r.seq DESC LIMIT $4`, ws, cursor, statusList(status), limit+1, agentName, parent)
+	case scheduleName == "":
 		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
 		FROM agentapp_runs_page(ARRAY[$1::uuid], $3, $5, $2, $4) r JOIN agents a ON a.id = r.agent_id
 		ORDER BY r.seq DESC`, ws, cursor, statusList(status), limit+1, agentName)
-	} else {
+	default:
 		// A schedule's runs are a range of runs_schedule_due_idx, made in the order of
 		// their due times: newest first is latest due first.
 		rows, err = s.queryPrepared(ctx, `SELECT `+runColumns+`
@@ -645,7 +658,7 @@ func cursorID(after string) string {
 const newestFirst = math.MaxInt64
 
 // allStatuses are the statuses a run may have.
-var allStatuses = []runStatus{statusQueued, statusRunning, statusSucceeded, statusFailed, statusCanceled}
+var allStatuses = []runStatus{statusQueued, statusRunning, statusWaiting, statusSucceeded, statusFailed, statusCanceled}
 
 // statusList is the statuses of a list filter as an array argument: status, or every
 // status when it is "".
@@ -664,6 +677,7 @@ func statusList(status string) pq.StringArray {
 type runStats struct {
 	Queued    int64 `json:"queued"`
 	Running   int64 `json:"running"`
+	Waiting   int64 `json:"waiting"` // counted apart from the active runs: a claim never moves them
 	Succeeded int64 `json:"succeeded"`
 	Failed    int64 `json:"failed"`
 	Canceled  int64 `json:"canceled"`
@@ -677,12 +691,13 @@ func (s *store) stats(ctx context.Context, ws string) (runStats, error) {
 	var active int64
 	err := s.db.QueryRowContext(ctx, `
 		SELECT coalesce(sum(n) FILTER (WHERE status IN ('active', 'queued', 'running')), 0),
+		       coalesce(sum(n) FILTER (WHERE status = 'waiting'), 0),
 		       coalesce(sum(n) FILTER (WHERE status = 'succeeded'), 0),
 		       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0),
 		       coalesce(sum(n) FILTER (WHERE status = 'canceled'), 0),
 		       (SELECT count(*) FROM runs WHERE status = 'running' AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))
 		FROM run_totals WHERE $1 = '' OR workspace_id = NULLIF($1, '')::uuid`, ws).
-		Scan(&active, &st.Succeeded, &st.Failed, &st.Canceled, &st.Running)
+		Scan(&active, &st.Waiting, &st.Succeeded, &st.Failed, &st.Canceled, &st.Running)
 	st.Queued = active - st.Running
 	return st, err
 }

@@ -461,7 +461,11 @@ func TestUpgradeFromLastRelease(t *testing.T) {
 	}
 
 	a := startProc(t, env).app()
-	a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second)
+	if done := a.waitRunStatus(t, ws, queued, "succeeded", 60*time.Second); done.Step != 1 || done.ParentID != nil ||
+		done.State != nil && string(done.State) != "null" || done.WaitingFor != nil && string(done.WaitingFor) != "null" {
+		t.Errorf("the run queued before the upgrade: got step %d state %s waiting_for %s parent %v; want step 1 and no state, wait or parent",
+			done.Step, done.State, done.WaitingFor, done.ParentID)
+	}
 	// Due a second from now, so that the long poll is waiting when the run ends: it can
 	// only answer early through the new status notifications.
 	var run runRecord
@@ -518,7 +522,7 @@ func TestMigrationsRecorded(t *testing.T) {
 		}
 	}
 
-	newer := len(migrations) + 1
+	newer := migrations[len(migrations)-1].version + 1
 	if _, err := db.Exec(`INSERT INTO schema_migrations (version, name) VALUES ($1, 'a later release')`, newer); err != nil {
 		t.Fatal(err)
 	}

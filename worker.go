@@ -58,6 +58,7 @@ const (
 	endCanceled   attemptEnd = "canceled"    // a cancel was requested: the run is canceled
 	endRequeued   attemptEnd = "requeued"    // the worker shut down: queued again, the attempt refunded
 	endPushedBack attemptEnd = "pushed_back" // the webhook said Retry-After: queued again, the attempt refunded
+	endWaiting    attemptEnd = "waiting"     // the webhook answered 202: the step ended, the run waits
 	endLost       attemptEnd = "lost"        // another worker took the lease over: nothing was written
 )
 
@@ -442,7 +443,7 @@ func (w *worker) cycle(ctx context.Context, limit int, ws string, start func([]*
 	w.active.Add(int64(len(res.claimed)))
 	execs := make([]*execution, len(res.claimed))
 	for i, c := range res.claimed {
-		execs[i] = &execution{run: c, ref: attemptRef{c.ID, c.Attempt}, result: make(chan attemptEnd, 1)}
+		execs[i] = &execution{run: c, ref: attemptRef{c.ID, c.Attempt, c.Step}, result: make(chan attemptEnd, 1)}
 	}
 	start(execs)
 	return summary{Claimed: len(res.claimed), Recovered: recovered}, execs, nil
@@ -484,12 +485,17 @@ func (w *worker) execute(ctx context.Context, e *execution) {
 		defer cancel()
 	}
 	begin := time.Now()
-	output, err := runAgent(ctx, w.client, w.cfg.WebhookHosts, c)
+	output, wait, err := runAgent(ctx, w.client, w.cfg.WebhookHosts, c)
 	w.metrics.runDuration.observe(time.Since(begin).Seconds())
 	out := outcome{attemptRef: e.ref, End: endSucceeded, Output: output}
 	cause := context.Cause(ctx)
 	var pushed *pushbackError
 	switch {
+	case err == nil && wait != nil && c.Step >= maxSteps:
+		out.End, out.Output = endFailed, nil
+		out.Message = fmt.Sprintf("step limit: step %d asked for step %d; a run takes at most %d steps", c.Step, c.Step+1, maxSteps)
+	case err == nil && wait != nil:
+		out.End, out.Output, out.Wait = endWaiting, nil, wait
 	case err == nil:
 	case ctx.Err() != nil && errors.Is(cause, errCanceledByRequest):
 		out.End = endCanceled
@@ -553,10 +559,45 @@ func (w *worker) record(batch []pendingOutcome) {
 	for i, p := range batch {
 		outs[i] = p.outcome
 	}
-	ends, err := w.finish(outs)
+	// A wait for child runs is written with its children, each in a transaction of its own
+	// (waitForRuns); a child naming an unknown agent fails the attempt instead.
+	waited := map[string]attemptEnd{}
+	var plain []int // the others: outs[i] for i in plain
+	for i := range outs {
+		if o := &outs[i]; o.End == endWaiting && o.Wait.Kind == waitRuns {
+			var made map[string]linePos
+			one, err := w.retrying(1, func(ctx context.Context) (ends map[string]attemptEnd, err error) {
+				ends, made, err = w.st.waitForRuns(ctx, w.id, *o)
+				return ends, err
+			})
+			if err == nil && made != nil {
+				w.announceChildren(made)
+			}
+			var unknown unknownAgentError
+			msg, refused := dataException(err)
+			if errors.As(err, &unknown) || refused {
+				o.End, o.Wait, o.Message = endFailed, nil, "wait refused by PostgreSQL: "+msg
+				if !refused {
+					o.Message = "wait.runs: " + unknown.Error()
+				}
+				o.Delay = batch[i].exec.run.Retry.backoff(o.Attempt)
+				plain = append(plain, i)
+			}
+			for id, e := range one {
+				waited[id] = e
+			}
+			continue
+		}
+		plain = append(plain, i)
+	}
+	rest := make([]outcome, len(plain))
+	for j, i := range plain {
+		rest[j] = outs[i]
+	}
+	ends, err := w.finish(rest)
 	if _, refused := dataException(err); refused {
 		ends = map[string]attemptEnd{}
-		for i := range outs {
+		for _, i := range plain {
 			one, err := w.finish(outs[i : i+1])
 			if msg, refused := dataException(err); refused {
 				outs[i].End, outs[i].Output = endFailed, nil
@@ -568,6 +609,13 @@ func (w *worker) record(batch []pendingOutcome) {
 			}
 		}
 	}
+	if ends == nil {
+		ends = map[string]attemptEnd{}
+	}
+	for id, e := range waited {
+		ends[id] = e
+	}
+	timer := false
 	for i, p := range batch {
 		end, ok := ends[p.ID]
 		switch {
@@ -583,6 +631,9 @@ func (w *worker) record(batch []pendingOutcome) {
 				"retry_after", outs[i].Throttle)
 		case end == endSucceeded:
 			w.log.Debug("run succeeded", "run", p.ID, "attempt", p.Attempt)
+		case end == endWaiting:
+			timer = timer || outs[i].Wait.After > 0
+			w.log.Debug("run waits", "run", p.ID, "step", p.Step, "waiting_for", string(outs[i].Wait.Wait))
 		case end == endRetried:
 			w.log.Info("run attempt failed; will retry", "run", p.ID, "attempt", p.Attempt, "error", outs[i].Message)
 		default:
@@ -591,27 +642,58 @@ func (w *worker) record(batch []pendingOutcome) {
 		w.metrics.outcomes.inc(string(end))
 		p.exec.result <- end
 	}
+	if timer {
+		// A cycle reads the next due time again, which now counts these runs' timers: an
+		// idle loop sleeps until the first of them, not until its next tick.
+		w.wakeUp()
+	}
+}
+
+// announceChildren wakes this process's worker for the child runs a wait made, and the
+// others with the notification the API's announcer sends for new runs (announce.go): the
+// children were inserted by the outcome write, which no trigger announces.
+func (w *worker) announceChildren(spaces map[string]linePos) {
+	w.claimable(spaces)
+	ctx, cancel := context.WithTimeout(context.Background(), announceTimeout)
+	defer cancel()
+	if _, err := w.st.db.ExecContext(ctx, `SELECT pg_notify('agentapp_runs', $1)`, announcement(w.id, spaces)); err != nil {
+		// The other workers find the runs at their next search.
+		w.log.Debug("announcing child runs failed", "err", err)
+	}
 }
 
 // finish writes outcomes, retrying through a database outage for as long as the leases
 // could still be ours: past that, another worker has recovered the runs. A refusal of the
 // values themselves (a data exception) is returned at once.
 func (w *worker) finish(outs []outcome) (map[string]attemptEnd, error) {
+	if len(outs) == 0 {
+		return map[string]attemptEnd{}, nil
+	}
+	return w.retrying(len(outs), func(ctx context.Context) (map[string]attemptEnd, error) {
+		return w.st.finish(ctx, w.id, outs)
+	})
+}
+
+// retrying sends an outcome write (of n outcomes) as finish says, retrying through an
+// outage; a refusal of the values (a data exception, a child run's unknown agent) is
+// returned at once.
+func (w *worker) retrying(n int, write func(context.Context) (map[string]attemptEnd, error)) (map[string]attemptEnd, error) {
 	giveUp := time.Now().Add(w.cfg.Lease)
 	backoff := 100 * time.Millisecond
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		ends, err := w.st.finish(ctx, w.id, outs)
+		ends, err := write(ctx)
 		cancel()
-		if _, refused := dataException(err); err == nil || refused {
+		var unknown unknownAgentError
+		if _, refused := dataException(err); err == nil || refused || errors.As(err, &unknown) {
 			return ends, err
 		}
 		if time.Now().After(giveUp) {
 			w.log.Error("giving up writing run outcomes; their leases have expired and other workers will recover them",
-				"runs", len(outs), "err", err)
+				"runs", n, "err", err)
 			return nil, err
 		}
-		w.log.Warn("writing run outcomes failed; retrying", "runs", len(outs), "err", err, "retry_in", backoff)
+		w.log.Warn("writing run outcomes failed; retrying", "runs", n, "err", err, "retry_in", backoff)
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 5*time.Second)
 	}

@@ -422,7 +422,7 @@ func TestWorkerFencing(t *testing.T) {
 		t.Fatalf("B: got recovered %d, claimed %+v; want recovered 1, run %s attempt 2", recovered, claimedB, id)
 	}
 
-	refA := attemptRef{id, 1}
+	refA := attemptRef{id, 1, 1}
 	for _, kind := range []attemptEnd{endSucceeded, endFailed, endCanceled, endRequeued, endPushedBack} {
 		got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: refA, End: kind, Output: json.RawMessage(`"from A"`), Message: "from A"}})
 		if err != nil {
@@ -433,13 +433,13 @@ func TestWorkerFencing(t *testing.T) {
 		}
 	}
 	// A's worker id with B's attempt number, and B's worker id with A's attempt number.
-	if got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: attemptRef{id, 2}, End: endSucceeded, Output: json.RawMessage(`"from A"`)}}); err != nil || len(got) != 0 {
+	if got, err := st.finish(ctx, "worker-A", []outcome{{attemptRef: attemptRef{id, 2, 1}, End: endSucceeded, Output: json.RawMessage(`"from A"`)}}); err != nil || len(got) != 0 {
 		t.Errorf("A's finish of attempt 2: got %v, err %v; want nothing written", got, err)
 	}
 	if got, err := st.finish(ctx, "worker-B", []outcome{{attemptRef: refA, End: endFailed, Message: "stale"}}); err != nil || len(got) != 0 {
 		t.Errorf("B's finish of attempt 1: got %v, err %v; want nothing written", got, err)
 	}
-	held, err := st.renew(ctx, "worker-A", []attemptRef{refA, {id, 2}}, lease)
+	held, err := st.renew(ctx, "worker-A", []attemptRef{refA, {id, 2, 1}}, lease)
 	if err != nil || len(held) != 0 {
 		t.Errorf("A's renew: got %v, err %v; want nothing held", held, err)
 	}
@@ -447,7 +447,7 @@ func TestWorkerFencing(t *testing.T) {
 		t.Fatalf("after A's writes: got status %q attempt %d worker %q; want running, 2, worker-B", row.Status, row.Attempt, row.WorkerID.String)
 	}
 
-	refB := attemptRef{id, 2}
+	refB := attemptRef{id, 2, 1}
 	if held, err := st.renew(ctx, "worker-B", []attemptRef{refB}, lease); err != nil || len(held) != 1 {
 		t.Errorf("B's renew: got %v, err %v; want attempt 2 held", held, err)
 	}
@@ -498,7 +498,7 @@ func TestWorkerLeaseExpiredNoAttemptsLeft(t *testing.T) {
 	if errs := runErrors(t, r); len(errs) != 1 || errs[0].Attempt != 1 || errs[0].Message != errorText(r) {
 		t.Errorf("errors: got %+v; want one entry, attempt 1, with the run's error", errs)
 	}
-	if held, err := st.renew(ctx, "worker-A", []attemptRef{{ids[0], 1}}, 30*time.Second); err != nil || len(held) != 0 {
+	if held, err := st.renew(ctx, "worker-A", []attemptRef{{ids[0], 1, 1}}, 30*time.Second); err != nil || len(held) != 0 {
 		t.Errorf("A's renew after recovery: got %v, err %v; want nothing held", held, err)
 	}
 }
@@ -669,7 +669,8 @@ func TestWorkerWebhookContract(t *testing.T) {
 		}
 		wantInput, _ := json.Marshal(input)
 		want := map[string]string{"run_id": `"` + r.ID + `"`, "workspace_id": `"` + ws.ID + `"`, "agent": `"ok"`,
-			"attempt": `1`, "input": string(wantInput), "events_url": `"` + a.base + "/v1/runs/" + r.ID + "/events" + `"`}
+			"attempt": `1`, "input": string(wantInput), "events_url": `"` + a.base + "/v1/runs/" + r.ID + "/events" + `"`,
+			"step": `1`, "state": `null`, "resume": `null`}
 		for k, v := range want {
 			var gotV, wantV any
 			json.Unmarshal(body[k], &gotV)
@@ -683,7 +684,7 @@ func TestWorkerWebhookContract(t *testing.T) {
 			t.Errorf("request body events_token: got %s; want a token for attempt 1", body["events_token"])
 		}
 		if len(body) != len(want)+1 {
-			t.Errorf("request body: got keys of %s; want exactly run_id, workspace_id, agent, attempt, input, events_url, events_token", req.body)
+			t.Errorf("request body: got keys of %s; want exactly run_id, workspace_id, agent, attempt, step, state, resume, input, events_url, events_token", req.body)
 		}
 	})
 
@@ -784,7 +785,7 @@ func TestWorkerAgentPanic(t *testing.T) {
 	webhook := claimedRun{ID: "00000000-0000-0000-0000-000000000001", AgentKind: "webhook", AgentName: "hook",
 		AgentConfig: json.RawMessage(`{"url":"http://127.0.0.1:9/hook"}`), Input: json.RawMessage(`{}`), Attempt: 1,
 		Secrets: []string{newSigningSecret()}}
-	out, err := runAgent(context.Background(), nil, nil, webhook)
+	out, _, err := runAgent(context.Background(), nil, nil, webhook)
 	if err == nil || !strings.Contains(err.Error(), "agent panicked") || out != nil {
 		t.Fatalf("runAgent with a panicking agent: got output %s, err %v; want no output and an error saying the agent panicked", out, err)
 	}
