@@ -1020,3 +1020,109 @@ func BenchmarkSchedules(b *testing.B) {
 	b.ReportMetric(p99*1000, "lag-p99-ms")
 	b.ReportMetric(worst*1000, "lag-max-ms")
 }
+
+// BenchmarkWaiting: runs that wait cost others nothing (issue "Runs that wait"). On a
+// database with WAITING_N (default 100,000) runs waiting for a signal, seeded with SQL over
+// 10 workspaces, one process with the embedded worker at defaults drains 10,000 new echo
+// runs; then /metrics, a workspace's stats, and the console's overview and runs page are
+// each asked benchConsoleRequests times (p50). The same on a database without the waiting
+// runs. Reports each figure with them over without.
+func BenchmarkWaiting(b *testing.B) {
+	n := 100_000
+	if v := os.Getenv("WAITING_N"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			b.Fatalf("WAITING_N: got %q; want a positive number of runs", v)
+		}
+	}
+	with := benchWaitingRound(b, n)
+	without := benchWaitingRound(b, 0)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(with.drain, "drain-runs/s")
+	b.ReportMetric(with.drain/without.drain, "drain-with/without")
+	for _, f := range []struct {
+		name     string
+		with, wo float64
+	}{
+		{"metrics", with.metrics, without.metrics}, {"stats", with.stats, without.stats},
+		{"overview", with.overview, without.overview}, {"runs-page", with.runs, without.runs},
+	} {
+		b.ReportMetric(f.with/f.wo, f.name+"-with/without")
+		b.Logf("%s p50: %.2f ms with %d waiting runs, %.2f ms without", f.name, f.with, n, f.wo)
+	}
+}
+
+// benchWaiting is what benchWaitingRound measures: runs per second, and p50s in ms.
+type benchWaiting struct {
+	drain, metrics, stats, overview, runs float64
+}
+
+// benchWaitingRound measures one database with waiting runs waiting for a signal.
+func benchWaitingRound(b *testing.B, waiting int) benchWaiting {
+	b.Helper()
+	const drainN = 10_000
+	dsn := testDB(b)
+	db := openTestDB(b, dsn)
+	st := &store{db: db}
+	var wss []workspace
+	for i := range 10 {
+		ws, err := st.createWorkspace(b.Context(), fmt.Sprintf("wait-%02d", i))
+		if err != nil {
+			b.Fatalf("create workspace: %v", err)
+		}
+		wss = append(wss, ws)
+		for _, name := range []string{"echo", "approver"} {
+			if _, err := st.createAgent(b.Context(), agent{WorkspaceID: ws.ID, Name: name, Kind: "echo", Config: json.RawMessage(`{}`)}); err != nil {
+				b.Fatalf("create agent: %v", err)
+			}
+		}
+	}
+	seed := func(query string, args ...any) {
+		b.Helper()
+		if _, err := db.Exec(query, args...); err != nil {
+			b.Fatalf("seed: %s: %v", query, err)
+		}
+	}
+	seed(`INSERT INTO runs (workspace_id, agent_id, status, input, attempt, step, state, waiting_for, started_at)
+		SELECT a.workspace_id, a.id, 'waiting', jsonb_build_object('i', g), 0, 2, '{"draft":"ready"}', '{"signal":"approve"}', now()
+		FROM generate_series(1, $1) g
+		JOIN (SELECT id, workspace_id, row_number() OVER (ORDER BY id) - 1 AS k FROM agents WHERE name = 'approver') a ON a.k = g % 10`, waiting)
+	seed(`INSERT INTO runs (workspace_id, agent_id, input)
+		SELECT a.workspace_id, a.id, jsonb_build_object('i', g)
+		FROM generate_series(1, $1) g
+		JOIN (SELECT id, workspace_id, row_number() OVER (ORDER BY id) - 1 AS k FROM agents WHERE name = 'echo') a ON a.k = g % 10
+		ORDER BY g`, drainN)
+	seed(`VACUUM ANALYZE runs`)
+
+	p := startProcBin(b, agentappBinary(b, false), benchEnv(b, dsn, true))
+	defer benchStop(b, p)
+	start := time.Now()
+	done := benchDrained(b, db, p, 10*time.Minute)
+	var f benchWaiting
+	f.drain = drainN / done.Sub(start).Seconds()
+	if c := benchStatusCounts(b, db); c["succeeded"] != drainN || c["waiting"] != waiting {
+		b.Fatalf("after the drain: got %v; want %d succeeded and %d waiting", c, drainN, waiting)
+	}
+	a := p.app()
+	br := newBrowser(a)
+	br.signIn(b, testAdminToken)
+	timed := func(get func()) float64 {
+		get() // warm-up
+		var took []time.Duration
+		for range benchConsoleRequests {
+			began := time.Now()
+			get()
+			took = append(took, time.Since(began))
+		}
+		slices.Sort(took)
+		return benchQuantile(took, .50)
+	}
+	ws := testWorkspace{ID: wss[0].ID, APIKey: wss[0].APIKey}
+	f.metrics = timed(func() { a.metrics(b) })
+	f.stats = timed(func() { a.stats(b, ws) })
+	f.overview = timed(func() { br.mustGet(b, "/ui/") })
+	f.runs = timed(func() { br.mustGet(b, "/ui/runs") })
+	b.Logf("%d waiting runs: drained %d in %v (%.0f runs/s); p50 /metrics %.2f, stats %.2f, overview %.2f, runs page %.2f ms",
+		waiting, drainN, done.Sub(start).Round(time.Millisecond), f.drain, f.metrics, f.stats, f.overview, f.runs)
+	return f
+}

@@ -1280,7 +1280,8 @@ const cancelDescendantsSQL = `
 // the cancel cascades down to the children's children). A final run is errConflict.
 func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error) {
 	var found bool
-	err := s.db.QueryRowContext(ctx, `
+	err := onDeadlockAgain(func() error {
+		return s.db.QueryRowContext(ctx, `
 		WITH RECURSIVE asked AS (
 			SELECT id FROM runs WHERE id = $1 AND workspace_id = $2 AND status IN ('queued', 'running', 'waiting')),
 		tree AS (
@@ -1289,6 +1290,7 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 			SELECT c.id FROM runs c JOIN tree t ON c.parent_id = t.id),
 		upd AS (`+cancelTreeSQL+`)
 		SELECT EXISTS (SELECT 1 FROM upd WHERE id = $1)`, id, ws).Scan(&found)
+	})
 	if err != nil {
 		return runRecord{}, err
 	}
@@ -1296,7 +1298,11 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 		// Its descendants again, in a statement that sees what committed meanwhile: a
 		// running run whose wait for child runs committed while the statement above waited
 		// for its row made children that statement's snapshot could not see.
-		if _, err := s.db.ExecContext(ctx, cancelDescendantsSQL, pq.StringArray{id}); err != nil {
+		err := onDeadlockAgain(func() error {
+			_, err := s.db.ExecContext(ctx, cancelDescendantsSQL, pq.StringArray{id})
+			return err
+		})
+		if err != nil {
 			return runRecord{}, err
 		}
 	}
@@ -1305,6 +1311,21 @@ func (s *store) cancelRun(ctx context.Context, ws, id string) (runRecord, error)
 		err = errConflict
 	}
 	return r, err
+}
+
+// onDeadlockAgain runs a statement of its own (f) again when PostgreSQL chose it as the
+// victim of a deadlock, at most three times: a cancel locks a run and its tree's rows
+// while the outcome write of a child locks the child, then its parent (the fan-in
+// trigger), and the two can wait for each other. The victim's statement was rolled back
+// whole, so it is sent again as it was.
+func onDeadlockAgain(f func() error) error {
+	for try := 1; ; try++ {
+		err := f()
+		var pqErr *pq.Error
+		if try == 3 || !errors.As(err, &pqErr) || pqErr.Code != "40P01" {
+			return err
+		}
+	}
 }
 
 // retryRun puts a failed or canceled run back to queued, due now, with attempts more
@@ -1347,7 +1368,8 @@ func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, st
 	var known bool
 	var ids pq.StringArray
 	// The matching runs, and their trees (a run's cancel cascades to its children).
-	err = s.db.QueryRowContext(ctx, `
+	err = onDeadlockAgain(func() error {
+		return s.db.QueryRowContext(ctx, `
 		WITH RECURSIVE ag AS (SELECT id FROM agents WHERE workspace_id = $1 AND name = $2::text),
 		asked AS (
 			SELECT r.id FROM runs r WHERE r.workspace_id = $1 AND r.status = ANY ($3::text[])
@@ -1360,8 +1382,18 @@ func (s *store) cancelRuns(ctx context.Context, ws string, agentName *string, st
 		SELECT $2::text IS NULL OR EXISTS (SELECT 1 FROM ag), count(*),
 		       coalesce(array_agg(upd.id) FILTER (WHERE upd.status = 'running'), '{}')
 		FROM upd`, ws, name, list).Scan(&known, &n, &ids)
+	})
 	if err == nil && !known {
 		err = unknownAgentError{*agentName}
+	}
+	if err == nil && len(ids) > 0 {
+		// The running ones' descendants again, as cancelRun does: a wait for child runs
+		// that committed while the statement above waited for a row made children its
+		// snapshot could not see.
+		err = onDeadlockAgain(func() error {
+			_, err := s.db.ExecContext(ctx, cancelDescendantsSQL, ids)
+			return err
+		})
 	}
 	return n, ids, err
 }

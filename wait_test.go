@@ -413,7 +413,10 @@ func TestWaitCancelCascade(t *testing.T) {
 		case "leaf":
 			return 202, `{"state":null,"wait":{"signal":"go"}}`
 		}
-		time.Sleep(30 * time.Second) // "hang": canceled while it runs
+		select { // "hang": canceled while it runs, which ends the request
+		case <-c.ctx.Done():
+		case <-time.After(30 * time.Second):
+		}
 		return 200, `null`
 	}
 	srv := newWebhookServer(t, tree)
@@ -702,5 +705,47 @@ func TestWaitKeysAndSupersede(t *testing.T) {
 	done := a.waitRunStatus(t, ws, child.ID, "canceled", 20*time.Second)
 	if done.Error == nil || *done.Error != "canceled with its parent run "+parent.ID {
 		t.Errorf("the superseded run's running child: got error %v; want canceled with its parent run %s", done.Error, parent.ID)
+	}
+}
+
+// TestWaitApproveInChromium: the operator's approve button in a real headless Chromium.
+// A run waits for the signal "approve"; signed in with the workspace key, the browser
+// opens the run's page, which says what the run waits for, writes JSON data into the
+// signal form and sends it; the page comes back saying the signal was sent, and the run's
+// next step is delivered with that data and finishes.
+func TestWaitApproveInChromium(t *testing.T) {
+	c := startChromium(t)
+	agent := &stepAgent{answer: func(sc stepCall) (int, string) {
+		if sc.Step == 1 {
+			return 202, `{"state":{"draft":"refund order 1042"},"wait":{"signal":"approve"}}`
+		}
+		return 200, `{"refunded":true}`
+	}}
+	srv := newWebhookServer(t, agent)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	a.createAgent(t, ws, "refund", "webhook", map[string]any{"url": srv.URL})
+	run := a.createRun(t, ws, "refund", nil)
+	a.waitRunStatus(t, ws, run.ID, "waiting", 20*time.Second)
+
+	c.navigate(a.base + "/ui/")
+	key, _ := json.Marshal(ws.APIKey)
+	c.submit("sign in", `document.querySelector("#token").value = `+string(key)+`; document.querySelector("form.sign-in").submit()`)
+	c.navigate(a.base + "/ui/runs/" + run.ID)
+	for _, want := range []string{"Waiting for", `"signal": "approve"`, "refund order 1042", "Send signal approve"} {
+		if text := c.text(); !strings.Contains(text, want) {
+			t.Errorf("the waiting run's page: got no %q; want it in:\n%s", want, text)
+		}
+	}
+	c.submit("approve", `document.querySelector("form.signal textarea[name=data]").value = '{"approved_by": "ops"}';
+		document.querySelector("form.signal button").click()`)
+	if got := c.path(); !strings.HasPrefix(got, "/ui/runs/"+run.ID) {
+		t.Errorf("after the approve button: got page %s; want the run's", got)
+	}
+	r := a.waitRunStatus(t, ws, run.ID, "succeeded", 20*time.Second)
+	calls := agent.of(run.ID)
+	if len(calls) != 2 || !jsonEq(calls[1].Resume, []byte(`{"signal":{"name":"approve","data":{"approved_by":"ops"}}}`)) ||
+		!jsonEq(calls[1].State, []byte(`{"draft":"refund order 1042"}`)) || !jsonEq(r.Output, []byte(`{"refunded":true}`)) {
+		t.Errorf("after the browser's approve: got deliveries %+v and output %s; want step 2 resumed with the form's data and state, then the output", calls, r.Output)
 	}
 }
