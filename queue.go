@@ -1123,39 +1123,14 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 			return nil, err
 		}
 		defer db.tx.Rollback()
-		var lockAgents, lockKeys []string
-		for ak := range decided {
-			lockAgents, lockKeys = append(lockAgents, ak[0]), append(lockKeys, ak[1])
-		}
-		// In one order, so that two creates with the same keys do not deadlock.
-		rows, err := db.tx.QueryContext(ctx, `
-			WITH locks AS MATERIALIZED (
-				SELECT pg_advisory_xact_lock($1, hashtext(k.agent_id::text || '/' || k.key))
-				FROM unnest($2::uuid[], $3::text[]) AS k (agent_id, key) ORDER BY k.agent_id, k.key)
-			SELECT DISTINCT ON (r.agent_id, r.concurrency_key) r.agent_id, r.concurrency_key, r.id
-			FROM (SELECT count(*) FROM locks) l, unnest($2::uuid[], $3::text[]) AS k (agent_id, key)
-			JOIN runs r ON r.agent_id = k.agent_id AND r.concurrency_key = k.key
-			WHERE r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
-			ORDER BY r.agent_id, r.concurrency_key, r.priority, r.run_at, r.seq`,
-			keyLockSpace, pq.StringArray(lockAgents), pq.StringArray(lockKeys))
+		holders, err := lockKeys(ctx, db.tx, decided)
 		if err != nil {
 			return nil, err
 		}
-		for rows.Next() {
-			var ak [2]string
-			var holder string
-			if err := rows.Scan(&ak[0], &ak[1], &holder); err != nil {
-				rows.Close()
-				return nil, err
-			}
+		for ak, holder := range holders {
 			if i := decided[ak]; agents[ns[i].Agent].conflict == keyReject {
-				rows.Close()
 				return nil, keyBusyError{where(i), ns[i].Agent, ak[1], holder}
 			}
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return nil, err
 		}
 	}
 	// Only what the database makes is read back: decoding every column of the rows (and
@@ -1217,33 +1192,77 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 			winAgents, winKeys, winners = append(winAgents, ak[0]), append(winKeys, ak[1]), append(winners, runIDs[i])
 		}
 	}
-	if len(winners) > 0 {
-		// Superseded as their own cancel would: a waiting one at once, and their trees.
-		var superseded pq.StringArray
-		if err := db.tx.QueryRowContext(ctx, `
-			WITH sup AS (
-			UPDATE runs r SET
-				cancel_requested = true,
-				cancel_error = 'superseded by run ' || k.winner,
-				status = CASE WHEN r.status = 'running' THEN r.status ELSE 'canceled' END,
-				error = CASE WHEN r.status = 'running' THEN r.error ELSE 'superseded by run ' || k.winner END,
-				finished_at = CASE WHEN r.status = 'running' THEN r.finished_at ELSE now() END,
-				waiting_for = NULL, wake_at = NULL, updated_at = now()
-			FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS k (agent_id, key, winner)
-			WHERE r.agent_id = k.agent_id AND r.concurrency_key = k.key AND r.id <> k.winner
-			  AND r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
-			RETURNING r.id)
-			SELECT coalesce(array_agg(id), '{}') FROM sup`,
-			pq.StringArray(winAgents), pq.StringArray(winKeys), pq.StringArray(winners)).Scan(&superseded); err != nil {
-			return nil, err
-		}
-		if len(superseded) > 0 {
-			if _, err := db.tx.ExecContext(ctx, cancelDescendantsSQL, superseded); err != nil {
-				return nil, err
-			}
-		}
+	if err := supersede(ctx, db.tx, winAgents, winKeys, winners); err != nil {
+		return nil, err
 	}
 	return runs, db.tx.Commit()
+}
+
+// lockKeys takes the locks of the keys (agent id and key; keyLockSpace), in one order, so
+// that two transactions with the same keys do not deadlock, and returns each key's first
+// run in line that is queued, waiting or running: the run that holds it.
+func lockKeys(ctx context.Context, tx *sql.Tx, keys map[[2]string]int) (map[[2]string]string, error) {
+	var lockAgents, lockKeys []string
+	for ak := range keys {
+		lockAgents, lockKeys = append(lockAgents, ak[0]), append(lockKeys, ak[1])
+	}
+	rows, err := tx.QueryContext(ctx, `
+		WITH locks AS MATERIALIZED (
+			SELECT pg_advisory_xact_lock($1, hashtext(k.agent_id::text || '/' || k.key))
+			FROM unnest($2::uuid[], $3::text[]) AS k (agent_id, key) ORDER BY k.agent_id, k.key)
+		SELECT DISTINCT ON (r.agent_id, r.concurrency_key) r.agent_id, r.concurrency_key, r.id
+		FROM (SELECT count(*) FROM locks) l, unnest($2::uuid[], $3::text[]) AS k (agent_id, key)
+		JOIN runs r ON r.agent_id = k.agent_id AND r.concurrency_key = k.key
+		WHERE r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
+		ORDER BY r.agent_id, r.concurrency_key, r.priority, r.run_at, r.seq`,
+		keyLockSpace, pq.StringArray(lockAgents), pq.StringArray(lockKeys))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	holders := map[[2]string]string{}
+	for rows.Next() {
+		var ak [2]string
+		var holder string
+		if err := rows.Scan(&ak[0], &ak[1], &holder); err != nil {
+			return nil, err
+		}
+		holders[ak] = holder
+	}
+	return holders, rows.Err()
+}
+
+// supersede cancels, in tx, every run of each agent and key (agents[i], keys[i]) that is
+// queued, waiting or running, but the winner (winners[i]), as its own cancel would, with
+// the error "superseded by run <winner>": a queued or waiting one at once, a running one
+// where it executes, and their trees.
+func supersede(ctx context.Context, tx *sql.Tx, agents, keys, winners []string) error {
+	if len(winners) == 0 {
+		return nil
+	}
+	var superseded pq.StringArray
+	if err := tx.QueryRowContext(ctx, `
+		WITH sup AS (
+		UPDATE runs r SET
+			cancel_requested = true,
+			cancel_error = 'superseded by run ' || k.winner,
+			status = CASE WHEN r.status = 'running' THEN r.status ELSE 'canceled' END,
+			error = CASE WHEN r.status = 'running' THEN r.error ELSE 'superseded by run ' || k.winner END,
+			finished_at = CASE WHEN r.status = 'running' THEN r.finished_at ELSE now() END,
+			waiting_for = NULL, wake_at = NULL, updated_at = now()
+		FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS k (agent_id, key, winner)
+		WHERE r.agent_id = k.agent_id AND r.concurrency_key = k.key AND r.id <> k.winner
+		  AND r.concurrency_key IS NOT NULL AND r.status IN ('queued', 'running', 'waiting')
+		RETURNING r.id)
+		SELECT coalesce(array_agg(id), '{}') FROM sup`,
+		pq.StringArray(agents), pq.StringArray(keys), pq.StringArray(winners)).Scan(&superseded); err != nil {
+		return err
+	}
+	if len(superseded) == 0 {
+		return nil
+	}
+	_, err := tx.ExecContext(ctx, cancelDescendantsSQL, superseded)
+	return err
 }
 
 // cancelTreeSQL cancels the runs of tree (a CTE: the ids of the runs asked for, CTE asked,
@@ -1717,6 +1736,10 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (en
 		maxes[i], priorities[i], timeouts[i] = int64(n.MaxAttempts), int64(n.Priority), int64(n.TimeoutMS)
 		keys[i], costs[i] = n.Key, int64(max(n.Cost, 1))
 	}
+	winAgents, winKeys, winners, err := s.decideChildren(ctx, tx, o.ID, ns, runIDs)
+	if err != nil {
+		return nil, nil, err
+	}
 	var inserted int
 	var missing, ws sql.NullString
 	var at linePos
@@ -1750,10 +1773,86 @@ func (s *store) waitForRuns(ctx context.Context, workerID string, o outcome) (en
 	if inserted != len(ns) {
 		return nil, nil, fmt.Errorf("child runs: inserted %d of %d", inserted, len(ns))
 	}
+	if err := supersede(ctx, tx, winAgents, winKeys, winners); err != nil {
+		return nil, nil, err
+	}
 	if old, ok := freed[ws.String]; !ok || at.before(old) {
 		freed[ws.String] = at
 	}
 	return ends, freed, tx.Commit()
+}
+
+// childRefusedError is a wait whose child runs their agents refuse, as they would refuse a
+// create of the same runs: a cost over the agent's rate limit, a key busy under reject.
+type childRefusedError struct{ msg string }
+
+func (e childRefusedError) Error() string { return e.msg }
+
+// decideChildren holds the children of parent's wait (whose ids are runIDs) to their
+// agents' limits as a create does, in tx: a cost over the rate limit or a key busy under
+// reject is a childRefusedError; under cancel_running it returns, for each key, the
+// child that wins it (the last of the key), for supersede once they are inserted. A
+// child naming an unknown agent is left to the insert, which says so.
+func (s *store) decideChildren(ctx context.Context, tx *sql.Tx, parent string, ns []newRun, runIDs []string) (winAgents, winKeys, winners []string, err error) {
+	names := make([]string, len(ns))
+	for i, n := range ns {
+		names[i] = n.Agent
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT name, id, on_key_conflict, rate_limit FROM agents
+		WHERE workspace_id = (SELECT workspace_id FROM runs WHERE id = $1) AND name = ANY ($2)`, parent, pq.StringArray(names))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	agents := map[string]createAgentInfo{}
+	for rows.Next() {
+		var name string
+		var a createAgentInfo
+		if err := rows.Scan(&name, &a.id, &a.conflict, &a.rateLimit); err != nil {
+			rows.Close()
+			return nil, nil, nil, err
+		}
+		agents[name] = a
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, nil, nil, err
+	}
+	decided := map[[2]string]int{}
+	for i, n := range ns {
+		a, ok := agents[n.Agent]
+		if !ok {
+			continue
+		}
+		if cost := int64(max(n.Cost, 1)); a.rateLimit.Valid && cost > a.rateLimit.Int64 {
+			return nil, nil, nil, childRefusedError{fmt.Sprintf("wait.runs[%d].cost %d is over agent %q's rate_limit.limit (%d): it could never start",
+				i, cost, n.Agent, a.rateLimit.Int64)}
+		}
+		if n.Key == "" || a.conflict == keyQueue {
+			continue
+		}
+		ak := [2]string{a.id, n.Key}
+		if first, ok := decided[ak]; ok && a.conflict == keyReject {
+			return nil, nil, nil, childRefusedError{keyBusyError{fmt.Sprintf("wait.runs[%d].", i), n.Agent, n.Key,
+				fmt.Sprintf("wait.runs[%d]", first)}.Error()}
+		}
+		decided[ak] = i
+	}
+	if len(decided) == 0 {
+		return nil, nil, nil, nil
+	}
+	holders, err := lockKeys(ctx, tx, decided)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for ak, i := range decided {
+		switch holder, busy := holders[ak]; {
+		case agents[ns[i].Agent].conflict == keyCancelRunning:
+			winAgents, winKeys, winners = append(winAgents, ak[0]), append(winKeys, ak[1]), append(winners, runIDs[i])
+		case busy:
+			return nil, nil, nil, childRefusedError{keyBusyError{fmt.Sprintf("wait.runs[%d].", i), ns[i].Agent, ak[1], holder}.Error()}
+		}
+	}
+	return winAgents, winKeys, winners, nil
 }
 
 // signalRun meets the wait of a run waiting for the signal name: queued again, due now,

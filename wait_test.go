@@ -749,3 +749,70 @@ func TestWaitApproveInChromium(t *testing.T) {
 		t.Errorf("after the browser's approve: got deliveries %+v and output %s; want step 2 resumed with the form's data and state, then the output", calls, r.Output)
 	}
 }
+
+// TestWaitChildrenLimits: a wait's child runs are held to their agents' limits as a
+// create's runs are. A child costing more than its agent's rate limit, or whose key is
+// busy under on_key_conflict reject, fails the attempt saying so, and no child is made; a
+// child whose key has runs under cancel_running supersedes them.
+func TestWaitChildrenLimits(t *testing.T) {
+	t.Parallel()
+	boss := &stepAgent{answer: func(c stepCall) (int, string) {
+		var in string
+		json.Unmarshal(c.Input, &in)
+		switch {
+		case c.Step > 1:
+			return 200, `null`
+		case in == "costly":
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"once","cost":6}]}}`
+		case in == "busy":
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"once","concurrency_key":"k"}]}}`
+		case in == "newest":
+			return 202, `{"state":null,"wait":{"runs":[{"agent":"newest","concurrency_key":"n"}]}}`
+		}
+		return 200, `null`
+	}}
+	srv := newWebhookServer(t, boss)
+	a := startApp(t, testEnv(t, testDB(t), map[string]string{"RUN_WORKER_EMBEDDED": "true"}))
+	ws := a.createWorkspace(t)
+	agents := "/v1/workspaces/" + ws.ID + "/agents"
+	a.createAgent(t, ws, "boss", "webhook", map[string]any{"url": srv.URL})
+	mustAgent(t, a, "POST", agents, ws.APIKey, map[string]any{"name": "once", "kind": "echo", "on_key_conflict": "reject",
+		"rate_limit": map[string]any{"limit": 5, "period_ms": 1000}}, 201)
+	mustAgent(t, a, "POST", agents, ws.APIKey, map[string]any{"name": "newest", "kind": "echo", "on_key_conflict": "cancel_running"}, 201)
+	create := func(body map[string]any) runRecord {
+		t.Helper()
+		var r runRecord
+		a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, body, 201, &r)
+		return r
+	}
+	holder := create(map[string]any{"agent": "once", "concurrency_key": "k", "delay_ms": 3600000})
+	older := create(map[string]any{"agent": "newest", "concurrency_key": "n", "delay_ms": 3600000})
+
+	for _, c := range []struct{ input, says string }{
+		{"costly", `wait.runs[0].cost 6 is over agent "once"'s rate_limit.limit (5)`},
+		{"busy", `wait.runs[0].concurrency_key "k" of agent "once" is busy: run ` + holder.ID + ` holds it`},
+	} {
+		r := create(map[string]any{"agent": "boss", "input": c.input, "max_attempts": 1})
+		r = a.waitRunStatus(t, ws, r.ID, "failed", 20*time.Second)
+		if r.Error == nil || !strings.Contains(*r.Error, c.says) {
+			t.Errorf("a wait for a child its agent refuses (%s): got error %v; want one saying %q", c.input, r.Error, c.says)
+		}
+		var children struct{ Runs []runRecord }
+		a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?parent="+r.ID, ws.APIKey, nil, 200, &children)
+		if len(children.Runs) != 0 {
+			t.Errorf("a refused wait (%s): got %d children; want none", c.input, len(children.Runs))
+		}
+	}
+
+	parent := create(map[string]any{"agent": "boss", "input": "newest"})
+	a.waitRunStatus(t, ws, parent.ID, "succeeded", 20*time.Second)
+	var children struct{ Runs []runRecord }
+	a.mustDo(t, "GET", "/v1/workspaces/"+ws.ID+"/runs?parent="+parent.ID, ws.APIKey, nil, 200, &children)
+	if len(children.Runs) != 1 {
+		t.Fatalf("the wait for a child under cancel_running: got %d children; want 1", len(children.Runs))
+	}
+	got := a.getRun(t, ws, older.ID)
+	if want := "superseded by run " + children.Runs[0].ID; got.Status != statusCanceled || got.Error == nil || *got.Error != want {
+		t.Errorf("the older run of the child's key: got %s, error %v; want canceled, %q", got.Status, got.Error, want)
+	}
+}

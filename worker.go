@@ -560,7 +560,8 @@ func (w *worker) record(batch []pendingOutcome) {
 		outs[i] = p.outcome
 	}
 	// A wait for child runs is written with its children, each in a transaction of its own
-	// (waitForRuns); a child naming an unknown agent fails the attempt instead.
+	// (waitForRuns); a child naming an unknown agent, or one its agent refuses (a cost
+	// over its rate limit, a key busy under reject), fails the attempt instead.
 	waited := map[string]attemptEnd{}
 	var plain []int // the others: outs[i] for i in plain
 	for i := range outs {
@@ -574,11 +575,15 @@ func (w *worker) record(batch []pendingOutcome) {
 				w.announceChildren(made)
 			}
 			var unknown unknownAgentError
+			var childRefused childRefusedError
 			msg, refused := dataException(err)
-			if errors.As(err, &unknown) || refused {
+			if errors.As(err, &unknown) || errors.As(err, &childRefused) || refused {
 				o.End, o.Wait, o.Message = endFailed, nil, "wait refused by PostgreSQL: "+msg
-				if !refused {
+				switch {
+				case errors.As(err, &unknown):
 					o.Message = "wait.runs: " + unknown.Error()
+				case errors.As(err, &childRefused):
+					o.Message = childRefused.Error()
 				}
 				o.Delay = batch[i].exec.run.Retry.backoff(o.Attempt)
 				plain = append(plain, i)
@@ -685,8 +690,9 @@ func (w *worker) retrying(n int, write func(context.Context) (map[string]attempt
 		ends, err := write(ctx)
 		cancel()
 		var unknown unknownAgentError
-		if _, refused := dataException(err); err == nil || refused || errors.As(err, &unknown) {
-			return ends, err
+		var childRefused childRefusedError
+		if _, refused := dataException(err); err == nil || refused || errors.As(err, &unknown) || errors.As(err, &childRefused) {
+			return ends, err // the write's own answer: sending it again would not change it
 		}
 		if time.Now().After(giveUp) {
 			w.log.Error("giving up writing run outcomes; their leases have expired and other workers will recover them",
