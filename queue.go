@@ -1508,7 +1508,10 @@ type outcome struct {
 	// still throttles: the provider's limit holds all the same).
 	Throttled bool
 	Throttle  time.Duration
-	Wait      *waitRequest // for endWaiting: the state and what the run waits for
+	// Final, for endFailed, fails the run whatever attempts remain (the step limit: another
+	// attempt would ask for the same step again).
+	Final bool
+	Wait  *waitRequest // for endWaiting: the state and what the run waits for
 }
 
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
@@ -1544,6 +1547,7 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 	outputs, messages := make([]string, len(outs)), make([]string, len(outs))
 	delays, throttles := make(pq.Float64Array, len(outs)), make(pq.Float64Array, len(outs))
 	steps, states, waits, wakes := make([]int64, len(outs)), make([]string, len(outs)), make([]string, len(outs)), make(pq.Float64Array, len(outs))
+	finals := make(pq.BoolArray, len(outs))
 	for i, o := range outs {
 		ids[i], attempts[i], ends[i], messages[i] = o.ID, int64(o.Attempt), string(o.End), o.Message
 		outputs[i] = "null"
@@ -1554,7 +1558,7 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 		if o.Throttled {
 			throttles[i] = ms(o.Throttle)
 		}
-		steps[i], states[i], waits[i], wakes[i] = int64(o.Step), "null", "null", -1
+		steps[i], states[i], waits[i], wakes[i], finals[i] = int64(o.Step), "null", "null", -1, o.Final
 		if w := o.Wait; w != nil {
 			states[i], waits[i] = string(w.State), string(w.Wait)
 			if w.After > 0 {
@@ -1569,7 +1573,7 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
 			              WHEN o.proposed = 'waiting' THEN 'waiting'
 			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
-			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts THEN 'queued' ELSE 'failed' END,
+			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts AND NOT o.final THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
 			error = CASE WHEN o.proposed = 'requeued' THEN r.error
 			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN coalesce(r.cancel_error, 'canceled by request')
@@ -1589,21 +1593,22 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 			resume = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL ELSE r.resume END,
 			pushbacks = CASE WHEN o.proposed = 'pushed_back' AND NOT r.cancel_requested THEN r.pushbacks + 1
 			                 ELSE r.pushbacks END,
-			run_at = CASE WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
+			run_at = CASE WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts AND NOT o.final)
 			                   AND NOT r.cancel_requested
 			                 THEN now() + o.delay_ms * interval '1 millisecond'
 			                 ELSE r.run_at END, -- a requeued run keeps its place; a final one shows when it was due
 			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
-			                      AND r.attempt < r.max_attempts) AND NOT r.cancel_requested THEN NULL ELSE r.started_at END,
+			                      AND r.attempt < r.max_attempts AND NOT o.final) AND NOT r.cancel_requested
+			                 THEN NULL ELSE r.started_at END,
 			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
 			                   WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL
-			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts)
+			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts AND NOT o.final)
 			                        AND NOT r.cancel_requested THEN NULL
 			                   ELSE now() END,
 			worker_id = NULL, lease_expires_at = NULL, updated_at = now()
 		FROM unnest($2::uuid[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::float8[], $8::float8[],
-		            $9::int[], $10::jsonb[], $11::jsonb[], $12::float8[])
-		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms, step, state, wait, wake_ms)
+		            $9::int[], $10::jsonb[], $11::jsonb[], $12::float8[], $13::bool[])
+		     AS o(id, attempt, proposed, output, message, delay_ms, throttle_ms, step, state, wait, wake_ms, final)
 		WHERE r.id = o.id AND r.attempt = o.attempt AND r.step = o.step AND r.worker_id = $1 AND `+isRunning+`
 		RETURNING r.id, r.agent_id, r.workspace_id, r.concurrency_key, o.throttle_ms,
 		          CASE WHEN o.proposed IN ('requeued', 'pushed_back') AND r.status = 'queued' THEN o.proposed
@@ -1623,7 +1628,7 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 			ORDER BY k.priority, k.run_at, k.seq LIMIT 1) k ON f.concurrency_key IS NOT NULL`,
 		workerID, pq.StringArray(ids), pq.Int64Array(attempts), pq.StringArray(ends),
 		pq.StringArray(outputs), pq.StringArray(messages), delays, throttles,
-		pq.Int64Array(steps), pq.StringArray(states), pq.StringArray(waits), wakes)
+		pq.Int64Array(steps), pq.StringArray(states), pq.StringArray(waits), wakes, finals)
 	if err != nil {
 		return nil, nil, err
 	}

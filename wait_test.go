@@ -337,7 +337,8 @@ func TestWaitBadAnswers(t *testing.T) {
 	}
 }
 
-// TestWaitStepLimit: a run at step 1000 that asks for another step fails, saying so.
+// TestWaitStepLimit: a run at step 1000 that asks for another step fails, saying so, at
+// once: its attempts left are not spent asking again.
 func TestWaitStepLimit(t *testing.T) {
 	t.Parallel()
 	srv := newWebhookServer(t, &stepAgent{answer: func(stepCall) (int, string) { return 202, `{"state":1,"wait":{"sleep_ms":1}}` }})
@@ -347,12 +348,14 @@ func TestWaitStepLimit(t *testing.T) {
 	ws := a.createWorkspace(t)
 	a.createAgent(t, ws, "forever", "webhook", map[string]any{"url": srv.URL})
 	var run runRecord
-	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "forever", "max_attempts": 1, "delay_ms": 500}, 201, &run)
+	a.mustDo(t, "POST", "/v1/workspaces/"+ws.ID+"/runs", ws.APIKey, map[string]any{"agent": "forever", "max_attempts": 3, "delay_ms": 500}, 201, &run)
 	// Its 999 earlier steps, as far as the run can tell.
 	sqlExec(t, db)(`UPDATE runs SET step = 1000 WHERE id = $1`, run.ID)
 	run = a.waitRunStatus(t, ws, run.ID, "failed", 20*time.Second)
-	if run.Error == nil || !strings.Contains(*run.Error, "step limit") || run.Step != 1000 {
-		t.Errorf("a 202 at step 1000: got step %d error %v; want failed at step 1000 saying step limit", run.Step, run.Error)
+	if run.Error == nil || !strings.Contains(*run.Error, "step limit") || run.Step != 1000 || run.Attempt != 1 ||
+		run.StartedAt == nil || run.FinishedAt == nil {
+		t.Errorf("a 202 at step 1000: got step %d attempt %d error %v started %v finished %v; want failed at step 1000, attempt 1 of 3, saying step limit, with both times",
+			run.Step, run.Attempt, run.Error, run.StartedAt, run.FinishedAt)
 	}
 }
 

@@ -492,7 +492,7 @@ func (w *worker) execute(ctx context.Context, e *execution) {
 	var pushed *pushbackError
 	switch {
 	case err == nil && wait != nil && c.Step >= maxSteps:
-		out.End, out.Output = endFailed, nil
+		out.End, out.Output, out.Final = endFailed, nil, true
 		out.Message = fmt.Sprintf("step limit: step %d asked for step %d; a run takes at most %d steps", c.Step, c.Step+1, maxSteps)
 	case err == nil && wait != nil:
 		out.End, out.Output, out.Wait = endWaiting, nil, wait
