@@ -51,7 +51,7 @@ const (
 	chaosSamplePause     = 250 * time.Millisecond
 	chaosClientCount     = 3
 	chaosClientPause     = 80 * time.Millisecond  // at most between one client's requests
-	chaosQuiesceTimeout  = 3 * time.Minute        // for the backlog left at the end to drain, on a loaded machine
+	chaosQuiesceTimeout  = 3 * time.Minute        // for the backlog left at the end to drain, on a loaded machine; plus the chaos's length
 	chaosExitTimeout     = 60 * time.Second       // a SIGTERMed process exits within its drain; generous under load
 	chaosShowViolations  = 100                    // violations reported one by one; the rest are counted
 	chaosSleepMax        = 300 * time.Millisecond // a steps run's sleep_ms, at most
@@ -786,7 +786,9 @@ func TestChaos(t *testing.T) {
 		a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/pausy", ws.APIKey, map[string]any{"paused": false}, 200, nil)
 		wsByID[ws.ID] = ws
 	}
-	quiesce := eventually(t, chaosQuiesceTimeout, "every run to be final", func() bool {
+	// The capped agents are given more runs than their cap serves, so what is left grows
+	// with the chaos's length.
+	quiesce := eventually(t, chaosQuiesceTimeout+duration, "every run to be final", func() bool {
 		var open int
 		var waiting []byte
 		if err := db.QueryRow(`SELECT count(*), coalesce(json_agg(json_build_array(id, workspace_id))
