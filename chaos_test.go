@@ -2,12 +2,15 @@ package main
 
 // The chaos test (issue "Hardened by default"): three agentapp processes on a PostgreSQL
 // cluster of the test's own; webhook agents that delay, fail, hang past their timeout,
-// post progress events or answer output PostgreSQL refuses; a controller that SIGKILLs and
-// restarts a process every few seconds, SIGTERMs another, and once stops and restarts
-// PostgreSQL; clients that enqueue, cancel, retry and pause all along. After quiescence it
-// checks the invariants against the webhook server's own log and the tables, logs its
-// figures and fails on any violation. CHAOS_DURATION sets how long the chaos lasts
-// (`make chaos`: 5 minutes; `make test`: the default).
+// post progress events or answer output PostgreSQL refuses; a steps agent whose runs wait
+// (issue "Runs that wait": a sleep, a signal with or without a timeout, or child runs of
+// the other agents) at step 1, maybe again at step 2, and finish by step 3; a controller
+// that SIGKILLs and restarts a process every few seconds, SIGTERMs another, and once stops
+// and restarts PostgreSQL; clients that enqueue, signal, cancel, retry and pause all
+// along. After quiescence (the runs still waiting for a signal are sent it) it checks the
+// invariants against the webhook server's own log and the tables, logs its figures and
+// fails on any violation. CHAOS_DURATION sets how long the chaos lasts (`make chaos`: 5
+// minutes; `make test`: the default).
 
 import (
 	"context"
@@ -47,11 +50,18 @@ const (
 	chaosLeaseGrace      = 10 * time.Second // an expired lease not recovered after this (PostgreSQL up) is a violation
 	chaosSamplePause     = 250 * time.Millisecond
 	chaosClientCount     = 3
-	chaosClientPause     = 80 * time.Millisecond // at most between one client's requests
-	chaosQuiesceTimeout  = 3 * time.Minute       // for the backlog left at the end to drain, on a loaded machine
-	chaosExitTimeout     = 60 * time.Second      // a SIGTERMed process exits within its drain; generous under load
-	chaosShowViolations  = 100                   // violations reported one by one; the rest are counted
+	chaosClientPause     = 80 * time.Millisecond  // at most between one client's requests
+	chaosQuiesceTimeout  = 3 * time.Minute        // for the backlog left at the end to drain, on a loaded machine; plus the chaos's length
+	chaosExitTimeout     = 60 * time.Second       // a SIGTERMed process exits within its drain; generous under load
+	chaosShowViolations  = 100                    // violations reported one by one; the rest are counted
+	chaosSleepMax        = 300 * time.Millisecond // a steps run's sleep_ms, at most
+	chaosSignalTimeout   = 2 * time.Second        // a signal wait's timeout_ms (half have one), at most
+	chaosSignal          = "go"                   // the signal the steps agent waits for
+	chaosMaxChildren     = 3                      // child runs of one wait, at most
 )
+
+// chaosChildAgents are the agents a steps run's children run as: one step each.
+var chaosChildAgents = []string{"hook", "capped", "pausy"}
 
 // Webhook faults, as the webhook server decided them for a delivery ("" answers honestly).
 const (
@@ -98,14 +108,22 @@ func (v *chaosViolations) all() []string {
 	return append([]string(nil), v.list...)
 }
 
-// chaosDelivery is one request the webhook server received: one delivery of one attempt.
+// chaosDelivery is one request the webhook server received: one delivery of one attempt
+// of one step.
 type chaosDelivery struct {
 	ws, agent, run string
-	attempt        int
-	fault          string          // "" (answered 200 with answer) or one of the faults
-	answer         json.RawMessage // what an honest delivery answered
+	step, attempt  int
+	state, resume  json.RawMessage // what it carried: the previous step's state, and what met its wait
+	fault          string          // "" (answered honestly: 200 with answer, or 202 with a wait) or one of the faults
+	answer         json.RawMessage // what an honest delivery answered with 200
 	start, end     time.Time       // end: answered, or its connection seen dead (see chaosHook.ServeHTTP)
 	ctx            context.Context // the request's: done once its connection dies
+
+	// An honest 202 of the steps agent: the wait and the state it answered.
+	wait     waitKind // "" for a 200
+	timeout  bool     // a signal wait with a timeout_ms
+	children int      // a runs wait's child runs
+	newState json.RawMessage
 }
 
 // chaosEvent is a progress event the server acknowledged (202).
@@ -135,26 +153,30 @@ type chaosHook struct {
 // awaitDeadConns for the connection whose death is not seen yet).
 func (h *chaosHook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var body struct {
-		RunID       string `json:"run_id"`
-		WorkspaceID string `json:"workspace_id"`
-		Agent       string `json:"agent"`
-		Attempt     int    `json:"attempt"`
-		EventsURL   string `json:"events_url"`
-		EventsToken string `json:"events_token"`
+		RunID       string          `json:"run_id"`
+		WorkspaceID string          `json:"workspace_id"`
+		Agent       string          `json:"agent"`
+		Attempt     int             `json:"attempt"`
+		EventsURL   string          `json:"events_url"`
+		EventsToken string          `json:"events_token"`
+		Step        int             `json:"step"`
+		State       json.RawMessage `json:"state"`
+		Resume      json.RawMessage `json:"resume"`
 	}
 	data, err := io.ReadAll(r.Body)
 	if err == nil {
 		err = json.Unmarshal(data, &body)
 	}
-	if err != nil || body.RunID == "" || r.Header.Get("Idempotency-Key") != body.RunID || body.Attempt < 1 {
+	if err != nil || body.RunID == "" || r.Header.Get("Idempotency-Key") != body.RunID || body.Attempt < 1 || body.Step < 1 {
 		if r.Context().Err() == nil { // a body cut short by a killed process is no fault of the sender's
-			h.bad.add("webhook: got body %q (err %v) with Idempotency-Key %q; want a run with its id as the key and attempt >= 1",
+			h.bad.add("webhook: got body %q (err %v) with Idempotency-Key %q; want a run with its id as the key, attempt and step >= 1",
 				data, err, r.Header.Get("Idempotency-Key"))
 		}
 		http.Error(w, "bad delivery", http.StatusBadRequest)
 		return
 	}
-	d := &chaosDelivery{ws: body.WorkspaceID, agent: body.Agent, run: body.RunID, attempt: body.Attempt, ctx: r.Context()}
+	d := &chaosDelivery{ws: body.WorkspaceID, agent: body.Agent, run: body.RunID, step: body.Step, attempt: body.Attempt,
+		state: body.State, resume: body.Resume, ctx: r.Context()}
 	switch p := rand.Float64(); {
 	case p < 0.10:
 		d.fault = chaosFail
@@ -217,13 +239,53 @@ func (h *chaosHook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, chaosBadOutputs[rand.N(len(chaosBadOutputs))])
 	default:
-		answer := fmt.Sprintf(`{"run":%q,"attempt":%d,"nonce":%q}`, body.RunID, body.Attempt, randomHex(8))
+		status, answer := http.StatusOK, fmt.Sprintf(`{"run":%q,"step":%d,"attempt":%d,"nonce":%q}`,
+			body.RunID, body.Step, body.Attempt, randomHex(8))
 		h.mu.Lock()
-		d.answer = json.RawMessage(answer)
+		if d.agent == "steps" {
+			status, answer = chaosStepAnswer(d, answer)
+		}
+		if status == http.StatusOK {
+			d.answer = json.RawMessage(answer)
+		}
 		h.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
 		io.WriteString(w, answer)
 	}
+}
+
+// chaosStepAnswer is the steps agent's honest answer to delivery d, output being its 200:
+// at step 1 a 202 with a wait (a sleep, a signal with or without a timeout, or one to
+// chaosMaxChildren child runs of the other agents), at step 2 a wait or the end, at step
+// 3 the end. It records the wait in d; h.mu is held.
+func chaosStepAnswer(d *chaosDelivery, output string) (int, string) {
+	if d.step >= 3 || d.step == 2 && rand.N(2) == 0 {
+		return http.StatusOK, output
+	}
+	d.newState = json.RawMessage(fmt.Sprintf(`{"run":%q,"step":%d,"attempt":%d,"nonce":%q}`, d.run, d.step, d.attempt, randomHex(8)))
+	var wait map[string]any
+	switch rand.N(3) {
+	case 0:
+		d.wait = waitSleep
+		wait = map[string]any{"sleep_ms": 1 + rand.N(chaosSleepMax.Milliseconds())}
+	case 1:
+		d.wait = waitSignal
+		wait = map[string]any{"signal": chaosSignal}
+		if d.timeout = rand.N(2) == 0; d.timeout {
+			wait["timeout_ms"] = 1 + rand.N(chaosSignalTimeout.Milliseconds())
+		}
+	default:
+		d.wait, d.children = waitRuns, 1+rand.N(chaosMaxChildren)
+		runs := make([]map[string]any, d.children)
+		for i := range runs {
+			runs[i] = map[string]any{"agent": chaosChildAgents[rand.N(len(chaosChildAgents))],
+				"input": map[string]any{"parent": d.run, "i": i}, "max_attempts": 1 + rand.N(3)}
+		}
+		wait = map[string]any{"runs": runs}
+	}
+	answer, _ := json.Marshal(map[string]any{"state": d.newState, "wait": wait})
+	return http.StatusAccepted, string(answer)
 }
 
 // awaitDeadConns is called, with h.mu held, when a delivery of a capped agent arrives
@@ -287,11 +349,15 @@ type chaosClients struct {
 	mu          sync.Mutex
 	acked       map[string]testWorkspace // runs answered 201 or 200, with their workspace
 	ids         []string                 // the same, to pick cancel and retry targets from
+	multi       []string                 // those of the steps agent
 	keys        map[string]string        // workspace id + " " + key → the run id answered
 	keyed       []chaosKeyed
-	cancelAcked map[string]bool // runs a cancel was answered 200 for
-	retryAcked  map[string]bool // runs a retry was answered 200 for
-	counts      map[string]int  // figures: requests by operation and answer
+	cancelAcked map[string]bool            // runs a cancel was answered 200 for
+	retryAcked  map[string]bool            // runs a retry was answered 200 for
+	retrySent   map[string]bool            // runs a retry was sent for, whatever the answer
+	signalsSent map[string]map[string]bool // run → the nonces of the signals sent to it
+	signaled    map[string][]string        // run → the nonces of its signals answered 200
+	counts      map[string]int             // figures: requests by operation and answer
 }
 
 // do sends one request to a random process slot and counts its answer; status 0 is no
@@ -316,28 +382,84 @@ func (c *chaosClients) do(op, method, path, token string, hdr map[string]string,
 }
 
 // ack records runs of ws the API acknowledged.
-func (c *chaosClients) ack(ws testWorkspace, ids ...string) {
+func (c *chaosClients) ack(ws testWorkspace, runs ...runRecord) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, id := range ids {
-		if _, ok := c.acked[id]; !ok {
-			c.acked[id] = ws
-			c.ids = append(c.ids, id)
+	for _, r := range runs {
+		if _, ok := c.acked[r.ID]; !ok {
+			c.acked[r.ID] = ws
+			c.ids = append(c.ids, r.ID)
+			if r.Agent == "steps" {
+				c.multi = append(c.multi, r.ID)
+			}
 		}
 	}
 }
 
-// pick returns the API path and key of a random acknowledged run, ok false when there is
-// none yet.
+// pick returns the API path and key of a random acknowledged run (a third of the time one
+// of the steps agent, if any), ok false when there is none yet.
 func (c *chaosClients) pick() (id, path, key string, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.ids) == 0 {
+	switch {
+	case len(c.multi) > 0 && rand.N(3) == 0:
+		id = c.multi[rand.N(len(c.multi))]
+	case len(c.ids) > 0:
+		id = c.ids[rand.N(len(c.ids))]
+	default:
 		return "", "", "", false
 	}
-	id = c.ids[rand.N(len(c.ids))]
 	ws := c.acked[id]
 	return id, "/v1/workspaces/" + ws.ID + "/runs/" + id, ws.APIKey, true
+}
+
+// signal sends the steps agent's signal to run id (at runPath, with key; op names the
+// request in the figures), with data that names the run and the signal, and records it.
+// A 409 (the run does not wait for it, or no longer) is as good an answer as a 200.
+func (c *chaosClients) signal(op, id, runPath, key string) {
+	nonce := randomHex(4)
+	c.mu.Lock()
+	if c.signalsSent[id] == nil {
+		c.signalsSent[id] = map[string]bool{}
+	}
+	c.signalsSent[id][nonce] = true
+	c.mu.Unlock()
+	body := map[string]any{"name": chaosSignal, "data": map[string]any{"run": id, "nonce": nonce}}
+	status, data := c.do(op, "POST", runPath+"/signal", key, nil, body)
+	switch status {
+	case http.StatusOK:
+		c.mu.Lock()
+		c.signaled[id] = append(c.signaled[id], nonce)
+		c.mu.Unlock()
+	case 0, http.StatusConflict, http.StatusServiceUnavailable:
+	default:
+		c.bad.add("signal %s: got %d %s; want 200 or 409", id, status, data)
+	}
+}
+
+// signalWaiting lists the steps runs of ws that wait and sends its signal to about half
+// of those that wait for one.
+func (c *chaosClients) signalWaiting(ws testWorkspace) {
+	path := "/v1/workspaces/" + ws.ID + "/runs"
+	status, data := c.do("list waiting", "GET", path+"?status=waiting&agent=steps&limit=20", ws.APIKey, nil, nil)
+	var page struct {
+		Runs []runRecord `json:"runs"`
+	}
+	if status != http.StatusOK || json.Unmarshal(data, &page) != nil {
+		return
+	}
+	for _, r := range page.Runs {
+		var w struct {
+			Signal string `json:"signal"`
+		}
+		if r.Status != statusWaiting || r.WorkspaceID != ws.ID {
+			c.bad.add("list ?status=waiting&agent=steps of %s: got run %s %s of workspace %s; want only its waiting runs",
+				ws.ID, r.ID, r.Status, r.WorkspaceID)
+		}
+		if json.Unmarshal(r.WaitingFor, &w) == nil && w.Signal != "" && rand.N(2) == 0 {
+			c.signal("signal", r.ID, path+"/"+r.ID, ws.APIKey)
+		}
+	}
 }
 
 // newRunBody is a random create request: one of the workspace's agents (mostly the
@@ -349,6 +471,8 @@ func newRunBody(n int) map[string]any {
 		agent = "capped"
 	case p < 0.4:
 		agent = "pausy"
+	case p < 0.55:
+		agent = "steps"
 	}
 	return map[string]any{"agent": agent, "input": map[string]any{"n": n}, "max_attempts": 1 + rand.N(4)}
 }
@@ -366,7 +490,7 @@ func (c *chaosClients) createKeyed(k chaosKeyed) {
 		c.bad.add("create with key %q: got %d %s; want a run", k.key, status, data)
 		return
 	}
-	c.ack(k.ws, r.ID)
+	c.ack(k.ws, r)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if first, ok := c.keys[k.ws.ID+" "+k.key]; !ok {
@@ -377,20 +501,20 @@ func (c *chaosClients) createKeyed(k chaosKeyed) {
 }
 
 // client uses the API until ctx ends: creates (single, keyed with repeats, batches),
-// cancels, retries, pauses and resumes.
+// signals, cancels, retries, pauses and resumes.
 func (c *chaosClients) client(ctx context.Context, id int) {
 	for n := 0; ctx.Err() == nil; n++ {
 		time.Sleep(rand.N(chaosClientPause))
 		ws := c.ws[rand.N(len(c.ws))]
 		path := "/v1/workspaces/" + ws.ID
 		switch p := rand.Float64(); {
-		case p < 0.35:
+		case p < 0.30:
 			status, data := c.do("create", "POST", path+"/runs", ws.APIKey, nil, newRunBody(n))
 			var r runRecord
 			if status == http.StatusCreated && json.Unmarshal(data, &r) == nil {
-				c.ack(ws, r.ID)
+				c.ack(ws, r)
 			}
-		case p < 0.50: // a keyed create, repeated at once as a client that missed the answer would
+		case p < 0.45: // a keyed create, repeated at once as a client that missed the answer would
 			k := chaosKeyed{ws: ws, key: fmt.Sprintf("c%d-%d-%s", id, n, randomHex(4)), body: newRunBody(n)}
 			c.mu.Lock()
 			c.keyed = append(c.keyed, k)
@@ -398,7 +522,7 @@ func (c *chaosClients) client(ctx context.Context, id int) {
 			for range 1 + rand.N(3) {
 				c.createKeyed(k)
 			}
-		case p < 0.57: // a repeat of an older keyed create, across whatever happened since
+		case p < 0.52: // a repeat of an older keyed create, across whatever happened since
 			c.mu.Lock()
 			var k chaosKeyed
 			if len(c.keyed) > 0 {
@@ -408,7 +532,7 @@ func (c *chaosClients) client(ctx context.Context, id int) {
 			if k.key != "" {
 				c.createKeyed(k)
 			}
-		case p < 0.67:
+		case p < 0.62:
 			runs := make([]map[string]any, 2+rand.N(9))
 			for i := range runs {
 				runs[i] = newRunBody(n)
@@ -417,10 +541,16 @@ func (c *chaosClients) client(ctx context.Context, id int) {
 			var created struct{ Runs []runRecord }
 			if status == http.StatusCreated && json.Unmarshal(data, &created) == nil {
 				for _, r := range created.Runs {
-					c.ack(ws, r.ID)
+					c.ack(ws, r)
 				}
 			}
-		case p < 0.80:
+		case p < 0.70:
+			c.signalWaiting(ws)
+		case p < 0.72: // a signal to any run: a 409 unless it waits for one
+			if run, runPath, key, ok := c.pick(); ok {
+				c.signal("signal any", run, runPath, key)
+			}
+		case p < 0.82:
 			if run, runPath, key, ok := c.pick(); ok {
 				if status, _ := c.do("cancel", "POST", runPath+"/cancel", key, nil, nil); status == http.StatusOK {
 					c.mu.Lock()
@@ -431,6 +561,9 @@ func (c *chaosClients) client(ctx context.Context, id int) {
 		case p < 0.93:
 			if run, runPath, key, ok := c.pick(); ok {
 				body := map[string]any{"attempts": 1 + rand.N(2)}
+				c.mu.Lock()
+				c.retrySent[run] = true
+				c.mu.Unlock()
 				if status, _ := c.do("retry", "POST", runPath+"/retry", key, nil, body); status == http.StatusOK {
 					c.mu.Lock()
 					c.retryAcked[run] = true
@@ -447,7 +580,8 @@ func (c *chaosClients) client(ctx context.Context, id int) {
 
 // chaosSampler watches the tables while the chaos lasts: no run running without a lease,
 // none whose lease expired long ago while PostgreSQL was up, no capped agent over its
-// cap.
+// cap, no child run left open long after its parent became final (a running child of a
+// canceled parent ends once its process learns of the cancel, or its lease expires).
 type chaosSampler struct {
 	db  *sql.DB
 	bad *chaosViolations
@@ -474,12 +608,20 @@ func (s *chaosSampler) run(ctx context.Context, done chan struct{}) {
 			count(*) FILTER (WHERE lease_expires_at < now() - $1 * interval '1 millisecond'),
 			coalesce(json_agg(id) FILTER (WHERE lease_expires_at < now() - $1 * interval '1 millisecond'), '[]')
 			FROM runs WHERE status = 'running'`, chaosLeaseGrace.Milliseconds()).Scan(&unleased, &stale, &staleIDs)
-		var capped []byte
+		var capped, orphans []byte
 		if err == nil {
 			err = s.db.QueryRowContext(qctx, `SELECT coalesce(json_agg(x), '[]') FROM (
 				SELECT a.workspace_id, a.name, a.max_concurrency, count(*) AS running
 				FROM agents a JOIN runs r ON r.agent_id = a.id AND r.status = 'running'
 				WHERE a.max_concurrency IS NOT NULL GROUP BY 1, 2, 3) x`).Scan(&capped)
+		}
+		if err == nil {
+			err = s.db.QueryRowContext(qctx, `SELECT coalesce(json_agg(json_build_object('child', c.id, 'status', c.status,
+				'parent', p.id, 'parent_status', p.status)), '[]')
+				FROM runs c JOIN runs p ON p.id = c.parent_id
+				WHERE c.parent_id IS NOT NULL AND c.status IN ('queued', 'running', 'waiting')
+				  AND p.status IN ('succeeded', 'failed', 'canceled') AND p.finished_at < now() - $1 * interval '1 millisecond'`,
+				chaosLeaseGrace.Milliseconds()).Scan(&orphans)
 		}
 		cancel()
 		if err != nil { // PostgreSQL going down, or the machine too loaded: the next sample
@@ -492,6 +634,10 @@ func (s *chaosSampler) run(ctx context.Context, done chan struct{}) {
 		// A lease expired while PostgreSQL was down is recovered only once it is back.
 		if stale > 0 && time.Since(time.Unix(0, up)) > chaosLeaseGrace {
 			s.bad.add("sample: got running runs %s whose lease expired over %v ago; want them recovered", staleIDs, chaosLeaseGrace)
+		}
+		if string(orphans) != "[]" && time.Since(time.Unix(0, up)) > chaosLeaseGrace {
+			s.bad.add("sample: got child runs not final %v after their parent became final: %s; want every child of a final parent final",
+				chaosLeaseGrace, orphans)
 		}
 		var agents []struct {
 			WorkspaceID    string `json:"workspace_id"`
@@ -519,6 +665,15 @@ type chaosRow struct {
 	output                 sql.NullString
 	errors                 []runError
 	leased, hasWorker      bool
+	step                   int
+	parent                 string // "" for none
+	parentStep             int    // the parent's step that the wait which made it resumes
+	seq                    int64
+}
+
+// final reports whether the run has ended.
+func (r chaosRow) final() bool {
+	return r.status == "succeeded" || r.status == "failed" || r.status == "canceled"
 }
 
 // chaosRequeuedLine is how a SIGTERMed process logs a run handed back at its drain
@@ -557,7 +712,7 @@ func TestChaos(t *testing.T) {
 	var wss []testWorkspace
 	for range 2 {
 		ws := a.createWorkspace(t)
-		for _, name := range []string{"hook", "capped", "pausy"} {
+		for _, name := range []string{"hook", "capped", "pausy", "steps"} {
 			a.createAgent(t, ws, name, "webhook", map[string]any{"url": hookServer.URL + "/" + name, "timeout_ms": chaosHookTimeoutMS})
 		}
 		a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/capped", ws.APIKey, map[string]any{"max_concurrency": chaosCap}, 200, nil)
@@ -573,7 +728,8 @@ func TestChaos(t *testing.T) {
 
 	clients := &chaosClients{bases: bases, ws: wss, http: &http.Client{Timeout: 20 * time.Second}, bad: bad,
 		acked: map[string]testWorkspace{}, keys: map[string]string{}, cancelAcked: map[string]bool{},
-		retryAcked: map[string]bool{}, counts: map[string]int{}}
+		retryAcked: map[string]bool{}, retrySent: map[string]bool{}, signalsSent: map[string]map[string]bool{},
+		signaled: map[string][]string{}, counts: map[string]int{}}
 	clientCtx, stopClients := context.WithCancel(context.Background())
 	var clientsDone sync.WaitGroup
 	for i := range chaosClientCount {
@@ -623,14 +779,30 @@ func TestChaos(t *testing.T) {
 	clientsDone.Wait()
 	chaosTime := time.Since(began)
 
-	// Quiescence: resume the paused agents and let every run end.
+	// Quiescence: resume the paused agents, send their signal to the runs that wait for
+	// one, and let every run end.
+	wsByID := map[string]testWorkspace{}
 	for _, ws := range wss {
 		a.mustDo(t, "PATCH", "/v1/workspaces/"+ws.ID+"/agents/pausy", ws.APIKey, map[string]any{"paused": false}, 200, nil)
+		wsByID[ws.ID] = ws
 	}
-	quiesce := eventually(t, chaosQuiesceTimeout, "every run to be final", func() bool {
+	// The capped agents are given more runs than their cap serves, so what is left grows
+	// with the chaos's length.
+	quiesce := eventually(t, chaosQuiesceTimeout+duration, "every run to be final", func() bool {
 		var open int
-		if err := db.QueryRow(`SELECT count(*) FROM runs WHERE status IN ('queued', 'running')`).Scan(&open); err != nil {
+		var waiting []byte
+		if err := db.QueryRow(`SELECT count(*), coalesce(json_agg(json_build_array(id, workspace_id))
+			FILTER (WHERE status = 'waiting' AND waiting_for ? 'signal'), '[]')
+			FROM runs WHERE status IN ('queued', 'running', 'waiting')`).Scan(&open, &waiting); err != nil {
 			t.Fatalf("count open runs: got %v; want a count", err)
+		}
+		var signal [][2]string
+		if err := json.Unmarshal(waiting, &signal); err != nil {
+			t.Fatalf("runs waiting for a signal: got %s (%v); want [[id, workspace]]", waiting, err)
+		}
+		for _, r := range signal {
+			ws := wsByID[r[1]]
+			clients.signal("signal at quiescence", r[0], "/v1/workspaces/"+ws.ID+"/runs/"+r[0], ws.APIKey)
 		}
 		return open == 0
 	})
@@ -659,6 +831,7 @@ func TestChaos(t *testing.T) {
 
 	chaosCheckRuns(bad, rows, clients)
 	maxInFlight, redelivered := chaosCheckDeliveries(bad, rows, deliveries, requeues)
+	steps := chaosCheckSteps(bad, rows, deliveries, requeues, clients)
 	chaosCheckEvents(t, bad, db, eventsAcked)
 	for _, ws := range wss {
 		got := a.stats(t, ws)
@@ -670,6 +843,8 @@ func TestChaos(t *testing.T) {
 			switch runStatus(r.status) {
 			case statusQueued:
 				want.Queued++
+			case statusWaiting:
+				want.Waiting++
 			case "running":
 				want.Running++
 			case "succeeded":
@@ -730,6 +905,10 @@ func TestChaos(t *testing.T) {
 	t.Logf("capped agents (max_concurrency %d): at most %d in flight at the webhook, %d running in %d table samples",
 		chaosCap, maxInFlight, sampler.maxRunning.Load(), sampler.samples.Load())
 	t.Logf("progress events: %d acknowledged; posts by answer %s", len(eventsAcked), eventStatus)
+	t.Logf("runs that wait: %d of the steps agent, by the step they ended at %v; waits made %v; steps resumed by %v; "+
+		"signals answered 200: %d by the clients, %d at quiescence; %d child runs %v",
+		steps.runs, steps.byStep, steps.waits, steps.resumes, clients.counts["signal 200"]+clients.counts["signal any 200"],
+		clients.counts["signal at quiescence 200"], steps.children, steps.childStatus)
 	t.Logf("client requests: %v", clients.counts)
 	list := bad.all()
 	for i, v := range list {
@@ -746,7 +925,8 @@ func TestChaos(t *testing.T) {
 func chaosReadRows(t *testing.T, db *sql.DB) map[string]chaosRow {
 	t.Helper()
 	rs, err := db.Query(`SELECT r.id, r.workspace_id, a.name, r.status, coalesce(r.idempotency_key, ''), r.attempt,
-		r.max_attempts, r.output::text, r.errors::text, r.lease_expires_at IS NOT NULL, r.worker_id IS NOT NULL
+		r.max_attempts, r.output::text, r.errors::text, r.lease_expires_at IS NOT NULL, r.worker_id IS NOT NULL,
+		r.step, coalesce(r.parent_id::text, ''), coalesce(r.parent_step, 0), r.seq
 		FROM runs r JOIN agents a ON a.id = r.agent_id`)
 	if err != nil {
 		t.Fatalf("read runs: got %v; want rows", err)
@@ -757,7 +937,7 @@ func chaosReadRows(t *testing.T, db *sql.DB) map[string]chaosRow {
 		var id, errs string
 		var r chaosRow
 		if err := rs.Scan(&id, &r.ws, &r.agent, &r.status, &r.key, &r.attempt, &r.maxAttempts, &r.output, &errs,
-			&r.leased, &r.hasWorker); err != nil {
+			&r.leased, &r.hasWorker, &r.step, &r.parent, &r.parentStep, &r.seq); err != nil {
 			t.Fatalf("read runs: got %v; want a row", err)
 		}
 		if err := json.Unmarshal([]byte(errs), &r.errors); err != nil {
@@ -781,7 +961,7 @@ func chaosCheckRuns(bad *chaosViolations, rows map[string]chaosRow, c *chaosClie
 		switch {
 		case !ok:
 			bad.add("run %s: acknowledged, got no row; want it in the table", id)
-		case r.status != "succeeded" && r.status != "failed" && r.status != "canceled":
+		case !r.final():
 			bad.add("run %s: got status %s after quiescence; want it final", id, r.status)
 		}
 	}
@@ -816,12 +996,17 @@ func chaosCheckRuns(bad *chaosViolations, rows map[string]chaosRow, c *chaosClie
 }
 
 // chaosCheckDeliveries checks the webhook server's log against the tables: every
-// delivery is of a run in the table, within its max_attempts; no (run, attempt) is
-// delivered twice unless a SIGTERMed process requeued that attempt (refunding it, as SPEC
-// says, so its next delivery carries the same number) as often; a succeeded run's output
-// is what the webhook answered for its last attempt; and no capped agent ever has more
-// requests in flight than its cap. It returns the most in flight for one capped agent,
-// and how many attempts were delivered again after a requeue at shutdown.
+// delivery is of a run in the table, those of its current step within its max_attempts;
+// no (run, step, attempt) is delivered twice unless a SIGTERMed process requeued that
+// attempt (refunding it, as SPEC says, so its next delivery carries the same number) as
+// often; a succeeded run's output is what the webhook answered for its last step's last
+// attempt; and no capped agent ever has more requests in flight than its cap. It returns
+// the most in flight for one capped agent, and how many attempts were delivered again
+// after a requeue at shutdown.
+//
+// The log line of a requeue names the run and the attempt, not the step: the deliveries
+// beyond the first of one attempt number, over all the run's steps, are at most its
+// requeues of that number.
 //
 // In flight means from the request's arrival until it was answered or its connection
 // died, or until its lease was recovered, whichever came first. A SIGKILLed process's
@@ -845,13 +1030,15 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 			bad.add("webhook: got a delivery of run %s attempt %d; want only runs in the table", d.run, d.attempt)
 			continue
 		}
-		ref := fmt.Sprintf("%s %d", d.run, d.attempt)
+		ref := fmt.Sprintf("%s %d %d", d.run, d.step, d.attempt)
 		byAttempt[ref] = append(byAttempt[ref], d)
-		if d.attempt > r.maxAttempts {
-			bad.add("webhook: got run %s attempt %d; want at most its max_attempts %d", d.run, d.attempt, r.maxAttempts)
+		// An earlier step's attempts are not bounded by today's max_attempts: a retry of a
+		// run canceled while it waited sets it from attempt 0.
+		if d.step == r.step && d.attempt > r.maxAttempts {
+			bad.add("webhook: got run %s step %d attempt %d; want at most its max_attempts %d", d.run, d.step, d.attempt, r.maxAttempts)
 		}
-		if d.attempt > r.attempt && requeues[ref] == 0 {
-			bad.add("webhook: got run %s attempt %d; want at most the table's attempt %d", d.run, d.attempt, r.attempt)
+		if d.step == r.step && d.attempt > r.attempt && requeues[fmt.Sprintf("%s %d", d.run, d.attempt)] == 0 {
+			bad.add("webhook: got run %s step %d attempt %d; want at most the table's attempt %d", d.run, d.step, d.attempt, r.attempt)
 		}
 		if r.agent != "capped" {
 			continue
@@ -864,20 +1051,28 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 		}
 		edges[r.ws] = append(edges[r.ws], edge{d.start, 1}, edge{end, -1})
 	}
+	again := map[string][]string{} // run + " " + attempt → the (run, step, attempt) delivered more than once, a time per extra
 	for ref, ds := range byAttempt {
 		redelivered += len(ds) - 1
-		if len(ds) > 1+requeues[ref] {
-			bad.add("webhook: got (run, attempt) %s delivered %d times, requeued at shutdown %d times; want once more than requeued at most",
-				ref, len(ds), requeues[ref])
+		for range len(ds) - 1 {
+			k := fmt.Sprintf("%s %d", ds[0].run, ds[0].attempt)
+			again[k] = append(again[k], ref)
+		}
+	}
+	for k, refs := range again {
+		if len(refs) > requeues[k] {
+			sort.Strings(refs)
+			bad.add("webhook: got (run, attempt) %s delivered again %d times (run, step, attempt %v), requeued at shutdown %d times; want at most as often as requeued",
+				k, len(refs), refs, requeues[k])
 		}
 	}
 	for id, r := range rows {
 		if r.status != "succeeded" {
 			continue
 		}
-		ds := byAttempt[fmt.Sprintf("%s %d", id, r.attempt)]
+		ds := byAttempt[fmt.Sprintf("%s %d %d", id, r.step, r.attempt)]
 		if len(ds) == 0 {
-			bad.add("run %s succeeded on attempt %d: got no delivery of it; want one", id, r.attempt)
+			bad.add("run %s succeeded on step %d attempt %d: got no delivery of it; want one", id, r.step, r.attempt)
 			continue
 		}
 		last := ds[0]
@@ -889,8 +1084,8 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 		var got, want any
 		json.Unmarshal([]byte(r.output.String), &got)
 		if last.fault != "" || json.Unmarshal(last.answer, &want) != nil || !reflect.DeepEqual(got, want) {
-			bad.add("run %s succeeded on attempt %d: got output %s; want the webhook's last answer to it, %s (fault %q)",
-				id, r.attempt, r.output.String, last.answer, last.fault)
+			bad.add("run %s succeeded on step %d attempt %d: got output %s; want the webhook's last answer to it, %s (fault %q, wait %q)",
+				id, r.step, r.attempt, r.output.String, last.answer, last.fault, last.wait)
 		}
 	}
 	for ws, es := range edges {
@@ -911,6 +1106,230 @@ func chaosCheckDeliveries(bad *chaosViolations, rows map[string]chaosRow, delive
 		}
 	}
 	return most, redelivered
+}
+
+// chaosStepFigures are the figures of the runs that wait.
+type chaosStepFigures struct {
+	runs        int            // runs of the steps agent
+	byStep      map[int]int    // those by the step they ended at
+	waits       map[string]int // the waits they made, by kind
+	resumes     map[string]int // the steps after a first, by the resume their first delivery carried
+	children    int            // child runs
+	childStatus map[string]int // those by status
+}
+
+// chaosEnded is the delivery whose answer ended step k of a run, given the run's
+// deliveries by step and attempt: the last to arrive of the step's last attempt (an
+// earlier attempt's answer was fenced out, and a delivery followed by another of the same
+// attempt was requeued at shutdown). nil when the step had none.
+func chaosEnded(steps map[int]map[int][]*chaosDelivery, k int) *chaosDelivery {
+	var last *chaosDelivery
+	for _, ds := range steps[k] {
+		for _, d := range ds {
+			if last == nil || d.attempt > last.attempt || d.attempt == last.attempt && d.start.After(last.start) {
+				last = d
+			}
+		}
+	}
+	return last
+}
+
+// chaosNull reports whether a JSON value carried in a delivery is null or absent.
+func chaosNull(v json.RawMessage) bool { return len(v) == 0 || string(v) == "null" }
+
+// chaosCheckSteps checks the runs that wait and their children against the webhook
+// server's log and the tables:
+//   - every child of a final parent is final, and its parent is in the table;
+//   - no step is delivered past the table's step, and a run's step is the number of
+//     waits it made, plus one: each step before it ended with a wait (its last
+//     attempt's last delivery answered 202);
+//   - no parent is resumed twice for one wait: a step after the first has its attempt 1
+//     delivered once, but for as many requeues at shutdown of that attempt number;
+//   - a wait for child runs made as many as it asked, for the step it resumes, and only
+//     such a wait made any;
+//   - every delivery carried the state its previous step returned (null at step 1) and
+//     what met that step's wait: slept, the timeout of a signal wait that had one, a
+//     signal a client sent to that run, or the wait's children in the order asked with
+//     their final statuses; null only at step 1 or for a run a retry was sent for (a run
+//     canceled while it waits resumes without one when retried);
+//   - every signal answered 200 reached a delivery, unless its run ended failed or
+//     canceled.
+func chaosCheckSteps(bad *chaosViolations, rows map[string]chaosRow, deliveries []*chaosDelivery, requeues map[string]int, c *chaosClients) chaosStepFigures {
+	fig := chaosStepFigures{byStep: map[int]int{}, waits: map[string]int{}, resumes: map[string]int{}, childStatus: map[string]int{}}
+	children := map[string]map[int][]string{} // parent → the step a wait's children resume → their ids, in the order made
+	for id, r := range rows {
+		if r.parent == "" {
+			continue
+		}
+		fig.children++
+		fig.childStatus[r.status]++
+		p, ok := rows[r.parent]
+		switch {
+		case !ok:
+			bad.add("child run %s: got parent %s not in the table; want its parent kept with it", id, r.parent)
+		case p.final() && !r.final():
+			bad.add("child run %s: got status %s under its parent %s, %s; want every child of a final parent final", id, r.status, r.parent, p.status)
+		}
+		if children[r.parent] == nil {
+			children[r.parent] = map[int][]string{}
+		}
+		children[r.parent][r.parentStep] = append(children[r.parent][r.parentStep], id)
+	}
+	for _, bySteps := range children {
+		for _, ids := range bySteps {
+			sort.Slice(ids, func(i, j int) bool { return rows[ids[i]].seq < rows[ids[j]].seq })
+		}
+	}
+	runs := map[string]map[int]map[int][]*chaosDelivery{} // run → step → attempt → deliveries
+	for _, d := range deliveries {
+		r, ok := rows[d.run]
+		if !ok {
+			continue // chaosCheckDeliveries says so
+		}
+		if d.step > r.step {
+			bad.add("webhook: got run %s (%s) step %d attempt %d; want at most the table's step %d", d.run, r.agent, d.step, d.attempt, r.step)
+		}
+		if runs[d.run] == nil {
+			runs[d.run] = map[int]map[int][]*chaosDelivery{}
+		}
+		if runs[d.run][d.step] == nil {
+			runs[d.run][d.step] = map[int][]*chaosDelivery{}
+		}
+		runs[d.run][d.step][d.attempt] = append(runs[d.run][d.step][d.attempt], d)
+	}
+	carried := map[string]bool{} // run + " " + nonce: the signals a delivery carried
+	for id, r := range rows {
+		steps := runs[id]
+		if r.agent == "steps" {
+			fig.runs++
+			fig.byStep[r.step]++
+		}
+		for k := 1; k < r.step; k++ {
+			e := chaosEnded(steps, k)
+			switch {
+			case e == nil:
+				bad.add("run %s at step %d: got no delivery of its step %d; want one that waited", id, r.step, k)
+				continue
+			case e.wait == "":
+				bad.add("run %s at step %d: got its step %d ended by attempt %d answering fault %q, no wait; want a wait for each step before the table's",
+					id, r.step, k, e.attempt, e.fault)
+				continue
+			}
+			kind := string(e.wait)
+			if e.timeout {
+				kind += " with timeout"
+			}
+			fig.waits[kind]++
+			if got := len(children[id][k+1]); got != e.children {
+				bad.add("run %s: got %d child runs of its step %d's wait (%s); want %d", id, got, k, e.wait, e.children)
+			}
+		}
+		for ps, ids := range children[id] {
+			if ps < 2 || ps > r.step {
+				bad.add("run %s at step %d: got child runs %v made for its step %d; want children only of its waits", id, r.step, ids, ps)
+			}
+		}
+		for k, attempts := range steps {
+			if k > 1 && len(attempts[1]) > 1+requeues[id+" 1"] {
+				bad.add("run %s: got its step %d attempt 1 delivered %d times, attempt 1 requeued at shutdown %d times; want it resumed once for the wait of step %d",
+					id, k, len(attempts[1]), requeues[id+" 1"], k-1)
+			}
+			var prev *chaosDelivery // the delivery that ended step k-1
+			if k > 1 {
+				if prev = chaosEnded(steps, k-1); prev == nil || prev.wait == "" {
+					continue // said above
+				}
+			}
+			var first *chaosDelivery
+			for _, ds := range attempts {
+				for _, d := range ds {
+					if first == nil || d.attempt < first.attempt || d.attempt == first.attempt && d.start.Before(first.start) {
+						first = d
+					}
+					if nonce := chaosCheckCarried(bad, d, prev, children[id][k], rows, c); nonce != "" {
+						carried[id+" "+nonce] = true
+					}
+				}
+			}
+			if k > 1 {
+				var res map[string]json.RawMessage
+				json.Unmarshal(first.resume, &res)
+				kind := "null"
+				for name := range res {
+					kind = name
+				}
+				fig.resumes[kind]++
+			}
+		}
+	}
+	for id, nonces := range c.signaled {
+		if r := rows[id]; r.status == "failed" || r.status == "canceled" {
+			continue
+		}
+		for _, n := range nonces {
+			if !carried[id+" "+n] {
+				bad.add("run %s (%s): got no delivery carrying its signal %s, answered 200; want the next step's to", id, rows[id].status, n)
+			}
+		}
+	}
+	return fig
+}
+
+// chaosCheckCarried checks the state and resume delivery d carried, prev being the
+// delivery that ended the step before (nil at step 1) and kids the children of its wait;
+// it returns the nonce of the signal carried, if any.
+func chaosCheckCarried(bad *chaosViolations, d, prev *chaosDelivery, kids []string, rows map[string]chaosRow, c *chaosClients) (nonce string) {
+	if prev == nil {
+		if !chaosNull(d.state) || !chaosNull(d.resume) {
+			bad.add("run %s step %d attempt %d: got state %s resume %s; want null, null at step 1", d.run, d.step, d.attempt, d.state, d.resume)
+		}
+		return ""
+	}
+	if !jsonEq(d.state, prev.newState) {
+		bad.add("run %s step %d attempt %d: got state %s; want %s, what step %d returned", d.run, d.step, d.attempt, d.state, prev.newState, prev.step)
+	}
+	if chaosNull(d.resume) {
+		if !c.retrySent[d.run] {
+			bad.add("run %s step %d attempt %d: got resume null and no retry sent; want what met step %d's wait (%s)", d.run, d.step, d.attempt, prev.step, prev.wait)
+		}
+		return ""
+	}
+	var res struct {
+		Signal *struct {
+			Name string `json:"name"`
+			Data struct {
+				Run   string `json:"run"`
+				Nonce string `json:"nonce"`
+			} `json:"data"`
+		} `json:"signal"`
+		Runs []struct {
+			ID     string `json:"id"`
+			Status string `json:"status"`
+		} `json:"runs"`
+	}
+	json.Unmarshal(d.resume, &res)
+	ok := false
+	switch prev.wait {
+	case waitSleep:
+		ok = jsonEq(d.resume, []byte(`{"slept":true}`))
+	case waitSignal:
+		if s := res.Signal; s != nil {
+			nonce = s.Data.Nonce
+			ok = s.Name == chaosSignal && s.Data.Run == d.run && c.signalsSent[d.run][nonce]
+		} else {
+			ok = prev.timeout && jsonEq(d.resume, []byte(`{"timeout":true}`))
+		}
+	case waitRuns:
+		ok = len(res.Runs) == len(kids)
+		for i := 0; ok && i < len(kids); i++ {
+			ok = res.Runs[i].ID == kids[i] && res.Runs[i].Status == rows[kids[i]].status
+		}
+	}
+	if !ok {
+		bad.add("run %s step %d attempt %d: got resume %s; want what met step %d's wait (%s, timeout %v, children %v)",
+			d.run, d.step, d.attempt, d.resume, prev.step, prev.wait, prev.timeout, kids)
+	}
+	return nonce
 }
 
 // chaosCheckEvents checks that every progress event the server acknowledged is kept
