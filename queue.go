@@ -1538,7 +1538,8 @@ func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (ma
 
 // finishWith is finish, its statement sent by query (a transaction's: waitForRuns). An
 // outcome that waits (endWaiting) ends the step: the run waits with the step's state, at
-// the next step's attempt 0, unless a cancel was requested meanwhile. freed is, for the
+// the next step's attempt 0, unless a cancel was requested meanwhile; so does a run handed
+// back at shutdown (endRequeued): a cancel requested meanwhile ends it canceled, not queued. freed is, for the
 // keyed runs that stopped running, their keys' next runs' workspaces and earliest places,
 // for the caller to announce once committed.
 func (s *store) finishWith(ctx context.Context, query func(context.Context, string, ...any) (*sql.Rows, error),
@@ -1569,20 +1570,20 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 	rows, err := query(ctx, `
 		WITH fin AS (
 		UPDATE runs r SET
-			status = CASE WHEN o.proposed = 'requeued' THEN 'queued'
+			status = CASE WHEN o.proposed = 'requeued' AND NOT r.cancel_requested THEN 'queued'
 			              WHEN o.proposed = 'canceled' OR r.cancel_requested THEN 'canceled'
 			              WHEN o.proposed = 'waiting' THEN 'waiting'
 			              WHEN o.proposed = 'succeeded' THEN 'succeeded'
 			              WHEN o.proposed = 'pushed_back' OR r.attempt < r.max_attempts AND NOT o.final THEN 'queued' ELSE 'failed' END,
 			output = CASE WHEN o.proposed = 'succeeded' AND NOT r.cancel_requested THEN o.output END,
-			error = CASE WHEN o.proposed = 'requeued' THEN r.error
+			error = CASE WHEN o.proposed = 'requeued' AND NOT r.cancel_requested THEN r.error
 			             WHEN o.proposed = 'canceled' OR r.cancel_requested THEN coalesce(r.cancel_error, 'canceled by request')
 			             WHEN o.proposed = 'pushed_back' THEN r.error
 			             WHEN o.proposed = 'failed' THEN o.message END,
 			errors = CASE WHEN o.proposed = 'failed' THEN r.errors || jsonb_build_array(jsonb_build_object(
 			                  'attempt', r.attempt, 'at', `+nowZ+`, 'message', o.message))
 			              ELSE r.errors END,
-			attempt = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' AND NOT r.cancel_requested)
+			attempt = CASE WHEN o.proposed = 'requeued' AND NOT r.cancel_requested OR (o.proposed = 'pushed_back' AND NOT r.cancel_requested)
 			               THEN r.attempt - 1
 			               WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN 0 ELSE r.attempt END,
 			step = CASE WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN r.step + 1 ELSE r.step END,
@@ -1597,10 +1598,10 @@ func (s *store) finishWith(ctx context.Context, query func(context.Context, stri
 			                   AND NOT r.cancel_requested
 			                 THEN now() + o.delay_ms * interval '1 millisecond'
 			                 ELSE r.run_at END, -- a requeued run keeps its place; a final one shows when it was due
-			started_at = CASE WHEN o.proposed = 'requeued' OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
+			started_at = CASE WHEN o.proposed = 'requeued' AND NOT r.cancel_requested OR (o.proposed = 'pushed_back' OR o.proposed = 'failed'
 			                      AND r.attempt < r.max_attempts AND NOT o.final) AND NOT r.cancel_requested
 			                 THEN NULL ELSE r.started_at END,
-			finished_at = CASE WHEN o.proposed = 'requeued' THEN NULL
+			finished_at = CASE WHEN o.proposed = 'requeued' AND NOT r.cancel_requested THEN NULL
 			                   WHEN o.proposed = 'waiting' AND NOT r.cancel_requested THEN NULL
 			                   WHEN (o.proposed = 'pushed_back' OR o.proposed = 'failed' AND r.attempt < r.max_attempts AND NOT o.final)
 			                        AND NOT r.cancel_requested THEN NULL

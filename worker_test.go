@@ -1042,3 +1042,36 @@ func TestWebhookErrorQuotesBody(t *testing.T) {
 		})
 	}
 }
+
+// TestRequeueCanceled: a run handed back at shutdown whose cancel was requested meanwhile
+// ends canceled, not queued (where a claim would start it again): the cancel wins over
+// the requeue, as it wins over every other outcome.
+func TestRequeueCanceled(t *testing.T) {
+	t.Parallel()
+	db := openTestDB(t, testDB(t))
+	st := &store{db: db}
+	ctx := context.Background()
+	_, ids := seedRuns(t, st, 2, 3)
+	res, err := st.claim(ctx, newLineup(), "worker-A", 2, "", 30*time.Second, false)
+	if err != nil || len(res.claimed) != 2 {
+		t.Fatalf("claim: got %+v, err %v; want both runs", res.claimed, err)
+	}
+	sqlExec(t, db)(`UPDATE runs SET cancel_requested = true WHERE id = $1`, ids[0])
+	var outs []outcome
+	for _, c := range res.claimed {
+		outs = append(outs, outcome{attemptRef: attemptRef{c.ID, c.Attempt, c.Step}, End: endRequeued})
+	}
+	got, err := st.finish(ctx, "worker-A", outs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []struct {
+		end    attemptEnd
+		status string
+	}{{endCanceled, "canceled"}, {endRequeued, "queued"}} {
+		row := readRunRow(t, db, ids[i])
+		if got[ids[i]] != want.end || row.Status != want.status {
+			t.Errorf("run %d handed back (cancel requested: %v): got %q, status %s; want %q, %s", i, i == 0, got[ids[i]], row.Status, want.end, want.status)
+		}
+	}
+}
