@@ -1048,6 +1048,32 @@ func (e keyBusyError) Error() string {
 // (on_key_conflict reject or cancel_running); the second key is the hash of agent and key.
 const keyLockSpace = 734630
 
+// agentsNamed reads, by name, the agents the runs ns name in the workspace that where
+// (a condition on $1, which is arg) selects, through query.
+func agentsNamed(ctx context.Context, query func(context.Context, string, ...any) (*sql.Rows, error), where string,
+	arg any, ns []newRun) (map[string]createAgentInfo, error) {
+	names := make([]string, len(ns))
+	for i, n := range ns {
+		names[i] = n.Agent
+	}
+	rows, err := query(ctx, `SELECT name, id, on_key_conflict, rate_limit FROM agents WHERE `+where+` AND name = ANY ($2)`,
+		arg, pq.StringArray(names))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	agents := map[string]createAgentInfo{}
+	for rows.Next() {
+		var name string
+		var a createAgentInfo
+		if err := rows.Scan(&name, &a.id, &a.conflict, &a.rateLimit); err != nil {
+			return nil, err
+		}
+		agents[name] = a
+	}
+	return agents, rows.Err()
+}
+
 // createAgentInfo is what a create needs of an agent.
 type createAgentInfo struct {
 	id, conflict string
@@ -1062,27 +1088,8 @@ type createAgentInfo struct {
 // the key wins, in the request too). With an idempotency key taken, nothing is inserted
 // for that run (createRunApart).
 func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc traceContext) ([]runRecord, error) {
-	names := make([]string, len(ns))
-	for i, n := range ns {
-		names[i] = n.Agent
-	}
-	rows, err := s.db.QueryContext(ctx, `SELECT name, id, on_key_conflict, rate_limit FROM agents
-		WHERE workspace_id = $1 AND name = ANY($2)`, ws, pq.StringArray(names))
+	agents, err := agentsNamed(ctx, s.db.QueryContext, `workspace_id = $1`, ws, ns)
 	if err != nil {
-		return nil, err
-	}
-	agents := map[string]createAgentInfo{}
-	for rows.Next() {
-		var name string
-		var a createAgentInfo
-		if err := rows.Scan(&name, &a.id, &a.conflict, &a.rateLimit); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		agents[name] = a
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
 		return nil, err
 	}
 	k := len(ns)
@@ -1135,7 +1142,7 @@ func (s *store) createRuns(ctx context.Context, ws string, ns []newRun, tc trace
 	}
 	// Only what the database makes is read back: decoding every column of the rows (and
 	// joining agents for names the request gave) took a third of the server's CPU per batch.
-	rows, err = db.query(ctx, `
+	rows, err := db.query(ctx, `
 		WITH ins AS (
 			INSERT INTO runs (id, workspace_id, agent_id, input, max_attempts, priority, run_at, timeout_ms,
 			                  trace_id, trace_flags, concurrency_key, cost, idempotency_key, request_hash)
@@ -1800,27 +1807,8 @@ func (e childRefusedError) Error() string { return e.msg }
 // child that wins it (the last of the key), for supersede once they are inserted. A
 // child naming an unknown agent is left to the insert, which says so.
 func (s *store) decideChildren(ctx context.Context, tx *sql.Tx, parent string, ns []newRun, runIDs []string) (winAgents, winKeys, winners []string, err error) {
-	names := make([]string, len(ns))
-	for i, n := range ns {
-		names[i] = n.Agent
-	}
-	rows, err := tx.QueryContext(ctx, `SELECT name, id, on_key_conflict, rate_limit FROM agents
-		WHERE workspace_id = (SELECT workspace_id FROM runs WHERE id = $1) AND name = ANY ($2)`, parent, pq.StringArray(names))
+	agents, err := agentsNamed(ctx, tx.QueryContext, `workspace_id = (SELECT workspace_id FROM runs WHERE id = $1)`, parent, ns)
 	if err != nil {
-		return nil, nil, nil, err
-	}
-	agents := map[string]createAgentInfo{}
-	for rows.Next() {
-		var name string
-		var a createAgentInfo
-		if err := rows.Scan(&name, &a.id, &a.conflict, &a.rateLimit); err != nil {
-			rows.Close()
-			return nil, nil, nil, err
-		}
-		agents[name] = a
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
 		return nil, nil, nil, err
 	}
 	decided := map[[2]string]int{}
