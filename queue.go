@@ -393,7 +393,8 @@ const (
 		FROM agents a WHERE a.workspace_id = ANY ($1) AND NOT a.paused`
 	nextDueSQL = `SELECT least(d.at, d.wake), d.wake FROM (SELECT least(
 			(SELECT min(run_at) FROM runs
-			 WHERE ` + dueQueued + ` AND run_at > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)),
+			 WHERE ` + dueQueued + ` AND run_at > coalesce(NULLIF($2, '')::timestamptz, now())
+			   AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid)),
 			(SELECT min(throttled_until) FROM agents
 			 WHERE throttled_until > now() AND ($1 = '' OR workspace_id = NULLIF($1, '')::uuid))) AS at,
 			(SELECT min(wake_at) FROM runs WHERE status = 'waiting' AND wake_at IS NOT NULL
@@ -524,7 +525,10 @@ func (s *store) claimIn(ctx context.Context, q *lineup, workerID string, limit i
 	}
 	if len(res.claimed) < limit && !res.more {
 		var next, wake sql.NullTime
-		if err := db.queryRow(ctx, nextDueSQL, ws).Scan(&next, &wake); err != nil {
+		// Runs due after the last pick's time: one that fell due between that pick (which
+		// found its agent's line empty, and left it idle) and this statement is next due,
+		// now, and not missed until the next rescan.
+		if err := db.queryRow(ctx, nextDueSQL, ws, timeArg(res.readAt)).Scan(&next, &wake); err != nil {
 			return res, err
 		}
 		if next.Valid {
@@ -672,7 +676,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	fresh := map[string]int{}        // the agents read now: how many runs were read
 	held := map[string]bool{}        // agents whose read stopped at a run they may not start yet
 	keyRoom := map[[2]string]int64{} // agent and key → how many more of the key's runs this round may take
-	dbNow := time.Now()
+	dbNow := time.Now()              // the pick's now(), read from its rows; this process's clock when it reads none
 	if len(agents) > 0 {
 		rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns, secretOverlap.Milliseconds(), seqs)
 		if err != nil {
@@ -694,6 +698,7 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 				rows.Close()
 				return false, err
 			}
+			res.readAt = dbNow // a pick that reads no row says nothing of the database's time
 			for _, s := range []sql.NullString{secret, previous} {
 				if s.Valid {
 					a.Secrets = append(a.Secrets, s.String)
@@ -1452,6 +1457,7 @@ type claimResult struct {
 	woken    int       // waiting runs whose timer fell due, queued again
 	failed   int       // expired leases that ended the run (no attempt left, or canceled)
 	capped   bool      // locked agents had due runs: a freed slot may make one claimable
+	readAt   time.Time // the database's time of the last pick; zero: none
 	rateFree time.Time // the earliest time a rate-limited agent's window frees units; zero: none held
 	more     bool      // fewer than the limit were claimed, yet more may be claimable
 	nextDue  time.Time // when the next scheduled run falls due; zero: none, or not asked
