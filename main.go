@@ -171,7 +171,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	announce := newAnnouncer(st.db, log, w.id, w.claimable)
 	announceCtx, stopAnnounce := context.WithCancel(context.Background())
 	go announce.run(announceCtx)
-	w.st.keyFreed = announce.claimable
+	w.st.announce = announce.claimable
 	s := &server{store: st, worker: w, notifier: n, announce: announce, metrics: m, log: log, cfg: cfg, endPolls: endPolls}
 	srv := newHTTPServer(s.handler(), log)
 
@@ -253,7 +253,7 @@ func runWorker(ctx context.Context, cfg config, log *slog.Logger, once bool, std
 	announce := newAnnouncer(st.db, log, w.id, w.claimable)
 	announceCtx, stopAnnounce := context.WithCancel(context.Background())
 	go announce.run(announceCtx)
-	w.st.keyFreed = announce.claimable
+	w.st.announce = announce.claimable
 	err = w.run(ctx, true)
 	stopAnnounce()
 	<-announce.done

@@ -324,17 +324,17 @@ const wakeSQL = `
 // ranges of runs_key_idx): a key at its limit never holds up other runs, and a run never
 // starts before an earlier one of its key, wherever this process's place in line is (a
 // line read from after the earlier run, in a process that the announcement of the key's
-// freeing had not reached yet, started runs of a key out of order). It comes with its
-// key's room: claimRound takes the key's runs up to it. A throttled agent reads none: its
-// head goes idle until the next due time, which its throttled_until is among.
+// freeing had not reached yet, started runs of a key out of order); the runs a pick returns
+// of one key are within its room, since each counts the ones before it. A throttled agent
+// reads none: its head goes idle until the next due time, which its throttled_until is among.
 const pickSQL = `
 	SELECT h.agent_id, a.paused, a.max_concurrency IS NOT NULL OR a.rate_limit IS NOT NULL, a.name, a.kind, a.config,
 		a.signing_secret, CASE WHEN a.secret_rotated_at > now() - $5 * interval '1 millisecond' THEN a.previous_signing_secret END,
-		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key, c.key_room, c.cost, now()
+		a.retry_base_ms, a.retry_max_ms, c.id, c.priority, c.run_at, c.seq, c.concurrency_key IS NOT NULL, c.cost, now()
 	FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $6::bigint[], $4::int[]) AS h (agent_id, priority, run_at, seq, n)
 	JOIN agents a ON a.id = h.agent_id
 	CROSS JOIN LATERAL (
-		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, k.room AS key_room, r.cost FROM runs r
+		SELECT r.id, r.priority, r.run_at, r.seq, r.concurrency_key, r.cost FROM runs r
 		LEFT JOIN LATERAL (SELECT a.key_concurrency
 			- (SELECT count(*) FROM (SELECT FROM runs k
 				WHERE k.agent_id = r.agent_id AND k.concurrency_key = r.concurrency_key AND k.concurrency_key IS NOT NULL
@@ -673,10 +673,9 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 	if len(agents) == 0 && len(read) == 0 {
 		return false, nil
 	}
-	fresh := map[string]int{}        // the agents read now: how many runs were read
-	held := map[string]bool{}        // agents whose read stopped at a run they may not start yet
-	keyRoom := map[[2]string]int64{} // agent and key → how many more of the key's runs this round may take
-	dbNow := time.Now()              // the pick's now(), read from its rows; this process's clock when it reads none
+	fresh := map[string]int{} // the agents read now: how many runs were read
+	held := map[string]bool{} // agents whose read stopped at a run they may not start yet
+	dbNow := time.Now()       // the pick's now(), read from its rows; this process's clock when it reads none
 	if len(agents) > 0 {
 		rows, err := db.query(ctx, pickSQL, pq.StringArray(agents), prios, pq.StringArray(ats), ns, secretOverlap.Milliseconds(), seqs)
 		if err != nil {
@@ -688,13 +687,12 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 		for rows.Next() {
 			var p pick
 			var paused, isCapped bool
-			var key sql.NullString
-			var keyLeft sql.NullInt64
+			var keyed bool
 			var cost int64
 			var a claimedRun
 			var secret, previous sql.NullString
 			if err := rows.Scan(&p.agent, &paused, &isCapped, &a.AgentName, &a.AgentKind, &a.AgentConfig, &secret, &previous,
-				&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &key, &keyLeft, &cost, &dbNow); err != nil {
+				&a.Retry.BaseMS, &a.Retry.MaxMS, &p.id, &p.priority, &p.runAt, &p.seq, &keyed, &cost, &dbNow); err != nil {
 				rows.Close()
 				return false, err
 			}
@@ -719,21 +717,10 @@ func (s *store) claimRound(ctx context.Context, db queryer, q *lineup, workerID 
 				continue
 			}
 			r, ok := room[p.agent]
-			if key.Valid {
-				if !ok {
-					// Its keys' limits are counted under its lock: the next round takes it.
-					h.keyed, held[p.agent], more = true, true, true
-					continue
-				}
-				// The key's first runs in line, up to its room; the others stay in line.
-				k := [2]string{p.agent, key.String}
-				if _, seen := keyRoom[k]; !seen {
-					keyRoom[k] = keyLeft.Int64
-				}
-				if keyRoom[k] <= 0 {
-					continue
-				}
-				keyRoom[k]--
+			if keyed && !ok {
+				// Its keys' limits are counted under its lock: the next round takes it.
+				h.keyed, held[p.agent], more = true, true, true
+				continue
 			}
 			switch {
 			case ok && cost > r.units:
@@ -1530,7 +1517,7 @@ type outcome struct {
 // finish records outcomes in one statement, each fenced on its attempt and worker, and
 // returns how each attempt ended. A keyed run that stops running frees its key: the key's
 // next queued run, which the claims passed over while the key was at its limit, is
-// announced at its place (keyFreed), after the commit and coalesced with other
+// announced at its place (store.announce), after the commit and coalesced with other
 // announcements rather than notified from the outcome's transaction, whose commit a
 // NOTIFY would serialise with every other notifying one. A run missing from the answer was no longer this worker's
 // attempt, and nothing was written for it. A failed attempt goes back to queued after its
@@ -1541,9 +1528,9 @@ type outcome struct {
 // the sort), so that two writers that throttle the same agents do not deadlock.
 func (s *store) finish(ctx context.Context, workerID string, outs []outcome) (map[string]attemptEnd, error) {
 	ends, freed, err := s.finishWith(ctx, s.queryPrepared, workerID, outs)
-	if s.keyFreed != nil {
+	if s.announce != nil {
 		for ws, at := range freed {
-			s.keyFreed(ws, at)
+			s.announce(ws, at)
 		}
 	}
 	return ends, err

@@ -35,9 +35,10 @@ type store struct {
 	events eventKeys // signs the events tokens of claimed runs; zero: none (events.go)
 	stmts  sync.Map  // query text -> *sql.Stmt: the worker's and enqueue's statements (prepared)
 	gather gatherer  // single-run creates waiting to be written together (gather.go)
-	// keyFreed announces that runs of workspace ws may be claimable from place at on: a
-	// keyed run stopped running (finish). Nil: not announced (tests).
-	keyFreed func(ws string, at linePos)
+	// announce tells every process that runs of workspace ws may be claimable from place
+	// at on (the announcer's claimable): a keyed run stopped running (finish), child runs
+	// were made (a wait). Nil: not announced (tests, a single cycle).
+	announce func(ws string, at linePos)
 }
 
 // prepared returns query prepared for the pool, preparing it on first use. A statement sent

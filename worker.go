@@ -654,16 +654,16 @@ func (w *worker) record(batch []pendingOutcome) {
 	}
 }
 
-// announceChildren wakes this process's worker for the child runs a wait made, and the
-// others with the notification the API's announcer sends for new runs (announce.go): the
-// children were inserted by the outcome write, which no trigger announces.
+// announceChildren announces the child runs a wait made (the outcome write inserted
+// them, which no trigger announces) as the API's creates are: through the process's
+// announcer, or to this process's worker alone when it has none (a single cycle).
 func (w *worker) announceChildren(spaces map[string]linePos) {
-	w.claimable(spaces)
-	ctx, cancel := context.WithTimeout(context.Background(), announceTimeout)
-	defer cancel()
-	if _, err := w.st.db.ExecContext(ctx, `SELECT pg_notify('agentapp_runs', $1)`, announcement(w.id, spaces)); err != nil {
-		// The other workers find the runs at their next search.
-		w.log.Debug("announcing child runs failed", "err", err)
+	if w.st.announce == nil {
+		w.claimable(spaces)
+		return
+	}
+	for ws, at := range spaces {
+		w.st.announce(ws, at)
 	}
 }
 
